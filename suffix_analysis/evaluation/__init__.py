@@ -1,0 +1,1 @@
+"""Generation, refusal judges and refusal scores."""

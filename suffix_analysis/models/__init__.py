@@ -1,0 +1,7 @@
+"""Presets, loading, chat formatting and the refusal organism."""
+
+from .chat import ChatFormat
+from .loading import ChatModel, load_model, to_bridge
+from .presets import PRESETS, Preset, get_preset
+
+__all__ = ["ChatFormat", "ChatModel", "load_model", "to_bridge", "PRESETS", "Preset", "get_preset"]

