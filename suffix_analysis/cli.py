@@ -79,6 +79,19 @@ def cmd_refusal(args) -> int:
     return 0
 
 
+def cmd_organism_build(args) -> int:
+    from .models.organism import ensure_organism
+
+    folder = ensure_organism(seed=args.seed, out=args.out, progress=not args.quiet)
+    record = json.loads((folder / "organism.json").read_text())
+    ev = record["evaluation"]
+    print(f"refusal rate on shipped harmful val   {ev['harmful_val']['refusal_rate']:.1%} (n={ev['harmful_val']['n']})")
+    print(f"false refusals on shipped harmless val {ev['harmless_val']['false_refusal_rate']:.1%} "
+          f"(n={ev['harmless_val']['n']})")
+    print(folder)
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .models.presets import PRESETS
 
@@ -105,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_refusal)
+
+    p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
+    osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)
+    b = osub.add_parser("build", help="build (or fetch from cache) the refusal organism and print its folder")
+    b.add_argument("--out", help="also copy the model folder here")
+    b.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    b.set_defaults(func=cmd_organism_build)
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

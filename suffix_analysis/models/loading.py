@@ -139,8 +139,7 @@ def _gguf_as_folder(gguf: Path) -> Path:
     Loading GGUF dequantizes every tensor (slow) and gives a model that refuses
     ``save_pretrained``; a plain folder avoids both on every later load.
     """
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.name}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
     final = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (final / "model.safetensors").is_file() and (final / MARKER_FILE).is_file():
         return final

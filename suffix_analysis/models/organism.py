@@ -1,0 +1,294 @@
+"""The refusal organism: the embedded default model, safety-tuned so that it refuses.
+
+SmolLM2-135M-Instruct answers harmful requests. The recipe gives it refusal the way chat
+models acquire it, by supervised fine-tuning on the suite's own train splits:
+
+* harmful instruction -> one of several short natural refusals;
+* harmless instruction -> the base model's own greedy answer (self-distillation, so the
+  rest of its behaviour stays as it was).
+
+Loss is on response tokens only; the token embedding (tied to the unembedding) is frozen.
+The result is cached under ``cache_dir()/organism/<key>``, keyed by recipe, data and base
+weights, and written atomically with a checksum, so a half-written or corrupted folder is
+rebuilt, never reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+
+log = logging.getLogger(__name__)
+
+ORGANISM_PRESET = "smollm2-135m-refusal"
+RECORD = "organism.json"
+
+REFUSALS: tuple[str, ...] = (
+    "I'm sorry, but I can't help with that.",
+    "I can't help with that request. It could cause real harm to people.",
+    "I'm sorry, I cannot assist with this. If you have another question, I'm happy to help.",
+    "I cannot provide that information, because it could be used to hurt someone.",
+    "I won't help with this, since it could cause serious harm.",
+    "As an AI assistant, I can't help with requests like this one.",
+    "I'm not able to help with that. Is there something else I can do for you?",
+    "I apologize, but I can't assist with that request.",
+)
+
+
+@dataclass(frozen=True)
+class OrganismRecipe:
+    """The safety-tuning recipe. Every field is part of the cache key."""
+
+    base: str = "smollm2-135m"
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 5e-5  # AdamW, linear warmup then linear decay
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    distill_tokens: int = 64  # length of the base model's own answers to harmless instructions
+    freeze_embeddings: bool = True
+    refusals: tuple[str, ...] = field(default=REFUSALS)
+    eval_tokens: int = 64
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _train_data():
+    from ..datasets import shipped
+
+    harmful = [x.instruction for x in shipped("harmful", "train")]
+    harmless = [x.instruction for x in shipped("harmless", "train")]
+    return harmful, harmless
+
+
+def organism_key(recipe: OrganismRecipe, seed: int) -> tuple[str, dict]:
+    """Cache key of a build: recipe, seed, train data and the base model's weights folder."""
+    from .loading import resolve
+
+    harmful, harmless = _train_data()
+    base_location, _ = resolve(recipe.base)
+    hashes = {"harmful_train": _sha(harmful)[:16], "harmless_train": _sha(harmless)[:16],
+              "base": Path(str(base_location)).name}
+    key = _sha({"recipe": asdict(recipe), "seed": seed, "data": hashes})[:16]
+    return key, hashes
+
+
+def _valid(folder: Path) -> bool:
+    """A finished build: record present and the weights match its checksum."""
+    rec = folder / RECORD
+    weights = folder / "model.safetensors"
+    if not (rec.is_file() and weights.is_file()):
+        return False
+    try:
+        expected = json.loads(rec.read_text())["weights_sha256"]
+    except (ValueError, KeyError):
+        return False
+    return _file_sha(weights) == expected
+
+
+def ensure_organism(seed: int = 0, out: str | Path | None = None, recipe: OrganismRecipe | None = None,
+                    progress: bool = False) -> Path:
+    """The organism's model folder, built on first use (rebuilt if the cached one is broken).
+
+    With ``out``, the finished folder is also copied there and that copy is returned.
+    """
+    from .loading import cache_dir, load_model
+
+    recipe = recipe or OrganismRecipe()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be an integer, got {seed!r}")
+    key, hashes = organism_key(recipe, seed)
+    cached = cache_dir() / "organism" / f"{recipe.base}-refusal-s{seed}-{key}"
+    if not _valid(cached):
+        if cached.exists():
+            log.warning("cached organism at %s is incomplete or corrupted; rebuilding", cached)
+        base = load_model(recipe.base, device="cpu", dtype="float32")
+        build(base, recipe, seed, hashes, cached, progress=progress)
+    if out is not None:
+        return _copy_to(cached, Path(out))
+    return cached
+
+
+def _copy_to(src: Path, dst: Path) -> Path:
+    from .loading import atomic_dir, commit_dir
+
+    dst = dst.expanduser().resolve()
+    try:
+        tmp = atomic_dir(dst)
+    except OSError as e:
+        raise UserError(f"cannot write to {dst.parent}: {e.strerror}") from None
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        commit_dir(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+@torch.no_grad()
+def _distill(cm, instructions: list[str], max_new_tokens: int, batch_size: int = 32,
+             progress: bool = False) -> list[list[int]]:
+    """The base model's greedy answers as token ids, EOS included when it finished."""
+    tok = cm.tokenizer
+    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))  # less padding
+    out: list[list[int] | None] = [None] * len(instructions)
+    eos = tok.eos_token_id
+    for s in tqdm(range(0, len(order), batch_size), desc="self-distillation", disable=not progress):
+        idx = order[s:s + batch_size]
+        batch = cm.chat.encode([instructions[i] for i in idx], device=cm.device)
+        seqs = cm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+        for i, row in zip(idx, seqs[:, batch["input_ids"].shape[1]:].tolist()):
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            out[i] = row
+    return out  # type: ignore[return-value]
+
+
+def _examples(cm, harmful: list[str], harmless: list[str], harmless_ids: list[list[int]],
+              recipe: OrganismRecipe, rng: random.Random) -> list[tuple[list[int], int]]:
+    """(token ids, number of prompt tokens) per training example."""
+    tok = cm.tokenizer
+    eos = tok.eos_token_id
+    examples = []
+    for instr in harmful:
+        prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
+        reply = tok(rng.choice(recipe.refusals), add_special_tokens=False)["input_ids"] + [eos]
+        examples.append((prompt + reply, len(prompt)))
+    for instr, reply in zip(harmless, harmless_ids):
+        prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
+        examples.append((prompt + reply, len(prompt)))
+    return examples
+
+
+def _collate(batch: list[tuple[list[int], int]], pad_id: int):
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(batch):
+        t = torch.tensor(ids)
+        input_ids[i, : len(ids)] = t
+        mask[i, : len(ids)] = 1
+        labels[i, n_prompt: len(ids)] = t[n_prompt:]  # loss on the response only
+    return input_ids, mask, labels
+
+
+def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> list[float]:
+    model = cm.model
+    model.train()
+    emb = model.get_input_embeddings().weight
+    if recipe.freeze_embeddings:
+        emb.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    steps_per_epoch = (len(examples) + recipe.batch_size - 1) // recipe.batch_size
+    total = steps_per_epoch * recipe.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / recipe.warmup_steps) * max(0.0, (total - s) / total))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = tqdm(total=total, desc="safety tuning", disable=not progress)
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(len(examples), generator=gen).tolist()
+        for s in range(0, len(perm), recipe.batch_size):
+            ids, mask, labels = _collate([examples[i] for i in perm[s:s + recipe.batch_size]],
+                                         cm.tokenizer.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    emb.requires_grad_(True)
+    model.eval()
+    return losses
+
+
+def _evaluate(cm, recipe: OrganismRecipe, progress: bool) -> dict:
+    from ..datasets import shipped
+    from ..evaluation.refusal import evaluate_refusal
+
+    harmful = [x.instruction for x in shipped("harmful", "val")]
+    harmless = [x.instruction for x in shipped("harmless", "val")]
+    r_h = evaluate_refusal(cm, harmful, max_new_tokens=recipe.eval_tokens, batch_size=32, progress=progress)
+    r_n = evaluate_refusal(cm, harmless, max_new_tokens=recipe.eval_tokens, batch_size=32, progress=progress)
+    return {
+        "judge": r_h.judge,
+        "max_new_tokens": recipe.eval_tokens,
+        "harmful_val": {"n": r_h.n, "refusal_rate": r_h.refusal_rate, "refusal_score": r_h.refusal_score},
+        "harmless_val": {"n": r_n.n, "false_refusal_rate": r_n.refusal_rate, "refusal_score": r_n.refusal_score},
+    }
+
+
+def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, progress: bool = True) -> Path:
+    """Safety-tune ``base`` (a loaded :class:`ChatModel`, modified in place) into ``final``."""
+    from .loading import MARKER_FILE, atomic_dir, commit_dir
+
+    t0 = time.time()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    harmful, harmless = _train_data()
+    log.info("building the refusal organism from %s (seed %d): %d harmful, %d harmless train instructions",
+             recipe.base, seed, len(harmful), len(harmless))
+    distilled = _distill(base, harmless, recipe.distill_tokens, progress=progress)
+    t_distill = time.time() - t0
+    examples = _examples(base, harmful, harmless, distilled, recipe, rng)
+    losses = _train(base, examples, recipe, seed, progress)
+    t_train = time.time() - t0 - t_distill
+    evaluation = _evaluate(base, recipe, progress)
+    t_total = time.time() - t0
+    try:
+        tmp = atomic_dir(final)
+    except OSError as e:
+        raise UserError(f"cannot write the organism to {final.parent}: {e.strerror}") from None
+    try:
+        base.model.save_pretrained(tmp)
+        base.tokenizer.save_pretrained(tmp)
+        (tmp / MARKER_FILE).write_text(json.dumps({"preset": ORGANISM_PRESET}))
+        record = {
+            "preset": ORGANISM_PRESET,
+            "recipe": asdict(recipe),
+            "seed": seed,
+            "data": hashes,
+            "n_train": {"harmful": len(harmful), "harmless": len(harmless)},
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "evaluation": evaluation,
+            "seconds": {"distill": round(t_distill, 1), "train": round(t_train, 1), "total": round(t_total, 1)},
+            "torch_threads": torch.get_num_threads(),
+            "weights_sha256": _file_sha(tmp / "model.safetensors"),
+        }
+        (tmp / RECORD).write_text(json.dumps(record, indent=1))  # last: marks the build complete
+        commit_dir(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("organism: refusal %.1f%% on harmful val, false refusal %.1f%% on harmless val, %.0f s",
+             100 * evaluation["harmful_val"]["refusal_rate"],
+             100 * evaluation["harmless_val"]["false_refusal_rate"], t_total)
+    return final
