@@ -30,6 +30,23 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _number(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    v = _number(text)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return v
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="preset name, Hugging Face id, model folder or .gguf file (default: smollm2-135m)")
@@ -46,6 +63,21 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code)
 
 
+def _intervention(cm, args):
+    """The context manager for --direction/--intervention/--coeff."""
+    import contextlib
+
+    if args.intervention == "none":
+        return contextlib.nullcontext()
+    from .interventions.hooks import ablate_direction, add_direction
+    from .pipeline import load_direction
+
+    direction, info = load_direction(args.direction, cm)
+    if args.intervention == "ablate":
+        return ablate_direction(cm, direction)
+    return add_direction(cm, direction, info["layer"], args.coeff)
+
+
 def cmd_refusal(args) -> int:
     from .datasets import load_instructions
     from .evaluation.refusal import evaluate_refusal
@@ -58,11 +90,16 @@ def cmd_refusal(args) -> int:
         from .artifacts import ensure_dir
 
         out = ensure_dir(args.out)
+    if args.intervention != "none" and not args.direction:
+        raise UserError(f"--intervention {args.intervention} needs --direction RUN")
     cm = _load(args)
-    report = evaluate_refusal(cm, [x.instruction for x in items], max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, progress=not args.quiet)
+    with _intervention(cm, args):
+        report = evaluate_refusal(cm, [x.instruction for x in items], max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size, progress=not args.quiet)
     summary = {"model": args.model, "instructions": args.instructions, **report.summary(),
-               "max_new_tokens": args.max_new_tokens}
+               "max_new_tokens": args.max_new_tokens, "intervention": args.intervention}
+    if args.intervention == "actadd":
+        summary["coeff"] = args.coeff
     if out:
         from .artifacts import write_json_atomic
 
@@ -92,6 +129,59 @@ def cmd_organism_build(args) -> int:
     return 0
 
 
+def cmd_organism_check(args) -> int:
+    from .datasets import load_instructions, shipped
+    from .directions.sweep import ablation_sweep
+    from .models.loading import load_model
+
+    harmful_eval = [x.instruction for x in load_instructions(args.instructions, args.data_dir)]
+    cm = load_model(args.model, device=args.device)
+    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    base, rows = ablation_sweep(
+        cm, [x.instruction for x in shipped("harmful", "train")], [x.instruction for x in shipped("harmless", "train")],
+        harmful_eval, position=args.position, layers=layers, max_new_tokens=args.max_new_tokens,
+        progress=not args.quiet)
+    below = [r.layer for r in rows if r.refusal_rate < args.threshold]
+    print(f"baseline refusal {base:.1%} on {args.instructions} (n={len(harmful_eval)})")
+    print(f"layers whose position {args.position} direction, ablated, leaves refusal below {args.threshold:.0%}: "
+          f"{below or 'none'}")
+    if args.json:
+        print(json.dumps({"baseline": base, "rows": [r.__dict__ for r in rows], "layers_below": below}))
+    return 0
+
+
+def cmd_direction(args) -> int:
+    from .pipeline import DirectionConfig, run_direction
+
+    cfg = DirectionConfig(
+        harmful_train=args.harmful_train, harmless_train=args.harmless_train, harmful_val=args.harmful_val,
+        harmless_val=args.harmless_val, n_train=args.n_train, n_val=args.n_val, filter_train=args.filter_train,
+        seed=args.seed, prune_layer_fraction=args.prune_layers, kl_threshold=args.kl_threshold,
+        induce_threshold=args.induce_threshold, batch_size=args.batch_size)
+    cm = _load(args)
+    info = run_direction(cm, args.out, cfg, args.data_dir, progress=not args.quiet)
+    print(f"selected direction  position {info['position']}, layer {info['layer']} of {cm.n_layers}")
+    print(f"bypass score        {info['bypass']:+.3f}   (mean refusal score on harmful val, ablated)")
+    print(f"induce score        {info['induce']:+.3f}   (mean refusal score on harmless val, added)")
+    print(f"KL                  {info['kl']:.4f}    (first token, harmless val, ablated vs clean)")
+    print(f"saved               {args.out}/direction.safetensors, direction.json, candidates.csv")
+    if args.json:
+        print(json.dumps(info))
+    return 0
+
+
+def cmd_orthogonalize(args) -> int:
+    from .interventions.orthogonalize import export_orthogonalized
+    from .pipeline import load_direction
+
+    cm = _load(args)
+    direction, info = load_direction(args.direction, cm)
+    out = export_orthogonalized(cm, direction, args.out, {"source_model": args.model, "direction_run": str(args.direction),
+                                                           "position": info["position"], "layer": info["layer"]})
+    print(f"orthogonalized model saved to {out} (loads with transformers.AutoModelForCausalLM)")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .models.presets import PRESETS
 
@@ -115,9 +205,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="use only the first K instructions")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--out", help="folder to save completions.json and refusal.json in")
+    p.add_argument("--direction", help="direction run folder (from `suffix-analysis direction`)")
+    p.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
+                   help="ablate the direction everywhere, or add it at its layer (default none)")
+    p.add_argument("--coeff", type=_number, default=1.0, help="activation addition coefficient (default 1)")
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_refusal)
+
+    p = sub.add_parser("direction", help="extract and select the refusal direction into a run folder")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="run folder (rerunning skips finished stages)")
+    p.add_argument("--harmful-train", default="harmful:train")
+    p.add_argument("--harmless-train", default="harmless:train")
+    p.add_argument("--harmful-val", default="harmful:val")
+    p.add_argument("--harmless-val", default="harmless:val")
+    p.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
+    p.add_argument("--n-train", type=_positive_int, default=128)
+    p.add_argument("--n-val", type=_positive_int, default=32)
+    p.add_argument("--no-filter-train", dest="filter_train", action="store_false",
+                   help="keep all train prompts (default: drop those the model treats the other way)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prune-layers", type=_fraction, default=0.2, help="drop candidates in this last share of layers")
+    p.add_argument("--kl-threshold", type=_number, default=0.1)
+    p.add_argument("--induce-threshold", type=_number, default=0.0)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_direction)
+
+    p = sub.add_parser("orthogonalize", help="bake the direction's ablation into the weights and save the model")
+    _add_model_args(p)
+    p.add_argument("--direction", required=True, help="direction run folder")
+    p.add_argument("--out", required=True, help="folder for the edited model")
+    p.set_defaults(func=cmd_orthogonalize)
 
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)
@@ -126,6 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     b.set_defaults(func=cmd_organism_build)
+
+    c = osub.add_parser("check", help="single-direction check: ablate each layer's diff-in-means direction")
+    c.add_argument("--model", default="smollm2-135m-refusal")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--instructions", default="harmful:val", help="harmful instructions to evaluate on")
+    c.add_argument("--data-dir")
+    c.add_argument("--position", type=int, default=-1, help="EOI position of the direction (default -1)")
+    c.add_argument("--layers", default="all", help="comma-separated layers, or all")
+    c.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    c.add_argument("--threshold", type=float, default=0.2)
+    c.add_argument("--json", action="store_true")
+    c.add_argument("-q", "--quiet", action="store_true")
+    c.set_defaults(func=cmd_organism_check)
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

@@ -79,13 +79,8 @@ class ChatFormat:
             tokenize=False,
         )
 
-    def encode(
-        self,
-        instructions: list[str],
-        suffixes: list[str] | None = None,
-        device: torch.device | str | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """Left-padded ``input_ids`` and ``attention_mask``, each ``[batch, pos]``.
+    def tokenize(self, instructions: list[str], suffixes: list[str | None] | None = None) -> list[list[int]]:
+        """Token ids of each full prompt, tokenized as one string (as the model sees it).
 
         Raises if tokenization merges a row's EOI tokens with its instruction (the EOI
         positions would then be wrong for that row).
@@ -93,20 +88,33 @@ class ChatFormat:
         if suffixes is None:
             suffixes = [None] * len(instructions)
         texts = [self.render(i, s) for i, s in zip(instructions, suffixes)]
-        tok = self.tokenizer
-        rows = tok(texts, add_special_tokens=False)["input_ids"]
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         n = self.n_eoi
         for text, ids in zip(texts, rows):
             if ids[-n:] != self.eoi_ids:
                 raise UserError(f"EOI tokens merged with the instruction when tokenizing {text!r}")
-        pad_id = pad_token_id(tok)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, ids in enumerate(rows):
+        return rows
+
+    def encode(
+        self,
+        instructions: list[str],
+        suffixes: list[str | None] | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Left-padded ``input_ids`` and ``attention_mask``, each ``[batch, pos]``."""
+        return pad_left(self.tokenize(instructions, suffixes), pad_token_id(self.tokenizer), device)
+
+
+def pad_left(rows: list[list[int]], pad_id: int, device=None) -> dict[str, torch.Tensor]:
+    """Left-pad token id lists into ``input_ids`` and ``attention_mask`` ``[batch, pos]``."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
             input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
             mask[i, width - len(ids):] = 1
-        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -204,7 +204,9 @@ def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool =
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} is a folder without config.json, not a model folder")
         return path, preset or _folder_preset(path)
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model folder not found: {spec}")
+    if spec.count("/") == 1:
         return spec, preset or preset_for_source(spec)
     raise UserError(f"unknown model '{spec}': not a preset, a model folder, a .gguf file or a Hugging Face id "
                     f"(org/name); presets: {', '.join(PRESETS)}")

@@ -21,7 +21,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -57,9 +57,24 @@ class OrganismRecipe:
     warmup_steps: int = 10
     weight_decay: float = 0.0
     distill_tokens: int = 64  # length of the base model's own answers to harmless instructions
+    harmless_repeat: int = 1  # times each harmless example is seen per epoch
     freeze_embeddings: bool = True
     refusals: tuple[str, ...] = field(default=REFUSALS)
     eval_tokens: int = 64
+    # "bf16" runs distillation and training under bfloat16 autocast (fp32 master weights),
+    # about 3x faster on CPUs with AVX512-BF16; "auto" picks it where the CPU has it.
+    precision: str = "auto"
+
+    def resolved(self) -> "OrganismRecipe":
+        """The recipe with ``precision`` decided for this machine (what the cache key uses)."""
+        if self.precision != "auto":
+            return self
+        fast_bf16 = torch.cuda.is_available() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        return replace(self, precision="bf16" if fast_bf16 else "fp32")
+
+
+def _autocast(recipe: OrganismRecipe):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.precision == "bf16")
 
 
 def _sha(obj) -> str:
@@ -115,7 +130,7 @@ def ensure_organism(seed: int = 0, out: str | Path | None = None, recipe: Organi
     """
     from .loading import cache_dir, load_model
 
-    recipe = recipe or OrganismRecipe()
+    recipe = (recipe or OrganismRecipe()).resolved()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be an integer, got {seed!r}")
     key, hashes = organism_key(recipe, seed)
@@ -147,7 +162,7 @@ def _copy_to(src: Path, dst: Path) -> Path:
 
 
 @torch.no_grad()
-def _distill(cm, instructions: list[str], max_new_tokens: int, batch_size: int = 32,
+def _distill(cm, instructions: list[str], recipe: OrganismRecipe, batch_size: int = 32,
              progress: bool = False) -> list[list[int]]:
     """The base model's greedy answers as token ids, EOS included when it finished."""
     tok = cm.tokenizer
@@ -157,13 +172,34 @@ def _distill(cm, instructions: list[str], max_new_tokens: int, batch_size: int =
     for s in tqdm(range(0, len(order), batch_size), desc="self-distillation", disable=not progress):
         idx = order[s:s + batch_size]
         batch = cm.chat.encode([instructions[i] for i in idx], device=cm.device)
-        seqs = cm.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+        with _autocast(recipe):
+            seqs = cm.model.generate(**batch, max_new_tokens=recipe.distill_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id)
         for i, row in zip(idx, seqs[:, batch["input_ids"].shape[1]:].tolist()):
             if eos in row:
                 row = row[: row.index(eos) + 1]
             out[i] = row
     return out  # type: ignore[return-value]
+
+
+def _cached_distill(cm, harmless: list[str], recipe: OrganismRecipe, hashes: dict, progress: bool):
+    """Self-distilled answers, cached: they depend only on base, data, length and precision."""
+    from ..artifacts import write_json_atomic
+    from .loading import cache_dir
+
+    key = _sha([hashes["base"], hashes["harmless_train"], recipe.distill_tokens, recipe.precision])[:16]
+    path = cache_dir() / "distill" / f"{key}.json"
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if len(data) == len(harmless):
+                return data
+        except ValueError:
+            pass
+    data = _distill(cm, harmless, recipe, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+    return data
 
 
 def _examples(cm, harmful: list[str], harmless: list[str], harmless_ids: list[list[int]],
@@ -176,9 +212,10 @@ def _examples(cm, harmful: list[str], harmless: list[str], harmless_ids: list[li
         prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
         reply = tok(rng.choice(recipe.refusals), add_special_tokens=False)["input_ids"] + [eos]
         examples.append((prompt + reply, len(prompt)))
-    for instr, reply in zip(harmless, harmless_ids):
-        prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
-        examples.append((prompt + reply, len(prompt)))
+    for _ in range(recipe.harmless_repeat):
+        for instr, reply in zip(harmless, harmless_ids):
+            prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
+            examples.append((prompt + reply, len(prompt)))
     return examples
 
 
@@ -193,6 +230,15 @@ def _collate(batch: list[tuple[list[int], int]], pad_id: int):
         mask[i, : len(ids)] = 1
         labels[i, n_prompt: len(ids)] = t[n_prompt:]  # loss on the response only
     return input_ids, mask, labels
+
+
+def _response_loss(model, ids, mask, labels):
+    """Next-token cross-entropy on response tokens, unembedding only those positions."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, pos, d_model]
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [n_response_tokens, vocab]
+    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
 
 
 def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> list[float]:
@@ -215,7 +261,8 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
         for s in range(0, len(perm), recipe.batch_size):
             ids, mask, labels = _collate([examples[i] for i in perm[s:s + recipe.batch_size]],
                                          cm.tokenizer.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            with _autocast(recipe):
+                loss = _response_loss(model, ids, mask, labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -257,7 +304,7 @@ def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, pr
     harmful, harmless = _train_data()
     log.info("building the refusal organism from %s (seed %d): %d harmful, %d harmless train instructions",
              recipe.base, seed, len(harmful), len(harmless))
-    distilled = _distill(base, harmless, recipe.distill_tokens, progress=progress)
+    distilled = _cached_distill(base, harmless, recipe, hashes, progress)
     t_distill = time.time() - t0
     examples = _examples(base, harmful, harmless, distilled, recipe, rng)
     losses = _train(base, examples, recipe, seed, progress)

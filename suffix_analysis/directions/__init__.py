@@ -1,0 +1,1 @@
+"""Candidate refusal directions (difference in means) and their selection."""

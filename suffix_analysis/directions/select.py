@@ -1,0 +1,124 @@
+"""Select the refusal direction among the difference-in-means candidates.
+
+For every candidate ``r[i, l]`` (EOI position ``i``, layer ``l``):
+
+* **bypass**: mean refusal score on harmful val with ``r^`` ablated everywhere (lower = the
+  direction carries more of the refusal);
+* **induce**: mean refusal score on harmless val with ``r`` added at ``resid_pre`` of layer
+  ``l``, all positions;
+* **kl**: mean first-token KL(clean || ablated) on harmless val.
+
+Candidates in the last ``prune_layer_fraction`` of layers, with ``kl > kl_threshold`` or with
+``induce < induce_threshold`` are dropped; the lowest bypass score wins.
+
+Speed: the clean harmless logits are computed once; bypass and KL share one ablated pass
+over harmful + harmless val; every pass computes the chat prefix once (``run_batches``),
+sorts rows by length and unembeds only the last position.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import UserError
+from ..evaluation.refusal import refusal_score
+from ..interventions.hooks import ablate_direction, add_direction
+from ..models.forward import run_batches
+from ..models.loading import ChatModel
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    prune_layer_fraction: float = 0.2  # drop candidates whose layer >= (1 - f) * n_layers
+    kl_threshold: float = 0.1
+    induce_threshold: float = 0.0
+    batch_size: int = 32
+
+
+@dataclass
+class CandidateScore:
+    position: int  # negative EOI position
+    layer: int
+    bypass: float
+    induce: float
+    kl: float
+    filtered_by: str = ""  # "", "layer", "kl", "induce" (the first filter that removed it)
+
+
+def first_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(clean || other) per row of ``[n, vocab]`` logits: ``[n]``."""
+    p = torch.log_softmax(clean_logits.double(), -1)
+    q = torch.log_softmax(logits.double(), -1)
+    return (p.exp() * (p - q)).sum(-1)
+
+
+@torch.no_grad()
+def score_candidates(
+    cm: ChatModel,
+    candidates: torch.Tensor,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    positions: list[int] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> list[CandidateScore]:
+    """Bypass, induce and KL for every candidate ``[n_positions, n_layers, d_model]``."""
+    positions = positions or cm.chat.eoi_positions[-candidates.shape[0]:]
+    harmful_rows = cm.chat.tokenize(harmful_val)
+    harmless_rows = cm.chat.tokenize(harmless_val)
+    n_h = len(harmful_rows)
+    clean = run_batches(cm, harmless_rows, batch_size)
+    scores = []
+    bar = tqdm(total=candidates.shape[0] * candidates.shape[1], desc="scoring candidates", disable=not progress)
+    for pi, pos in enumerate(positions):
+        for layer in range(candidates.shape[1]):
+            r = candidates[pi, layer].float()
+            with ablate_direction(cm, r):
+                ablated = run_batches(cm, harmful_rows + harmless_rows, batch_size)
+            with add_direction(cm, r, layer):
+                added = run_batches(cm, harmless_rows, batch_size)
+            scores.append(CandidateScore(
+                position=pos,
+                layer=layer,
+                bypass=refusal_score(ablated[:n_h], cm.refusal_ids).mean().item(),
+                induce=refusal_score(added, cm.refusal_ids).mean().item(),
+                kl=first_token_kl(clean, ablated[n_h:]).mean().item(),
+            ))
+            bar.update(1)
+    bar.close()
+    return scores
+
+
+def select_direction(scores: list[CandidateScore], n_layers: int, cfg: SelectionConfig = SelectionConfig()
+                     ) -> CandidateScore:
+    """Apply the filters (recording which removed each candidate) and pick the lowest bypass."""
+    max_layer = int(n_layers * (1 - cfg.prune_layer_fraction))
+    for s in scores:
+        if any(math.isnan(v) for v in (s.bypass, s.induce, s.kl)):
+            raise UserError(f"candidate (position {s.position}, layer {s.layer}) has NaN scores; "
+                            "the model produced non-finite logits (try --dtype float32)")
+        if s.layer >= max_layer:
+            s.filtered_by = "layer"
+        elif s.kl > cfg.kl_threshold:
+            s.filtered_by = "kl"
+        elif s.induce < cfg.induce_threshold:
+            s.filtered_by = "induce"
+        else:
+            s.filtered_by = ""
+    survivors = [s for s in scores if not s.filtered_by]
+    if not survivors:
+        counts = {f: sum(s.filtered_by == f for s in scores) for f in ("layer", "kl", "induce")}
+        raise UserError(
+            f"no candidate direction survives the filters: {counts['layer']} removed as in the last "
+            f"{cfg.prune_layer_fraction:.0%} of layers, {counts['kl']} with KL > {cfg.kl_threshold}, "
+            f"{counts['induce']} with induce score < {cfg.induce_threshold}; loosen --kl-threshold, "
+            "--induce-threshold or --prune-layers")
+    return min(survivors, key=lambda s: s.bypass)
+
+
+def scores_table(scores: list[CandidateScore]) -> list[dict]:
+    return [asdict(s) for s in scores]

@@ -1,0 +1,1 @@
+"""Directional ablation and activation addition, on the plain transformers model."""

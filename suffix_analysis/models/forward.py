@@ -1,0 +1,100 @@
+"""Batched forward passes that compute the shared token prefix once.
+
+Chat prompts share a long prefix (BOS, system prompt, the user header). For many forward
+passes over the same prompts (one per candidate direction, one per attack candidate), the
+prefix is computed once per pass with batch size 1 and its key/value cache is broadcast to
+every row. Rows are laid out as ``[shared prefix][padding][rest]`` with position ids that
+skip the padding, so each row sees exactly the positions it would see alone.
+
+Hooks registered on the model (ablation, addition, recorders) act on the prefix pass and
+on the rest, position by position, so results equal a plain padded forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import DynamicCache
+
+from .chat import pad_token_id
+from .loading import ChatModel
+
+
+def common_prefix_len(rows: list[list[int]], keep: int) -> int:
+    """Length of the token prefix all rows share, leaving at least ``keep`` tokens per row."""
+    n = min(len(r) for r in rows) - keep
+    first = rows[0]
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+class PrefixCache:
+    """The key/value cache of a prefix, computed once, broadcast to any batch size."""
+
+    def __init__(self, cm: ChatModel, prefix: list[int]):
+        self.cm = cm
+        self.length = len(prefix)
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if prefix:
+            ids = torch.tensor([prefix], device=cm.device)
+            cache = DynamicCache(config=cm.model.config)
+            cm.model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
+            self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+
+    def expand(self, batch: int) -> DynamicCache | None:
+        if not self.length:
+            return None
+        # expand() is a view: the forward pass concatenates onto copies, the prefix stays intact
+        data = [(k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])) for k, v in self.kv]
+        return DynamicCache(ddp_cache_data=data, config=self.cm.model.config)
+
+
+def run_batches(
+    cm: ChatModel,
+    rows: list[list[int]],
+    batch_size: int = 32,
+    logits: bool = True,
+    keep: int = 1,
+    on_batch: Callable[[list[int]], None] | None = None,
+) -> torch.Tensor | None:
+    """Forward ``rows`` (token id lists) sharing their common prefix.
+
+    Args:
+        logits: return next-token logits at the last position, ``[n_rows, vocab]`` float32,
+            in the order of ``rows``; otherwise only run the model (for hooks) and return None.
+        keep: tokens every row keeps out of the shared prefix (e.g. the EOI tokens a hook reads
+            at negative positions).
+        on_batch: called with the row indices of each batch before it runs (hooks that
+            collect per-row results use it).
+    """
+    p_len = common_prefix_len(rows, keep)
+    prefix = PrefixCache(cm, rows[0][:p_len])
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths, less padding
+    out = torch.empty(len(rows), cm.model.config.get_text_config().vocab_size) if logits else None
+    pad = pad_token_id(cm.tokenizer)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        rest = [rows[i][p_len:] for i in idx]
+        width = max(len(r) for r in rest)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        rest_mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for j, r in enumerate(rest):
+            ids[j, width - len(r):] = torch.tensor(r)
+            rest_mask[j, width - len(r):] = 1
+        mask = torch.cat([torch.ones(len(idx), p_len, dtype=torch.long), rest_mask], 1)
+        pos = p_len + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device), position_ids=pos.to(cm.device),
+                      past_key_values=prefix.expand(len(idx)), use_cache=prefix.length > 0)
+        if on_batch is not None:
+            on_batch(idx)
+        if logits:
+            res = cm.model(**kwargs, logits_to_keep=1).logits[:, -1]
+            out[idx] = res.float().cpu()
+        else:
+            cm.model.base_model(**kwargs)
+    return out

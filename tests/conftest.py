@@ -1,0 +1,92 @@
+"""Shared fixtures: offline tokenizers per template family, tiny random models, the real models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from suffix_analysis.models.presets import TEMPLATES
+
+# Special tokens per family, as the real tokenizers name them.
+FAMILY_TOKENS = {
+    "chatml": dict(bos=None, eos="<|im_end|>", extra=["<|im_start|>"]),
+    "llama2": dict(bos="<s>", eos="</s>", extra=[]),
+    "llama3": dict(bos="<|begin_of_text|>", eos="<|eot_id|>", extra=["<|start_header_id|>", "<|end_header_id|>"]),
+    "gemma": dict(bos="<bos>", eos="<eos>", extra=["<start_of_turn>", "<end_of_turn>"]),
+    "mistral": dict(bos="<s>", eos="</s>", extra=["[INST]", "[/INST]"]),
+}
+
+_CORPUS = [
+    "Write a poem about the sea. I cannot help with that. As an AI, I am sorry.",
+    "Explain how plants turn sunlight into sugar. The quick brown fox jumps over the lazy dog.",
+    "user assistant system model Give three tips for staying healthy. Sure, here is a plan.",
+] * 20
+
+
+def make_tokenizer(family: str, with_template: bool = True) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer with ``family``'s special tokens and chat template."""
+    spec = FAMILY_TOKENS[family]
+    specials = [t for t in [spec["bos"], spec["eos"], "<pad>", *spec["extra"]] if t]
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(_CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=spec["bos"], eos_token=spec["eos"],
+                                  pad_token="<pad>", additional_special_tokens=spec["extra"])
+    if with_template:
+        tok.chat_template = TEMPLATES[family]
+    return tok
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory):
+    """A model folder: tiny random Llama + ChatML tokenizer with template."""
+    d = tmp_path_factory.mktemp("tiny_chatml")
+    tok = make_tokenizer("chatml")
+    tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_folder_no_template(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_notemplate")
+    tok = make_tokenizer("chatml", with_template=False)
+    tiny_llama(len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_folder):
+    from suffix_analysis.models.loading import load_model
+
+    return load_model(str(tiny_folder), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The embedded default, loaded once (converted from GGUF once into the cache)."""
+    from suffix_analysis.models.loading import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def organism():
+    """The refusal organism, built once per cache (minutes on first use) and loaded once."""
+    from suffix_analysis.models.loading import load_model
+
+    return load_model("smollm2-135m-refusal", device="cpu")

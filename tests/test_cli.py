@@ -1,0 +1,90 @@
+"""The command line: each bad input ends in one line on stderr and exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from suffix_analysis.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str, needle: str):
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--model", "no-such-preset"], "unknown model 'no-such-preset'"),
+    (["--model", "./no/such/folder"], "model folder not found"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
+def test_bad_model(capsys, tmp_path, argv, needle):
+    f = tmp_path / "i.txt"
+    f.write_text("Say hi.\n")
+    code, _, err = run(capsys, "refusal", "--instructions", str(f), *argv)
+    assert code == 2
+    one_line_error(err, needle)
+
+
+def test_model_without_chat_template(capsys, tmp_path, tiny_folder_no_template):
+    f = tmp_path / "i.txt"
+    f.write_text("Say hi.\n")
+    code, _, err = run(capsys, "refusal", "--model", str(tiny_folder_no_template), "--instructions", str(f))
+    assert code == 2
+    one_line_error(err, "no chat template")
+
+
+def test_folder_without_config(capsys, tmp_path):
+    f = tmp_path / "i.txt"
+    f.write_text("Say hi.\n")
+    code, _, err = run(capsys, "refusal", "--model", str(tmp_path), "--instructions", str(f))
+    assert code == 2
+    one_line_error(err, "without config.json")
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("empty.json", "", "not valid JSON"),
+    ("empty.txt", "\n\n", "contains no instructions"),
+    ("cols.csv", "prompt,x\nhi,1\n", "no instruction column"),
+    ("missing.json", None, "instruction file not found"),
+])
+def test_bad_instruction_files(capsys, tmp_path, name, content, needle):
+    f = tmp_path / name
+    if content is not None:
+        f.write_text(content)
+    code, _, err = run(capsys, "refusal", "--instructions", str(f))
+    assert code == 2
+    one_line_error(err, needle)
+
+
+def test_limit_zero_is_rejected_by_the_real_command():
+    # a subprocess, so that what the user sees is checked: one line, exit 2, no traceback
+    p = subprocess.run([sys.executable, "-m", "suffix_analysis", "refusal", "--instructions", "harmful",
+                        "--limit", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    one_line_error(p.stderr, "--limit: must be at least 1")
+
+
+def test_refusal_on_tiny_model_writes_artifacts(capsys, tmp_path, tiny_folder):
+    f = tmp_path / "i.json"
+    f.write_text(json.dumps([{"instruction": "Say hi."}, {"instruction": "Write a poem about the sea."},
+                             {"instruction": "Never used."}]))
+    out = tmp_path / "out"
+    code, stdout, _ = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", str(f),
+                          "--limit", "2", "--max-new-tokens", "4", "--json", "--out", str(out), "-q")
+    assert code == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["n"] == 2 and 0.0 <= summary["refusal_rate"] <= 1.0
+    assert isinstance(summary["refusal_score"], float)
+    rows = json.loads((out / "completions.json").read_text())
+    assert [r["instruction"] for r in rows] == ["Say hi.", "Write a poem about the sea."]
+    assert json.loads((out / "refusal.json").read_text())["n"] == 2

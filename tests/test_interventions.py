@@ -1,0 +1,105 @@
+"""Directional ablation and activation addition hooks on tiny random models."""
+
+import pytest
+import torch
+
+from suffix_analysis.directions.extract import ResidPreRecorder, diff_in_means, mean_resid_pre
+from suffix_analysis.errors import UserError
+from suffix_analysis.interventions.hooks import ablate_direction, add_direction
+from suffix_analysis.models.chat import position_ids
+
+PROMPTS = ["Say hi.", "Write a poem about the sea.", "Explain how plants turn sunlight into sugar."]
+
+
+def _resid(cm, prompts):
+    batch = cm.chat.encode(prompts)
+    with torch.no_grad():
+        out = cm.model(**batch, position_ids=position_ids(batch["attention_mask"]), output_hidden_states=True)
+    return out, batch
+
+
+def test_ablation_removes_direction_everywhere(tiny):
+    torch.manual_seed(0)
+    r = torch.randn(tiny.d_model)
+    unit = r / r.norm()
+    out, batch = _resid(tiny, PROMPTS)
+    assert (out.hidden_states[1] @ unit).abs().max() > 1e-2  # the direction is present without the hook
+    with ablate_direction(tiny, r):
+        ab, _ = _resid(tiny, PROMPTS)
+    mask = batch["attention_mask"].bool()
+    # hidden_states[l] is resid_pre of layer l (l < n_layers), last one is after the final norm
+    for l in range(tiny.n_layers):
+        assert (ab.hidden_states[l][mask] @ unit).abs().max() < 1e-4, l
+    again, _ = _resid(tiny, PROMPTS)  # hooks are gone after the block
+    torch.testing.assert_close(again.logits, out.logits)
+
+
+def test_ablation_holds_during_generation(tiny):
+    torch.manual_seed(1)
+    r = torch.randn(tiny.d_model)
+    batch = tiny.chat.encode(PROMPTS[:2])
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
+    with ablate_direction(tiny, r):
+        seen = []
+        rec = tiny.layers[1].register_forward_pre_hook(
+            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        tiny.model.generate(**batch, **kw)
+        rec.remove()
+    unit = r / r.norm()
+    assert len(seen) == 5  # prompt pass + 4 cached decoding steps
+    assert max(float((h[:, -1] @ unit).abs().max()) for h in seen) < 1e-4
+
+
+def _capture_resid_pre(cm, prompts):
+    """resid_pre of every layer as the layer sees it (after hooks registered earlier)."""
+    seen = {}
+    handles = [layer.register_forward_pre_hook(
+        lambda m, a, k, l=l: seen.__setitem__(l, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+        for l, layer in enumerate(cm.layers)]
+    try:
+        logits = _resid(cm, prompts)[0].logits
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
+def test_addition_shifts_resid_pre_of_its_layer_only(tiny):
+    r = torch.zeros(tiny.d_model)
+    r[3] = 5.0
+    clean, clean_logits = _capture_resid_pre(tiny, PROMPTS)
+    with add_direction(tiny, r, layer=1, coeff=2.0):
+        added, logits = _capture_resid_pre(tiny, PROMPTS)
+    torch.testing.assert_close(added[0], clean[0])
+    torch.testing.assert_close(added[1], clean[1] + 2.0 * r)
+    assert not torch.allclose(logits, clean_logits)
+
+
+def test_wrong_width_and_nan_directions(tiny):
+    with pytest.raises(UserError, match="width 64"):
+        with ablate_direction(tiny, torch.ones(65)):
+            pass
+    with pytest.raises(UserError, match="NaN"):
+        with add_direction(tiny, torch.full((64,), float("nan")), layer=0):
+            pass
+    with pytest.raises(UserError, match="out of range"):
+        with add_direction(tiny, torch.ones(64), layer=7):
+            pass
+
+
+def test_diff_in_means_matches_stored_activations(tiny):
+    harmful, harmless = PROMPTS[:2], PROMPTS[1:]
+    cands = diff_in_means(tiny, harmful, harmless, batch_size=1)
+    assert cands.shape == (tiny.chat.n_eoi, tiny.n_layers, tiny.d_model) and cands.dtype == torch.float64
+
+    def naive(prompts):
+        acc = []
+        for p in prompts:
+            out, _ = _resid(tiny, [p])
+            acc.append(torch.stack([out.hidden_states[l][0, -tiny.chat.n_eoi:] for l in range(tiny.n_layers)], 1))
+        return torch.stack(acc).double().mean(0)
+
+    torch.testing.assert_close(cands, naive(harmful) - naive(harmless), atol=1e-5, rtol=1e-4)
+    # batching does not change the means
+    torch.testing.assert_close(mean_resid_pre(tiny, PROMPTS, batch_size=3), mean_resid_pre(tiny, PROMPTS, batch_size=2),
+                               atol=1e-5, rtol=1e-4)
