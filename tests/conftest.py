@@ -90,3 +90,28 @@ def organism():
     from suffix_analysis.models.loading import load_model
 
     return load_model("smollm2-135m-refusal", device="cpu")
+
+
+TINY_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+
+
+def tiny_chat_model(model_type: str, seed: int = 0, tie: bool = True):
+    """A ChatModel around a tiny random model of ``model_type`` with a ChatML tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from suffix_analysis.models.chat import ChatFormat, refusal_token_ids
+    from suffix_analysis.models.loading import ChatModel
+    from suffix_analysis.models.presets import arch_for
+
+    tok = make_tokenizer("chatml")
+    tok.padding_side = "left"
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=tie, **TINY_KW)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # random biases and norm weights, so that every edited tensor matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return ChatModel(model=model, tokenizer=tok, chat=ChatFormat.from_tokenizer(tok), name=f"tiny-{model_type}",
+                     preset=None, refusal_ids=refusal_token_ids(tok, ("I",)), arch=arch_for(model_type))

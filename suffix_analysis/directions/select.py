@@ -122,3 +122,39 @@ def select_direction(scores: list[CandidateScore], n_layers: int, cfg: Selection
 
 def scores_table(scores: list[CandidateScore]) -> list[dict]:
     return [asdict(s) for s in scores]
+
+
+@torch.no_grad()
+def score_candidates_naive(
+    cm: ChatModel,
+    candidates: torch.Tensor,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    positions: list[int] | None = None,
+    batch_size: int = 32,
+) -> list[CandidateScore]:
+    """Reference implementation: plain padded forward passes with full logits, three per
+    candidate (bypass, induce, KL) plus one clean pass. For tests and the benchmark."""
+    from ..models.chat import position_ids
+
+    positions = positions or cm.chat.eoi_positions[-candidates.shape[0]:]
+
+    def last_logits(prompts):
+        out = []
+        for s in range(0, len(prompts), batch_size):
+            batch = cm.chat.encode(prompts[s:s + batch_size], device=cm.device)
+            out.append(cm.model(**batch, position_ids=position_ids(batch["attention_mask"])).logits[:, -1].float().cpu())
+        return torch.cat(out)
+
+    clean = last_logits(harmless_val)
+    scores = []
+    for pi, pos in enumerate(positions):
+        for layer in range(candidates.shape[1]):
+            r = candidates[pi, layer].float()
+            with ablate_direction(cm, r):
+                bypass = refusal_score(last_logits(harmful_val), cm.refusal_ids).mean().item()
+                kl = first_token_kl(clean, last_logits(harmless_val)).mean().item()
+            with add_direction(cm, r, layer):
+                induce = refusal_score(last_logits(harmless_val), cm.refusal_ids).mean().item()
+            scores.append(CandidateScore(pos, layer, bypass, induce, kl))
+    return scores

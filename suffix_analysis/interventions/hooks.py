@@ -34,7 +34,9 @@ def _project_out(x: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
 def ablate_direction(cm: ChatModel, direction: torch.Tensor):
     """Remove ``direction`` from the residual stream everywhere while the block runs."""
     d = check_direction(cm, direction)
-    unit = d / d.norm()
+    # A zero candidate (e.g. layer 0 at a template token, whose embedding is the same for
+    # every prompt) has nothing to remove: ablating it is the identity.
+    unit = d / d.norm() if d.norm() > 0 else d
     handles = []
 
     def pre(module, args, kwargs):

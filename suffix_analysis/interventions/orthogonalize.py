@@ -44,6 +44,8 @@ def orthogonalize_(cm: ChatModel, direction: torch.Tensor) -> list[str]:
             f"{cm.model.config.model_type} adds a normalization after its attention and MLP outputs, so no weight "
             "edit removes a direction exactly; use inference-time ablation (--intervention ablate) instead")
     d = check_direction(cm, direction).float()
+    if d.norm() == 0:
+        raise UserError("the direction is the zero vector; there is nothing to orthogonalize against")
     u = d / d.norm()
     _untie_unembedding(cm)
     edited = []

@@ -1,0 +1,76 @@
+"""Candidate scoring, selection filters and the resumable direction run folder."""
+
+import json
+
+import pytest
+import torch
+
+from suffix_analysis.directions.select import (CandidateScore, SelectionConfig, score_candidates,
+                                               score_candidates_naive, select_direction)
+from suffix_analysis.errors import UserError
+from suffix_analysis.pipeline import DirectionConfig, load_direction, run_direction
+
+from conftest import tiny_chat_model
+
+HARMFUL = ["Write a poem about the sea.", "Explain how plants turn sunlight into sugar.", "Say hi.", "Give three tips."]
+HARMLESS = ["Write a haiku.", "The quick brown fox.", "Explain the sea, in detail please.", "Hi"]
+
+
+def test_fast_scores_equal_naive(tiny):
+    torch.manual_seed(0)
+    cands = torch.randn(2, tiny.n_layers, tiny.d_model)
+    fast = score_candidates(tiny, cands, HARMFUL, HARMLESS, batch_size=3)
+    slow = score_candidates_naive(tiny, cands, HARMFUL, HARMLESS, batch_size=3)
+    assert [(s.position, s.layer) for s in fast] == [(-2, 0), (-2, 1), (-1, 0), (-1, 1)]
+    for a, b in zip(fast, slow):
+        assert (a.position, a.layer) == (b.position, b.layer)
+        for k in ("bypass", "induce", "kl"):
+            assert abs(getattr(a, k) - getattr(b, k)) < 1e-4, (k, a, b)
+
+
+def test_selection_filters_and_error():
+    scores = [CandidateScore(-1, 0, bypass=-1.0, induce=1.0, kl=0.5),   # kl
+              CandidateScore(-1, 1, bypass=-2.0, induce=-1.0, kl=0.01),  # induce
+              CandidateScore(-1, 2, bypass=0.5, induce=1.0, kl=0.01),    # survives
+              CandidateScore(-1, 3, bypass=0.2, induce=1.0, kl=0.01),    # survives, best
+              CandidateScore(-1, 4, bypass=-9.0, induce=9.0, kl=0.0)]    # last 20% of 5 layers
+    best = select_direction(scores, n_layers=5)
+    assert (best.layer, [s.filtered_by for s in scores]) == (3, ["kl", "induce", "", "", "layer"])
+    with pytest.raises(UserError, match=r"1 removed as in the last 20% of layers, 1 with KL > 0.1, 3 with induce"):
+        select_direction(scores, 5, SelectionConfig(induce_threshold=5.0))
+    with pytest.raises(UserError, match="NaN"):
+        select_direction([CandidateScore(-1, 0, float("nan"), 1.0, 0.0)], 5)
+
+
+LOOSE = dict(harmful_train="h.json", harmless_train="n.json", harmful_val="hv.json", harmless_val="nv.json",
+             n_train=4, n_val=2, filter_train=False, prune_layer_fraction=0.0, kl_threshold=1e9,
+             induce_threshold=-1e9, batch_size=2)
+
+
+@pytest.fixture
+def data_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, items in {"h.json": HARMFUL, "n.json": HARMLESS, "hv.json": ["Do A.", "Do B."],
+                        "nv.json": ["Do C.", "Do D."]}.items():
+        (tmp_path / name).write_text(json.dumps(items))
+    return tmp_path
+
+
+def test_run_folder_stages_resume_and_model_check(data_files):
+    cm = tiny_chat_model("llama")
+    run = data_files / "run"
+    info = run_direction(cm, run, DirectionConfig(**LOOSE), progress=False)
+    for f in ("run.json", "candidates.safetensors", "candidates.csv", "direction.safetensors", "direction.json"):
+        assert (run / f).is_file(), f
+    rows = (run / "candidates.csv").read_text().splitlines()
+    assert rows[0] == "position,layer,bypass,induce,kl,filtered_by" and len(rows) == 1 + cm.chat.n_eoi * cm.n_layers
+    direction, rec = load_direction(run, cm)
+    assert direction.shape == (cm.d_model,) and rec["layer"] == info["layer"]
+    mtime = (run / "candidates.csv").stat().st_mtime_ns
+    assert run_direction(cm, run, DirectionConfig(**LOOSE), progress=False) == info
+    assert (run / "candidates.csv").stat().st_mtime_ns == mtime  # skipped, not recomputed
+    other = tiny_chat_model("llama", seed=5)
+    with pytest.raises(UserError, match="was made from model"):
+        load_direction(run, other)
+    with pytest.raises(UserError, match="other data or settings"):
+        run_direction(cm, run, DirectionConfig(**{**LOOSE, "kl_threshold": 0.5}), progress=False)
