@@ -182,6 +182,37 @@ def cmd_orthogonalize(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .datasets import load_file, load_instructions
+    from .evaluation.report import evaluate_direction
+    from .models.loading import load_model
+    from .pipeline import load_direction
+
+    harmful = [x.instruction for x in load_instructions(args.harmful, args.data_dir)][: args.limit]
+    harmless = [x.instruction for x in load_instructions(args.harmless, args.data_dir)][: args.limit]
+    corpus = [x.instruction for x in load_file(args.corpus)] if args.corpus else None
+    cm = _load(args)
+    direction, info = load_direction(args.direction, cm)
+    ortho = load_model(args.orthogonalized, device=args.device, dtype=args.dtype) if args.orthogonalized else None
+    rows = evaluate_direction(cm, direction, info["layer"], harmful, harmless, coeff=args.coeff, corpus=corpus,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                              orthogonalized=ortho, progress=not args.quiet)
+    print(f"direction: position {info['position']}, layer {info['layer']}; harmful = {args.harmful} (n={len(harmful)}), "
+          f"harmless = {args.harmless} (n={len(harmless)}), substring judge, {args.max_new_tokens} new tokens")
+    cols = [k for k in rows[0] if k != "condition"]
+    print(f"{'condition':28s}" + "".join(f"{c:>26s}" for c in cols))
+    for r in rows:
+        print(f"{r['condition']:28s}" + "".join(f"{r[c]:26.3f}" for c in cols))
+    if args.out:
+        from .artifacts import ensure_dir, write_json_atomic
+
+        write_json_atomic(ensure_dir(args.out) / "evaluation.json",
+                          {"direction": info, "harmful": args.harmful, "harmless": args.harmless, "rows": rows})
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .models.presets import PRESETS
 
@@ -239,6 +270,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", required=True, help="direction run folder")
     p.add_argument("--out", required=True, help="folder for the edited model")
     p.set_defaults(func=cmd_orthogonalize)
+
+    p = sub.add_parser("evaluate", help="refusal and side effects under ablation, addition, orthogonalization")
+    _add_model_args(p)
+    p.add_argument("--direction", required=True, help="direction run folder")
+    p.add_argument("--harmful", default="harmful:test", help="held-out harmful instructions (default harmful:test)")
+    p.add_argument("--harmless", default="harmless:test", help="held-out harmless instructions")
+    p.add_argument("--data-dir")
+    p.add_argument("--limit", type=_positive_int, default=100, help="at most K instructions per set (default 100)")
+    p.add_argument("--corpus", help="plain text file (one text per line) for cross-entropy")
+    p.add_argument("--orthogonalized", help="an exported orthogonalized model folder to evaluate too")
+    p.add_argument("--coeff", type=_number, default=1.0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--out", help="folder to write evaluation.json in")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)

@@ -172,7 +172,7 @@ def run_direction(cm: ChatModel, out: str | Path, cfg: DirectionConfig = Directi
 
     with open(csv_path, newline="") as f:
         scores = [CandidateScore(int(r["position"]), int(r["layer"]), float(r["bypass"]), float(r["induce"]),
-                                 float(r["kl"])) for r in csv.DictReader(f)]
+                                 float(r["kl"]), float(r["norm"])) for r in csv.DictReader(f)]
 
     # Stage 4: select.
     best = select_direction(scores, cm.n_layers, sel_cfg)

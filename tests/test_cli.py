@@ -88,3 +88,51 @@ def test_refusal_on_tiny_model_writes_artifacts(capsys, tmp_path, tiny_folder):
     rows = json.loads((out / "completions.json").read_text())
     assert [r["instruction"] for r in rows] == ["Say hi.", "Write a poem about the sea."]
     assert json.loads((out / "refusal.json").read_text())["n"] == 2
+
+
+def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, items in {"h.json": ["Write a poem about the sea.", "Say hi.", "Give three tips."],
+                        "n.json": ["Write a haiku.", "Explain the sea.", "Hi"],
+                        "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
+        (tmp_path / name).write_text(json.dumps(items))
+    loose = ["--harmful-train", "h.json", "--harmless-train", "n.json", "--harmful-val", "hv.json",
+             "--harmless-val", "nv.json", "--no-filter-train", "--prune-layers", "0", "--kl-threshold", "1e9",
+             "--induce-threshold=-1e9", "-q"]
+    code, out, err = run(capsys, "direction", "--model", str(tiny_folder), "--out", "run", *loose, "--json")
+    assert code == 0, err
+    info = json.loads(out.strip().splitlines()[-1])
+    assert {"position", "layer", "bypass", "induce", "kl", "fingerprint"} <= set(info)
+
+    code, out, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", "hv.json", "--direction", "run",
+                         "--intervention", "actadd", "--coeff", "2", "--max-new-tokens", "3", "--json", "-q")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["coeff"] == 2.0
+
+    code, out, err = run(capsys, "orthogonalize", "--model", str(tiny_folder), "--direction", "run", "--out", "ortho")
+    assert code == 0, err
+    assert (tmp_path / "ortho" / "model.safetensors").is_file()
+
+    (tmp_path / "corpus.txt").write_text("The sea is wide and deep.\nPlants make sugar from light.\n")
+    code, out, err = run(capsys, "evaluate", "--model", str(tiny_folder), "--direction", "run", "--harmful", "hv.json",
+                         "--harmless", "nv.json", "--corpus", "corpus.txt", "--orthogonalized", "ortho",
+                         "--max-new-tokens", "3", "--json", "-q")
+    assert code == 0, err
+    rows = json.loads(out.strip().splitlines()[-1])
+    assert [r["condition"].split()[0] for r in rows] == ["baseline", "ablation", "actadd", "orthogonalized"]
+    assert rows[0]["kl_harmless"] < 1e-9
+    # greedy completions of the orthogonalized model equal those under ablation
+    assert abs(rows[1]["harmful_refusal_score"] - rows[3]["harmful_refusal_score"]) < 1e-3
+    assert abs(rows[1]["ce_corpus"] - rows[3]["ce_corpus"]) < 1e-3
+
+    # a run folder from another model, and a direction of the wrong width, are refused
+    from conftest import make_tokenizer, tiny_llama
+
+    other = tmp_path / "other"
+    tok = make_tokenizer("chatml")
+    tiny_llama(len(tok), seed=3).save_pretrained(other)
+    tok.save_pretrained(other)
+    code, _, err = run(capsys, "refusal", "--model", str(other), "--instructions", "hv.json", "--direction", "run",
+                       "--intervention", "ablate")
+    assert code == 2
+    one_line_error(err, "was made from model")

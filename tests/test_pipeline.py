@@ -33,10 +33,11 @@ def test_selection_filters_and_error():
               CandidateScore(-1, 1, bypass=-2.0, induce=-1.0, kl=0.01),  # induce
               CandidateScore(-1, 2, bypass=0.5, induce=1.0, kl=0.01),    # survives
               CandidateScore(-1, 3, bypass=0.2, induce=1.0, kl=0.01),    # survives, best
-              CandidateScore(-1, 4, bypass=-9.0, induce=9.0, kl=0.0)]    # last 20% of 5 layers
+              CandidateScore(-1, 4, bypass=-9.0, induce=9.0, kl=0.0),    # last 20% of 5 layers
+              CandidateScore(-2, 0, bypass=-9.0, induce=9.0, kl=0.0, norm=0.0)]  # zero direction
     best = select_direction(scores, n_layers=5)
-    assert (best.layer, [s.filtered_by for s in scores]) == (3, ["kl", "induce", "", "", "layer"])
-    with pytest.raises(UserError, match=r"1 removed as in the last 20% of layers, 1 with KL > 0.1, 3 with induce"):
+    assert (best.layer, [s.filtered_by for s in scores]) == (3, ["kl", "induce", "", "", "layer", "zero"])
+    with pytest.raises(UserError, match=r"1 zero, 1 removed as in the last 20% of layers, 1 with KL > 0.1, 3 with induce"):
         select_direction(scores, 5, SelectionConfig(induce_threshold=5.0))
     with pytest.raises(UserError, match="NaN"):
         select_direction([CandidateScore(-1, 0, float("nan"), 1.0, 0.0)], 5)
@@ -63,7 +64,7 @@ def test_run_folder_stages_resume_and_model_check(data_files):
     for f in ("run.json", "candidates.safetensors", "candidates.csv", "direction.safetensors", "direction.json"):
         assert (run / f).is_file(), f
     rows = (run / "candidates.csv").read_text().splitlines()
-    assert rows[0] == "position,layer,bypass,induce,kl,filtered_by" and len(rows) == 1 + cm.chat.n_eoi * cm.n_layers
+    assert rows[0] == "position,layer,bypass,induce,kl,norm,filtered_by" and len(rows) == 1 + cm.chat.n_eoi * cm.n_layers
     direction, rec = load_direction(run, cm)
     assert direction.shape == (cm.d_model,) and rec["layer"] == info["layer"]
     mtime = (run / "candidates.csv").stat().st_mtime_ns

@@ -8,7 +8,7 @@ For every candidate ``r[i, l]`` (EOI position ``i``, layer ``l``):
   ``l``, all positions;
 * **kl**: mean first-token KL(clean || ablated) on harmless val.
 
-Candidates in the last ``prune_layer_fraction`` of layers, with ``kl > kl_threshold`` or with
+Zero candidates, candidates in the last ``prune_layer_fraction`` of layers, with ``kl > kl_threshold`` or with
 ``induce < induce_threshold`` are dropped; the lowest bypass score wins.
 
 Speed: the clean harmless logits are computed once; bypass and KL share one ablated pass
@@ -46,7 +46,8 @@ class CandidateScore:
     bypass: float
     induce: float
     kl: float
-    filtered_by: str = ""  # "", "layer", "kl", "induce" (the first filter that removed it)
+    norm: float = 1.0  # of the raw difference in means
+    filtered_by: str = ""  # "", "zero", "layer", "kl", "induce" (the first filter that removed it)
 
 
 def first_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -87,6 +88,7 @@ def score_candidates(
                 bypass=refusal_score(ablated[:n_h], cm.refusal_ids).mean().item(),
                 induce=refusal_score(added, cm.refusal_ids).mean().item(),
                 kl=first_token_kl(clean, ablated[n_h:]).mean().item(),
+                norm=r.norm().item(),
             ))
             bar.update(1)
     bar.close()
@@ -101,7 +103,9 @@ def select_direction(scores: list[CandidateScore], n_layers: int, cfg: Selection
         if any(math.isnan(v) for v in (s.bypass, s.induce, s.kl)):
             raise UserError(f"candidate (position {s.position}, layer {s.layer}) has NaN scores; "
                             "the model produced non-finite logits (try --dtype float32)")
-        if s.layer >= max_layer:
+        if s.norm == 0:  # e.g. layer 0 at a template token: the same embedding for every prompt
+            s.filtered_by = "zero"
+        elif s.layer >= max_layer:
             s.filtered_by = "layer"
         elif s.kl > cfg.kl_threshold:
             s.filtered_by = "kl"
@@ -111,9 +115,9 @@ def select_direction(scores: list[CandidateScore], n_layers: int, cfg: Selection
             s.filtered_by = ""
     survivors = [s for s in scores if not s.filtered_by]
     if not survivors:
-        counts = {f: sum(s.filtered_by == f for s in scores) for f in ("layer", "kl", "induce")}
+        counts = {f: sum(s.filtered_by == f for s in scores) for f in ("zero", "layer", "kl", "induce")}
         raise UserError(
-            f"no candidate direction survives the filters: {counts['layer']} removed as in the last "
+            f"no candidate direction survives the filters: {counts['zero']} zero, {counts['layer']} removed as in the last "
             f"{cfg.prune_layer_fraction:.0%} of layers, {counts['kl']} with KL > {cfg.kl_threshold}, "
             f"{counts['induce']} with induce score < {cfg.induce_threshold}; loosen --kl-threshold, "
             "--induce-threshold or --prune-layers")
@@ -156,5 +160,5 @@ def score_candidates_naive(
                 kl = first_token_kl(clean, last_logits(harmless_val)).mean().item()
             with add_direction(cm, r, layer):
                 induce = refusal_score(last_logits(harmless_val), cm.refusal_ids).mean().item()
-            scores.append(CandidateScore(pos, layer, bypass, induce, kl))
+            scores.append(CandidateScore(pos, layer, bypass, induce, kl, r.norm().item()))
     return scores

@@ -73,6 +73,7 @@ class RefusalReport:
     completions: list[str]
     refused: list[bool]
     scores: list[float]
+    first_logits: object = field(default=None, repr=False)  # [n, vocab] logits of the first response token
 
     def summary(self) -> dict:
         return {"n": self.n, "refusal_rate": self.refusal_rate, "refusal_score": self.refusal_score,
@@ -109,4 +110,5 @@ def evaluate_refusal(
         completions=gen.completions,
         refused=refused,
         scores=scores,
+        first_logits=gen.first_logits,
     )

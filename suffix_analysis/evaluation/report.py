@@ -1,0 +1,64 @@
+"""The paper's evaluation of a refusal direction: what ablation, addition and the
+orthogonalized model do to refusal, and what they cost elsewhere (KL, cross-entropy)."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from ..interventions.hooks import ablate_direction, add_direction
+from ..models.loading import ChatModel
+from .loss import completion_ce, corpus_ce
+from .refusal import evaluate_refusal
+
+
+def _kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    from ..directions.select import first_token_kl
+
+    return first_token_kl(clean_logits, logits).mean().item()
+
+
+def evaluate_direction(
+    cm: ChatModel,
+    direction: torch.Tensor,
+    layer: int,
+    harmful: list[str],
+    harmless: list[str],
+    coeff: float = 1.0,
+    corpus: list[str] | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+    orthogonalized: ChatModel | None = None,
+    progress: bool = False,
+) -> list[dict]:
+    """One row per condition: baseline, ablation, activation addition (and the orthogonalized model).
+
+    Columns: refusal rate/score on ``harmful`` and on ``harmless``, first-token KL on harmless
+    against the baseline, CE of the baseline's own harmless completions, CE on ``corpus``.
+    """
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    conditions = [("baseline", cm, nullcontext()), ("ablation", cm, ablate_direction(cm, direction)),
+                  (f"actadd (x{coeff:g}, layer {layer})", cm, add_direction(cm, direction, layer, coeff))]
+    if orthogonalized is not None:
+        conditions.append(("orthogonalized", orthogonalized, nullcontext()))
+    rows, clean = [], None
+    for name, model, ctx in conditions:
+        with ctx:
+            h = evaluate_refusal(model, harmful, **kw)
+            n = evaluate_refusal(model, harmless, **kw)
+            if clean is None:
+                clean = n
+            row = {
+                "condition": name,
+                "harmful_refusal_rate": h.refusal_rate,
+                "harmful_refusal_score": h.refusal_score,
+                "harmless_refusal_rate": n.refusal_rate,
+                "harmless_refusal_score": n.refusal_score,
+                "kl_harmless": _kl(clean.first_logits, n.first_logits),
+                "ce_harmless_completions": completion_ce(model, harmless, clean.completions),
+            }
+            if corpus:
+                row["ce_corpus"] = corpus_ce(model, corpus)
+        rows.append(row)
+    return rows
