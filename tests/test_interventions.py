@@ -103,3 +103,27 @@ def test_diff_in_means_matches_stored_activations(tiny):
     # batching does not change the means
     torch.testing.assert_close(mean_resid_pre(tiny, PROMPTS, batch_size=3), mean_resid_pre(tiny, PROMPTS, batch_size=2),
                                atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_bridge_hooks_match_plain_model_hooks(tiny_folder):
+    from suffix_analysis.interventions.hooks import bridge_ablation_hooks, bridge_addition_hooks
+    from suffix_analysis.models.loading import load_model, to_bridge
+
+    cm = load_model(str(tiny_folder), device="cpu")
+    torch.manual_seed(2)
+    r = torch.randn(cm.d_model)
+    batch = cm.chat.encode(["Write a poem about the sea."])  # one row: no padding to mask
+    with ablate_direction(cm, r):
+        ablated = cm.model(**batch).logits
+    with add_direction(cm, r, layer=1, coeff=1.5):
+        added = cm.model(**batch).logits
+    clean = cm.model(**batch).logits
+    bridge = to_bridge(cm)
+    ids = batch["input_ids"]
+    torch.testing.assert_close(bridge(ids), clean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bridge.run_with_hooks(ids, fwd_hooks=bridge_ablation_hooks(cm.n_layers, r)), ablated,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(bridge.run_with_hooks(ids, fwd_hooks=bridge_addition_hooks(r, 1, 1.5)), added,
+                               atol=1e-5, rtol=1e-4)
+    assert (ablated - clean).abs().max() > 1e-3 and (added - clean).abs().max() > 1e-3

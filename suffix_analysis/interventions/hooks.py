@@ -79,3 +79,24 @@ def add_direction(cm: ChatModel, direction: torch.Tensor, layer: int, coeff: flo
         yield
     finally:
         handle.remove()
+
+
+def bridge_ablation_hooks(n_layers: int, direction: torch.Tensor) -> list[tuple[str, object]]:
+    """The same ablation as TransformerLens forward hooks, for ``bridge.run_with_hooks``:
+    ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.hook_attn_out`` and ``blocks.{l}.hook_mlp_out``."""
+    unit = direction / direction.norm() if direction.norm() > 0 else direction
+
+    def hook(x, hook=None):
+        return _project_out(x, unit.to(x.device, x.dtype))
+
+    return [(f"blocks.{l}.{name}", hook) for l in range(n_layers)
+            for name in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+
+
+def bridge_addition_hooks(direction: torch.Tensor, layer: int, coeff: float = 1.0) -> list[tuple[str, object]]:
+    """Activation addition as a TransformerLens hook on ``blocks.{layer}.hook_resid_pre``."""
+
+    def hook(x, hook=None):
+        return x + coeff * direction.to(x.device, x.dtype)
+
+    return [(f"blocks.{layer}.hook_resid_pre", hook)]
