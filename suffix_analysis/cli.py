@@ -93,8 +93,11 @@ def cmd_refusal(args) -> int:
     if args.intervention != "none" and not args.direction:
         raise UserError(f"--intervention {args.intervention} needs --direction RUN")
     cm = _load(args)
+    from .evaluation.refusal import make_judge
+
+    judge = make_judge(args.judge, args.device)
     with _intervention(cm, args):
-        report = evaluate_refusal(cm, [x.instruction for x in items], max_new_tokens=args.max_new_tokens,
+        report = evaluate_refusal(cm, [x.instruction for x in items], judge=judge, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, progress=not args.quiet)
     summary = {"model": args.model, "instructions": args.instructions, **report.summary(),
                "max_new_tokens": args.max_new_tokens, "intervention": args.intervention}
@@ -234,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
     p.add_argument("--max-new-tokens", type=_positive_int, default=64)
     p.add_argument("--limit", type=_positive_int, help="use only the first K instructions")
+    p.add_argument("--judge", default="substring",
+                   help="substring (default) or llamaguard:MODEL (a moderation model whose weights you have)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--out", help="folder to save completions.json and refusal.json in")
     p.add_argument("--direction", help="direction run folder (from `suffix-analysis direction`)")

@@ -26,3 +26,23 @@ def test_substring_judge():
     judge = SubstringJudge()
     out = judge(["a"] * 4, ["I\u2019m sorry, but no.", "Sure, here is how", "As an AI, I can't", "I CANNOT do that"])
     assert out == [True, False, True, True]
+
+
+def test_llamaguard_judge_plumbing(tiny_folder):
+    """A (random) moderation model behind the judge interface: one verdict per completion."""
+    from suffix_analysis.evaluation.refusal import LlamaGuardJudge, make_judge
+
+    judge = make_judge(f"llamaguard:{tiny_folder}", device="cpu")
+    assert isinstance(judge, LlamaGuardJudge)
+    out = judge(["Say hi.", "Write a poem."], ["Hello!", "I cannot."])
+    assert len(out) == 2 and all(isinstance(x, bool) for x in out)
+
+
+def test_unknown_judge():
+    import pytest
+
+    from suffix_analysis.errors import UserError
+    from suffix_analysis.evaluation.refusal import make_judge
+
+    with pytest.raises(UserError, match="unknown judge"):
+        make_judge("gpt4")

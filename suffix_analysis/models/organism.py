@@ -59,6 +59,7 @@ class OrganismRecipe:
     distill_tokens: int = 64  # length of the base model's own answers to harmless instructions
     harmless_repeat: int = 1  # times each harmless example is seen per epoch
     freeze_embeddings: bool = True
+    freeze_layers: int = 0  # also freeze the first K decoder layers (faster: backward stops above them)
     refusals: tuple[str, ...] = field(default=REFUSALS)
     eval_tokens: int = 64
     # "bf16" runs distillation and training under bfloat16 autocast (fp32 master weights),
@@ -247,6 +248,9 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
     emb = model.get_input_embeddings().weight
     if recipe.freeze_embeddings:
         emb.requires_grad_(False)
+    frozen = [p for layer in cm.layers[: recipe.freeze_layers] for p in layer.parameters()]
+    for p in frozen:
+        p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps_per_epoch = (len(examples) + recipe.batch_size - 1) // recipe.batch_size
@@ -272,7 +276,8 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
-    emb.requires_grad_(True)
+    for p in [emb, *frozen]:
+        p.requires_grad_(True)
     model.eval()
     return losses
 
