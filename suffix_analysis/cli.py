@@ -78,6 +78,21 @@ def _intervention(cm, args):
     return add_direction(cm, direction, info["layer"], args.coeff)
 
 
+def _suffix_text(spec: str | None) -> str | None:
+    """--suffix: an attack run folder (its suffix.json) or the suffix text itself."""
+    if not spec:
+        return None
+    from pathlib import Path
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        f = p / "suffix.json"
+        if not f.is_file():
+            raise UserError(f"{p} has no suffix.json; run `suffix-analysis attack ... --out {p}` first")
+        return json.loads(f.read_text())["suffix"]
+    return spec
+
+
 def cmd_refusal(args) -> int:
     from .datasets import load_instructions
     from .evaluation.refusal import evaluate_refusal
@@ -96,9 +111,11 @@ def cmd_refusal(args) -> int:
     from .evaluation.refusal import make_judge
 
     judge = make_judge(args.judge, args.device)
+    suffix = _suffix_text(args.suffix)
     with _intervention(cm, args):
         report = evaluate_refusal(cm, [x.instruction for x in items], judge=judge, max_new_tokens=args.max_new_tokens,
-                                  batch_size=args.batch_size, progress=not args.quiet)
+                                  batch_size=args.batch_size, progress=not args.quiet,
+                                  suffixes=[suffix] * len(items) if suffix else None)
     summary = {"model": args.model, "instructions": args.instructions, **report.summary(),
                "max_new_tokens": args.max_new_tokens, "intervention": args.intervention}
     if args.intervention == "actadd":
@@ -216,6 +233,53 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_attack(args) -> int:
+    import dataclasses
+    import logging as _logging
+    from pathlib import Path
+
+    from .artifacts import ensure_dir, write_json_atomic
+    from .attacks import get_attack
+    from .attacks.targets import default_target, load_targets
+    from .datasets import load_instructions
+
+    cls = get_attack(args.name)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
+    given = {"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
+             "suffix_len": args.suffix_len, "objective": args.objective, "seed": args.seed,
+             "n_replace": args.n_replace, "buffer_size": args.buffer_size, "batch_size": args.batch_size,
+             "checkpoint_every": args.checkpoint_every, "init": args.init}
+    cfg = cls.config_class(**{k: v for k, v in given.items() if v is not None and k in fields})
+    items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
+    instructions = [x.instruction for x in items]
+    targets = load_targets(args.targets, len(instructions)) if args.targets else [default_target(i) for i in instructions]
+    out = ensure_dir(args.out)
+    cm = _load(args)
+    kwargs = {}
+    if args.direction:
+        from .pipeline import load_direction
+
+        vec, info = load_direction(args.direction, cm)
+        kwargs["direction"] = (vec, info["layer"])
+    elif "direction" in (args.objective or ""):
+        raise UserError("--objective direction needs --direction RUN")
+    attack = cls(cfg, **kwargs)
+    _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.INFO)
+    result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
+    record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),
+              "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg)}
+    write_json_atomic(out / "suffix.json", record)
+    steps = len(result.step_seconds)
+    mean = sum(result.step_seconds) / max(steps, 1)
+    print(f"attack        {args.name} on {len(instructions)} prompt(s), {steps} steps, {mean:.2f} s per step")
+    if result.losses:
+        print(f"loss          {result.losses[0]:.4f} -> {result.losses[-1]:.4f} (best {min(result.losses):.4f})")
+    print(f"success       {result.success}")
+    print(f"suffix        {result.suffix!r}")
+    print(f"saved         {out}/suffix.json")
+    return 0
+
+
 def cmd_presets(args) -> int:
     from .models.presets import PRESETS
 
@@ -241,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="substring (default) or llamaguard:MODEL (a moderation model whose weights you have)")
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--out", help="folder to save completions.json and refusal.json in")
+    p.add_argument("--suffix", help="append this suffix (text, or an attack run folder) to every instruction")
     p.add_argument("--direction", help="direction run folder (from `suffix-analysis direction`)")
     p.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
                    help="ablate the direction everywhere, or add it at its layer (default none)")
@@ -292,6 +357,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("attack", help="find an adversarial suffix (gcg, random, nanogcg, or a plugged-in attack)")
+    p.add_argument("name", help="attack name (gcg, random, nanogcg, or one from an installed plugin)")
+    _add_model_args(p)
+    p.add_argument("--instructions", required=True, help="instruction file, shipped set or dataset name")
+    p.add_argument("--targets", help="target responses, aligned with the instructions (default: 'Sure, here is ...')")
+    p.add_argument("--data-dir")
+    p.add_argument("--n-prompts", type=_positive_int, default=1,
+                   help="optimize one universal suffix over the first K instructions (default 1)")
+    p.add_argument("--out", required=True, help="run folder for suffix.json and checkpoints")
+    p.add_argument("--steps", type=_positive_int)
+    p.add_argument("--search-width", type=_positive_int)
+    p.add_argument("--topk", type=_positive_int)
+    p.add_argument("--suffix-len", type=int)
+    p.add_argument("--n-replace", type=_positive_int)
+    p.add_argument("--buffer-size", type=int)
+    p.add_argument("--batch-size", type=int, help="candidates per forward pass (default: all, halved on OOM)")
+    p.add_argument("--init", help="initial suffix token (repeated) or string")
+    p.add_argument("--objective", help="target, refusal, direction, attention, or a sum like target+direction")
+    p.add_argument("--direction", help="direction run folder (for the direction objective)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)

@@ -1,0 +1,470 @@
+"""Greedy Coordinate Gradient (GCG, Zou et al. 2023): a fast implementation.
+
+Each step: the gradient of the loss with respect to a one-hot encoding of the suffix
+gives, per suffix position, the ``topk`` most promising token swaps; ``search_width``
+candidates each swap ``n_replace`` random positions to one of those; every candidate's
+loss is computed exactly and the best one is kept.
+
+Where the time goes, and what this implementation does about it:
+
+* every candidate shares the prompt before the suffix: its key/value cache is computed
+  once per prompt and broadcast to all candidates (the ``transformers`` ``Cache`` API);
+* the loss needs logits only at the target positions (or one position, or none for the
+  direction objective, whose forward pass stops at the direction's layer);
+* candidates of one prompt have equal lengths, so they run without padding;
+* the allowed-token mask is built once per tokenizer from one batched decode, and the
+  retokenization filter encodes all candidates in one batched call.
+
+Objectives (``objective``, combine with ``+``):
+
+* ``target``: cross-entropy of the target response (the classic GCG loss);
+* ``refusal``: the refusal score (log-odds of the refusal tokens) at the response start;
+* ``direction``: mean projection of ``resid_pre`` at the direction's layer, EOI positions,
+  onto the refusal direction of a direction run;
+* ``attention``: minus the share of attention the last prompt token pays to the suffix,
+  averaged over heads and layers (needs eager attention).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from ..models.forward import PrefixCache
+from ..models.loading import ChatModel
+from .base import Attack, AttackConfig, AttackResult, register_attack
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("target", "refusal", "direction", "attention")
+
+
+@dataclass
+class GCGConfig(AttackConfig):
+    """GCG settings; defaults follow the original paper and nanoGCG where they agree."""
+
+    search_width: int = 512  # candidates per step
+    topk: int = 256  # token swaps considered per position
+    n_replace: int = 1  # positions swapped per candidate
+    buffer_size: int = 0  # 0: only the current best; else keep the best N and grow from the best
+    init: str = "x"  # one token repeated suffix_len times, or a whole initial suffix
+    allow_non_ascii: bool = False
+    filter_retokenization: bool = True  # drop candidates that do not survive decode -> encode in context
+    early_stop: bool = True  # stop once every prompt's target is the greedy continuation
+    objective: str = "target"
+    direction_weight: float = 1.0
+    attention_weight: float = 1.0
+    refusal_weight: float = 1.0
+    progressive: bool = True  # universal suffixes: add the next prompt once all current ones succeed
+    batch_size: int = 0  # candidates per forward pass; 0: all at once, halved on CUDA out-of-memory
+    checkpoint_every: int = 10
+
+    def validate(self) -> None:
+        super().validate()
+        terms = self.objective.split("+")
+        bad = [t for t in terms if t not in OBJECTIVES]
+        if bad or not terms:
+            raise UserError(f"unknown objective '{self.objective}'; combine {', '.join(OBJECTIVES)} with '+'")
+        if self.search_width < 1 or self.topk < 1 or self.n_replace < 1:
+            raise UserError("search width, top-k and n_replace must be at least 1")
+        if self.buffer_size > self.search_width:
+            raise UserError(f"search width {self.search_width} is smaller than the candidate buffer "
+                            f"({self.buffer_size}); raise --search-width or lower --buffer-size")
+        if self.n_replace > self.suffix_len:
+            raise UserError(f"n_replace {self.n_replace} exceeds the suffix length {self.suffix_len}")
+
+    @property
+    def terms(self) -> list[str]:
+        return self.objective.split("+")
+
+
+# --- token filtering ------------------------------------------------------------------------
+
+_MASK_CACHE: dict[tuple, Tensor] = {}
+
+
+def allowed_token_mask(tokenizer, vocab_size: int, allow_non_ascii: bool = False) -> Tensor:
+    """``[vocab_size]`` bool: tokens a suffix may use (no special tokens; printable ASCII unless allowed).
+
+    The vocabulary is decoded in one batched call and cached per tokenizer.
+    """
+    key = (tokenizer.name_or_path, len(tokenizer), vocab_size, allow_non_ascii)
+    if key not in _MASK_CACHE:
+        n = min(len(tokenizer), vocab_size)
+        texts = tokenizer.batch_decode([[i] for i in range(n)])
+        mask = torch.zeros(vocab_size, dtype=torch.bool)
+        ok = [bool(t) and (allow_non_ascii or (t.isascii() and t.isprintable())) for t in texts]
+        mask[:n] = torch.tensor(ok)
+        special = [i for i in tokenizer.all_special_ids if i is not None and i < vocab_size]
+        special += [i for i in getattr(tokenizer, "added_tokens_decoder", {}) if i < vocab_size]
+        mask[special] = False
+        _MASK_CACHE[key] = mask
+    return _MASK_CACHE[key]
+
+
+def sample_candidates(ids: Tensor, grad: Tensor, search_width: int, topk: int, n_replace: int,
+                      generator: torch.Generator) -> Tensor:
+    """``[search_width, suffix_len]`` candidates from the one-hot gradient ``[suffix_len, vocab]``
+    (disallowed tokens already set to +inf)."""
+    suffix_len = ids.shape[0]
+    top = (-grad).topk(topk, dim=1).indices.cpu()  # [suffix_len, topk]
+    pos = torch.rand(search_width, suffix_len, generator=generator).argsort(1)[:, :n_replace]
+    choice = torch.randint(0, topk, (search_width, n_replace), generator=generator)
+    return ids.cpu().repeat(search_width, 1).scatter(1, pos, top[pos, choice])
+
+
+# --- the model side ---------------------------------------------------------------------------
+
+@dataclass
+class _Prompt:
+    instruction: str
+    before: list[int]  # tokens before the suffix (chat prefix + instruction)
+    after: list[int]  # EOI tokens after the suffix
+    target: list[int]
+    cache: PrefixCache | None = None
+
+
+class _DirectionProbe:
+    """Reads ``resid_pre`` of one layer at the EOI positions and stops the forward pass
+    there when nothing above it is needed."""
+
+    class Stop(Exception):
+        pass
+
+    def __init__(self, cm: ChatModel, unit: Tensor, layer: int):
+        self.cm, self.unit, self.layer = cm, unit, layer
+        self.value: Tensor | None = None
+        self.n_after = 0
+        self.stop = False
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]  # [batch, rest, d_model]
+            self.value = (x[:, -self.n_after:].float() @ self.unit).mean(1)  # [batch]
+            if self.stop:
+                raise _DirectionProbe.Stop
+
+        self.handle = self.cm.layers[self.layer].register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+class GCGObjective:
+    """Computes the (weighted, summed) objective for batches of suffixes on one prompt."""
+
+    def __init__(self, cm: ChatModel, cfg: GCGConfig, direction: tuple[Tensor, int] | None, suffix_len: int):
+        self.cm, self.cfg, self.suffix_len = cm, cfg, suffix_len
+        self.terms = cfg.terms
+        self.probe = None
+        if "direction" in self.terms:
+            if direction is None:
+                raise UserError("the direction objective needs --direction RUN")
+            vec, layer = direction
+            self.probe = _DirectionProbe(cm, (vec / vec.norm()).to(cm.device, torch.float32), layer)
+        if "attention" in self.terms and getattr(cm.model.config, "_attn_implementation", "eager") != "eager":
+            cm.model.set_attn_implementation("eager")  # attention weights are only returned by eager attention
+
+    def loss(self, prompt: _Prompt, suffix: Tensor | None = None, suffix_embeds: Tensor | None = None,
+             with_match: bool = False) -> tuple[Tensor, Tensor | None]:
+        """Per-candidate loss ``[batch]`` (and, with ``with_match``, whether the target is the
+        greedy continuation ``[batch]``). Pass token ids ``[batch, suffix_len]`` or embeddings
+        ``[batch, suffix_len, d_model]`` (for the gradient)."""
+        cm, dev = self.cm, self.cm.device
+        batch = suffix.shape[0] if suffix is not None else suffix_embeds.shape[0]
+        rest = torch.tensor(prompt.after + prompt.target, device=dev).expand(batch, -1)
+        n_after, n_target = len(prompt.after), len(prompt.target)
+        need_logits = any(t in self.terms for t in ("target", "refusal")) or with_match
+        only_probe = self.terms == ["direction"] and not with_match
+        if suffix_embeds is not None:
+            embed = cm.model.get_input_embeddings()
+            kwargs = {"inputs_embeds": torch.cat([suffix_embeds, embed(rest)], 1)}
+        else:
+            kwargs = {"input_ids": torch.cat([suffix.to(dev), rest], 1)}
+        length = self.suffix_len + n_after + n_target
+        p = prompt.cache.length if prompt.cache else 0
+        kwargs.update(position_ids=torch.arange(p, p + length, device=dev).expand(batch, -1),
+                      past_key_values=prompt.cache.expand(batch) if prompt.cache else None, use_cache=p > 0)
+        if "attention" in self.terms:
+            kwargs["output_attentions"] = True
+        # logits at the last EOI position and at every target position but the last
+        keep = n_target + 1
+        if self.probe is not None:
+            self.probe.n_after = n_after
+            self.probe.stop = only_probe
+        out = None
+        try:
+            if self.probe is not None:
+                with self.probe:
+                    out = cm.model(**kwargs, logits_to_keep=keep) if not only_probe else cm.model.base_model(**kwargs)
+            else:
+                out = cm.model(**kwargs, logits_to_keep=keep)
+        except _DirectionProbe.Stop:
+            pass
+        total = torch.zeros(batch, device=dev)
+        match = None
+        if need_logits:
+            logits = out.logits.float()  # [batch, n_target + 1, vocab]
+            tgt = torch.tensor(prompt.target, device=dev)
+            if "target" in self.terms:
+                ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tgt.expand(batch, -1),
+                                                       reduction="none").mean(1)
+                total = total + ce
+            if "refusal" in self.terms:
+                from ..evaluation.refusal import refusal_score
+
+                total = total + self.cfg.refusal_weight * refusal_score(logits[:, 0], cm.refusal_ids)
+            if with_match:
+                match = (logits[:, :-1].argmax(-1) == tgt).all(1)
+        if self.probe is not None:
+            total = total + self.cfg.direction_weight * self.probe.value
+        if "attention" in self.terms:
+            s0 = p  # suffix key positions: right after the cached prefix
+            shares = [a[:, :, -n_target - 1, s0:s0 + self.suffix_len].sum(-1).mean(1) for a in out.attentions]
+            total = total - self.cfg.attention_weight * torch.stack(shares).mean(0)
+        return total, match
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@register_attack
+class GCG(Attack):
+    """Single-prompt or universal (multi-prompt) GCG. See the module docstring."""
+
+    name = "gcg"
+    config_class = GCGConfig
+
+    def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None):
+        super().__init__(config)
+        self.direction = direction  # (vector [d_model], layer) for the direction objective
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _prompts(self, cm: ChatModel, instructions: list[str], targets: list[str]) -> list[_Prompt]:
+        tok = cm.tokenizer
+        if len(targets) != len(instructions):
+            raise UserError(f"{len(instructions)} instructions but {len(targets)} targets")
+        out = []
+        for instr, target in zip(instructions, targets):
+            if "target" in self.config.terms and not target.strip():
+                raise UserError(f"empty target for instruction {instr!r}")
+            before = tok(cm.chat.prefix + instr.strip(), add_special_tokens=False)["input_ids"]
+            tgt = tok(target, add_special_tokens=False)["input_ids"] if target else []
+            out.append(_Prompt(instr.strip(), before, list(cm.chat.eoi_ids), tgt))
+        return out
+
+    def _init_ids(self, cm: ChatModel) -> list[int]:
+        cfg = self.config
+        tok = cm.tokenizer
+        one = tok(" " + cfg.init, add_special_tokens=False)["input_ids"]
+        if len(one) == 1:
+            return one * cfg.suffix_len
+        ids = tok(" " + " ".join([cfg.init] * cfg.suffix_len), add_special_tokens=False)["input_ids"]
+        if len(ids) < cfg.suffix_len:
+            raise UserError(f"initial suffix {cfg.init!r} is {len(ids)} tokens, shorter than --suffix-len "
+                            f"{cfg.suffix_len}")
+        return ids[: cfg.suffix_len]
+
+    def _retokenizes(self, cm: ChatModel, prompts: list[_Prompt], cands: Tensor) -> Tensor:
+        """``[n]`` bool: the candidate, decoded and placed in the prompt, encodes to the same tokens."""
+        tok = cm.tokenizer
+        texts = tok.batch_decode(cands.tolist())
+        ok = torch.ones(len(texts), dtype=torch.bool)
+        for p in prompts:
+            rendered = [cm.chat.render(p.instruction, t[1:] if t.startswith(" ") else None) for t in texts]
+            enc = tok(rendered, add_special_tokens=False)["input_ids"]
+            want = [p.before + c + p.after for c in cands.tolist()]
+            ok &= torch.tensor([e == w for e, w in zip(enc, want)])
+            # a suffix that does not start with a space cannot be rendered after "instruction "
+            ok &= torch.tensor([t.startswith(" ") for t in texts])
+        return ok
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
+            resume: bool = False) -> AttackResult:
+        cfg = self.config
+        prompts = self._prompts(cm, instructions, targets)
+        objective = GCGObjective(cm, cfg, self.direction, cfg.suffix_len)
+        embed = cm.model.get_input_embeddings()
+        vocab = embed.weight.shape[0]
+        allowed = allowed_token_mask(cm.tokenizer, vocab, cfg.allow_non_ascii).to(cm.device)
+        for p in prompts:
+            p.cache = PrefixCache(cm, p.before)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        meta = {"fingerprint": cm.fingerprint(), "config": {k: v for k, v in asdict(cfg).items() if k != "num_steps"},
+                "data": _fingerprint([instructions, targets])}
+        state = {"step": 0, "buffer": [], "best": (float("inf"), []), "losses": [], "suffixes": [],
+                 "step_seconds": [], "n_active": 1}
+        ckpt = out / "checkpoint.json" if out else None
+        if resume:
+            state = self._load_checkpoint(ckpt, meta, gen)
+        else:
+            ids = torch.tensor(self._init_ids(cm))
+            with torch.no_grad():
+                n_active = 1 if cfg.progressive else len(prompts)
+                state["n_active"] = n_active
+                loss = self._total(objective, prompts[:n_active], ids[None])[0].item()
+            state["buffer"] = [(loss, ids.tolist())]
+            state["best"] = (loss, ids.tolist())
+        batch_size = cfg.batch_size
+        success = False
+        step = state["step"]
+        try:
+            while step < cfg.num_steps:
+                t0 = time.perf_counter()
+                active = prompts[: state["n_active"]]
+                best_loss, best_ids = state["buffer"][0]
+                ids = torch.tensor(best_ids)
+                grad = self._grad(cm, objective, active, ids, embed)
+                grad[:, ~allowed] = float("inf")
+                cands = sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace, gen)
+                cands = torch.unique(cands, dim=0)
+                if cfg.filter_retokenization:
+                    keep = self._retokenizes(cm, active, cands)
+                    if keep.any():
+                        cands = cands[keep]
+                    else:
+                        log.warning("step %d: no candidate survives retokenization; keeping them all", step)
+                with torch.no_grad():
+                    losses, batch_size = self._batched(objective, active, cands, batch_size)
+                i = int(losses.argmin())
+                self._update_buffer(state, float(losses[i]), cands[i].tolist())
+                with torch.no_grad():
+                    success = self._succeeds(objective, active, torch.tensor(state["buffer"][0][1]))
+                if success and state["n_active"] < len(prompts):
+                    state["n_active"] += 1
+                    log.info("step %d: suffix works on %d prompt(s); adding prompt %d", step, state["n_active"] - 1,
+                             state["n_active"])
+                    with torch.no_grad():  # the buffer's losses were for fewer prompts
+                        state["buffer"] = [(self._total(objective, prompts[: state["n_active"]],
+                                                        torch.tensor(b)[None])[0].item(), b) for _, b in state["buffer"]]
+                        state["buffer"].sort(key=lambda x: x[0])
+                        state["best"] = state["buffer"][0]
+                    success = False
+                step += 1
+                state["step"] = step
+                dt = time.perf_counter() - t0
+                state["losses"].append(state["buffer"][0][0])
+                state["suffixes"].append(cm.tokenizer.decode(state["buffer"][0][1]))
+                state["step_seconds"].append(dt)
+                log.info("step %4d  loss %.4f  %.2f s  prompts %d  %r", step, state["buffer"][0][0], dt,
+                         state["n_active"], state["suffixes"][-1])
+                if ckpt and cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self._save_checkpoint(ckpt, meta, state, gen)
+                if success and cfg.early_stop and state["n_active"] == len(prompts):
+                    log.info("every target is the greedy continuation: stopping early")
+                    break
+        except KeyboardInterrupt:
+            if ckpt:
+                self._save_checkpoint(ckpt, meta, state, gen)
+                log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+            raise
+        if ckpt:
+            self._save_checkpoint(ckpt, meta, state, gen)
+        best_ids = state["buffer"][0][1] if success else state["best"][1]
+        text = cm.tokenizer.decode(best_ids)
+        return AttackResult(
+            suffix=text[1:] if text.startswith(" ") else text,
+            suffix_ids=best_ids,
+            losses=state["losses"],
+            suffixes=state["suffixes"],
+            step_seconds=state["step_seconds"],
+            success=bool(success and state["n_active"] == len(prompts)),
+            attack=self.name,
+            extra={"objective": cfg.objective, "prompts_used": state["n_active"], "steps": step},
+        )
+
+    def _total(self, objective: GCGObjective, prompts: list[_Prompt], cands: Tensor) -> Tensor:
+        return sum(objective.loss(p, cands)[0] for p in prompts)
+
+    def _grad(self, cm, objective, prompts, ids, embed) -> Tensor:
+        """Gradient of the summed loss w.r.t. the one-hot suffix: ``[suffix_len, vocab]``."""
+        w = embed.weight
+        one_hot = torch.zeros(ids.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
+        one_hot[torch.arange(ids.shape[0]), ids.to(w.device)] = 1
+        one_hot.requires_grad_(True)
+        emb = (one_hot @ w)[None]
+        loss = sum(objective.loss(p, suffix_embeds=emb)[0].sum() for p in prompts)
+        (g,) = torch.autograd.grad(loss, one_hot)
+        return g.float()
+
+    def _batched(self, objective, prompts, cands: Tensor, batch_size: int) -> tuple[Tensor, int]:
+        """Losses of all candidates ``[n]``, in chunks; halves the chunk on CUDA out-of-memory."""
+        size = batch_size or len(cands)
+        while True:
+            try:
+                parts = [self._total(objective, prompts, cands[s:s + size]) for s in range(0, len(cands), size)]
+                return torch.cat(parts).float().cpu(), size
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size = max(1, size // 2)
+                torch.cuda.empty_cache()
+                log.info("out of memory: candidate batch size now %d", size)
+
+    def _succeeds(self, objective: GCGObjective, prompts: list[_Prompt], ids: Tensor) -> bool:
+        if "target" in objective.terms:
+            return all(bool(objective.loss(p, ids[None], with_match=True)[1][0]) for p in prompts)
+        from ..evaluation.refusal import refusal_score
+
+        # no target: success is the response no longer starting with a refusal token
+        for p in prompts:
+            saved = objective.terms
+            objective.terms = ["refusal"]
+            try:
+                logits_loss, _ = objective.loss(p, ids[None])
+            finally:
+                objective.terms = saved
+            if float(logits_loss[0]) / self.config.refusal_weight >= 0:
+                return False
+        return True
+
+    def _update_buffer(self, state: dict, loss: float, ids: list[int]) -> None:
+        """Plain GCG (buffer 0) always moves to the step's best candidate; a buffer keeps the
+        best N suffixes seen and grows from its best. ``best`` is the lowest loss ever seen."""
+        buf = state["buffer"]
+        if self.config.buffer_size == 0:
+            buf[:] = [(loss, ids)]
+        elif len(buf) < self.config.buffer_size:
+            buf.append((loss, ids))
+        elif loss < buf[-1][0]:
+            buf[-1] = (loss, ids)
+        buf.sort(key=lambda x: x[0])
+        if loss < state["best"][0]:
+            state["best"] = (loss, ids)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _save_checkpoint(self, path: Path, meta: dict, state: dict, gen: torch.Generator) -> None:
+        from ..artifacts import write_json_atomic
+
+        write_json_atomic(path, {**meta, **state, "rng": gen.get_state().tolist()})
+
+    def _load_checkpoint(self, path: Path | None, meta: dict, gen: torch.Generator) -> dict:
+        if path is None or not path.is_file():
+            raise UserError(f"nothing to resume: no checkpoint at {path}")
+        try:
+            ck = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"checkpoint {path} is corrupted; remove it and start again") from None
+        if ck.get("fingerprint") != meta["fingerprint"]:
+            raise UserError(f"checkpoint {path} is from another model; resume with the model it was made with")
+        if ck.get("config") != meta["config"] or ck.get("data") != meta["data"]:
+            raise UserError(f"checkpoint {path} was made with another config or other instructions/targets; "
+                            "resume with the same settings (only --steps may change)")
+        gen.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
+        state = {k: ck[k] for k in ("step", "buffer", "best", "losses", "suffixes", "step_seconds", "n_active")}
+        state["buffer"] = [tuple(b) for b in state["buffer"]]
+        state["best"] = tuple(state["best"])
+        return state

@@ -1,0 +1,61 @@
+"""nanoGCG (the package people use today) as a registered attack, when it is installed.
+
+nanogcg 0.3.0 pins ``transformers<=4.47.1``, so it usually lives in its own environment
+(see ``benchmarks/bench_gcg.py``); in an environment that has both, this adapter runs it
+on the same model and returns the suite's :class:`AttackResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import UserError
+from ..models.loading import ChatModel
+from .base import Attack, AttackConfig, AttackResult, register_attack
+
+
+@dataclass
+class NanoGCGConfig(AttackConfig):
+    search_width: int = 512
+    topk: int = 256
+    n_replace: int = 1
+    buffer_size: int = 0
+    init: str = "x"
+    allow_non_ascii: bool = False
+    filter_retokenization: bool = True
+    early_stop: bool = True
+    use_prefix_cache: bool = True
+
+
+@register_attack
+class NanoGCG(Attack):
+    name = "nanogcg"
+    config_class = NanoGCGConfig
+
+    def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
+            resume: bool = False) -> AttackResult:
+        try:
+            import nanogcg
+        except ImportError:
+            raise UserError("the nanogcg attack needs the nanogcg package: pip install 'suffix-analysis[nanogcg]' "
+                            "(in an environment with the transformers version it pins)") from None
+        if len(instructions) != 1:
+            raise UserError("nanogcg optimizes a suffix for one prompt; pass one instruction")
+        c = self.config
+        t0 = time.perf_counter()
+        result = nanogcg.run(
+            cm.model, cm.tokenizer, [{"role": "user", "content": instructions[0].strip() + " {optim_str}"}],
+            targets[0],
+            nanogcg.GCGConfig(num_steps=c.num_steps, optim_str_init=" ".join([c.init] * c.suffix_len),
+                              search_width=c.search_width, topk=c.topk, n_replace=c.n_replace,
+                              buffer_size=c.buffer_size, allow_non_ascii=c.allow_non_ascii,
+                              filter_ids=c.filter_retokenization, early_stop=c.early_stop,
+                              use_prefix_cache=c.use_prefix_cache, seed=c.seed, verbosity="WARNING"))
+        total = time.perf_counter() - t0
+        n = max(len(result.losses), 1)
+        ids = cm.tokenizer(result.best_string, add_special_tokens=False)["input_ids"]
+        return AttackResult(suffix=result.best_string, suffix_ids=ids, losses=list(result.losses),
+                            suffixes=list(result.strings), step_seconds=[total / n] * n, attack=self.name,
+                            extra={"note": "nanogcg reports no per-step times; step_seconds is the mean"})

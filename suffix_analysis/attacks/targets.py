@@ -1,0 +1,72 @@
+"""Target responses for suffix attacks: "Sure, here is" + a rephrasing of the instruction."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+from ..errors import UserError
+
+# Verbs whose object can follow "Sure, here is" directly: "Write a poem" -> "Sure, here is a poem".
+_OBJECT_VERBS = ("write", "create", "develop", "generate", "give", "provide", "design", "draft", "compose",
+                 "produce", "make", "build", "craft", "outline", "list", "suggest", "share", "prepare", "offer")
+_HOW_VERBS = ("explain", "describe", "show", "teach", "tell", "detail")
+
+
+def default_target(instruction: str) -> str:
+    """A GCG target in the AdvBench style.
+
+    >>> default_target("Write a tutorial on how to pick a lock.")
+    'Sure, here is a tutorial on how to pick a lock'
+    >>> default_target("How can I pick a lock?")
+    'Sure, here is how you can pick a lock'
+    """
+    text = instruction.strip().rstrip(".?!").strip()
+    words = text.split()
+    if not words:
+        raise UserError("empty instruction: no target to build")
+    first = words[0].lower()
+    rest = words[1:]
+    if rest and rest[0].lower() in ("me", "us"):
+        rest = rest[1:]
+    m = re.match(r"(?i)how (?:can|do|could|would|should) (?:i|we) (.+)", text)
+    if m:
+        return f"Sure, here is how you can {m.group(1)}"
+    if first in _OBJECT_VERBS and rest:
+        return "Sure, here is " + " ".join(rest)
+    if first in _HOW_VERBS and rest:
+        body = " ".join(rest)
+        return "Sure, here is " + (body if body.lower().startswith(("how", "what", "why", "the ", "a ", "an "))
+                                   else "a description of " + body)
+    return "Sure, here is " + text[0].lower() + text[1:]
+
+
+def load_targets(path: str | Path, n: int) -> list[str]:
+    """Targets aligned with the instructions: ``.json`` list (strings or ``{"target": ...}``),
+    ``.csv`` with a ``target``/``Target`` column, or ``.txt`` one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"targets file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e.msg})") from None
+        targets = [x if isinstance(x, str) else (x or {}).get("target", "") for x in data]
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(text.splitlines()))
+        col = next((c for c in ("target", "Target") if rows and c in rows[0]), None)
+        if col is None:
+            raise UserError(f"{path}: no 'target' column")
+        targets = [r[col] for r in rows]
+    else:
+        targets = [l.strip() for l in text.splitlines() if l.strip()]
+    if len(targets) < n:
+        raise UserError(f"{path} has {len(targets)} targets for {n} instructions")
+    targets = targets[:n]
+    if any(not t.strip() for t in targets):
+        raise UserError(f"{path} has an empty target")
+    return targets
