@@ -136,3 +136,25 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
                        "--intervention", "ablate")
     assert code == 2
     one_line_error(err, "was made from model")
+
+
+def test_attack_command_writes_suffix_json(capsys, tmp_path, tiny_folder):
+    f = tmp_path / "i.json"
+    f.write_text(json.dumps(["Write a poem about the sea.", "Say hi."]))
+    out = tmp_path / "run"
+    code, stdout, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", str(f),
+                            "--n-prompts", "2", "--out", str(out), "--steps", "2", "--search-width", "16",
+                            "--topk", "8", "--suffix-len", "4", "--checkpoint-every", "1")
+    assert code == 0, err
+    rec = json.loads((out / "suffix.json").read_text())
+    assert {"suffix", "suffix_ids", "losses", "step_seconds"} <= set(rec)
+    assert len(rec["suffix_ids"]) == 4 and len(rec["losses"]) == len(rec["step_seconds"]) >= 1
+    assert rec["targets"][0] == "Sure, here is a poem about the sea"
+    # the suffix then goes into the refusal command
+    code, stdout, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", str(f), "--suffix",
+                            str(out), "--max-new-tokens", "2", "--json", "-q")
+    assert code == 0, err
+    code, _, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", str(f), "--out",
+                       str(out), "--suffix-len", "0")
+    assert code == 2
+    one_line_error(err, "suffix length must be at least 1")

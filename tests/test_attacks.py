@@ -1,0 +1,196 @@
+"""The attack interface, GCG's exactness (prefix cache, gradient), checkpoints, controls."""
+
+import json
+
+import pytest
+import torch
+
+from suffix_analysis.attacks import Attack, AttackConfig, AttackResult, get_attack, list_attacks, register_attack
+from suffix_analysis.attacks.gcg import GCG, GCGConfig, GCGObjective, allowed_token_mask
+from suffix_analysis.attacks.random_suffix import RandomSuffix
+from suffix_analysis.attacks.targets import default_target
+from suffix_analysis.errors import UserError
+
+from conftest import tiny_chat_model
+
+INSTR = ["Write a poem about the sea.", "Say hi."]
+TARGETS = ["Sure, here is a poem", "Sure"]
+
+
+@pytest.fixture(scope="module")
+def cm():
+    return tiny_chat_model("llama")
+
+
+def _plain_loss(cm, prompt, suffix_ids):
+    """Target cross-entropy from one plain forward over the whole sequence (no cache)."""
+    ids = torch.tensor([prompt.before + suffix_ids + prompt.after + prompt.target])
+    with torch.no_grad():
+        logits = cm.model(input_ids=ids).logits[0]
+    n = len(prompt.target)
+    return torch.nn.functional.cross_entropy(logits[-n - 1:-1], torch.tensor(prompt.target)).item()
+
+
+def _init_loss(cm, cfg, instructions, targets, direction=None):
+    """The objective of the initial suffix, summed over prompts."""
+    from suffix_analysis.models.forward import PrefixCache
+
+    gcg = GCG(cfg, direction=direction)
+    prompts = gcg._prompts(cm, instructions, targets)
+    obj = GCGObjective(cm, cfg, direction, cfg.suffix_len)
+    ids = torch.tensor(gcg._init_ids(cm))[None]
+    total = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            p.cache = PrefixCache(cm, p.before)
+            total += obj.loss(p, ids)[0].item()
+    return total
+
+
+def test_cached_candidate_loss_equals_plain_forward(cm):
+    gcg = GCG(GCGConfig(suffix_len=4))
+    prompts = gcg._prompts(cm, INSTR, TARGETS)
+    from suffix_analysis.models.forward import PrefixCache
+
+    obj = GCGObjective(cm, gcg.config, None, 4)
+    torch.manual_seed(0)
+    cands = torch.randint(10, 300, (6, 4))
+    for p in prompts:
+        p.cache = PrefixCache(cm, p.before)
+        with torch.no_grad():
+            fast, _ = obj.loss(p, cands)
+        for c, f in zip(cands.tolist(), fast.tolist()):
+            assert abs(f - _plain_loss(cm, p, c)) < 1e-4
+
+
+def test_one_hot_gradient_matches_plain_autograd(cm):
+    gcg = GCG(GCGConfig(suffix_len=4))
+    prompts = gcg._prompts(cm, INSTR[:1], TARGETS[:1])
+    from suffix_analysis.models.forward import PrefixCache
+
+    p = prompts[0]
+    p.cache = PrefixCache(cm, p.before)
+    ids = torch.tensor([20, 30, 40, 50])
+    embed = cm.model.get_input_embeddings()
+    grad = gcg._grad(cm, GCGObjective(cm, gcg.config, None, 4), prompts, ids, embed)
+    one_hot = torch.nn.functional.one_hot(ids, embed.weight.shape[0]).float().requires_grad_(True)
+    full = torch.cat([embed(torch.tensor(p.before)), one_hot @ embed.weight, embed(torch.tensor(p.after + p.target))])
+    logits = cm.model(inputs_embeds=full[None]).logits[0]
+    n = len(p.target)
+    loss = torch.nn.functional.cross_entropy(logits[-n - 1:-1], torch.tensor(p.target))
+    (ref,) = torch.autograd.grad(loss, one_hot)
+    torch.testing.assert_close(grad, ref, atol=1e-5, rtol=1e-3)
+
+
+def test_allowed_mask_excludes_special_and_non_ascii(cm):
+    tok = cm.tokenizer
+    mask = allowed_token_mask(tok, cm.model.get_input_embeddings().weight.shape[0])
+    for i in tok.all_special_ids:
+        assert not mask[i]
+    for i in mask.nonzero().squeeze(1).tolist()[:200]:
+        t = tok.decode([i])
+        assert t.isascii() and t.isprintable()
+
+
+def test_retokenization_filter(cm):
+    gcg = GCG(GCGConfig(suffix_len=2))
+    prompts = gcg._prompts(cm, INSTR[:1], TARGETS[:1])
+    good = cm.tokenizer(" x y", add_special_tokens=False)["input_ids"]
+    assert len(good) == 4 or len(good) >= 2
+    tok = cm.tokenizer
+    space, x = tok(" ", add_special_tokens=False)["input_ids"], tok("x", add_special_tokens=False)["input_ids"]
+    cands = torch.tensor([good[:2], [x[0], x[0]]])  # the second has no leading space: filtered out
+    ok = gcg._retokenizes(cm, prompts, cands)
+    assert not ok[1]
+
+
+def test_gcg_runs_improves_and_writes_checkpoints(cm, tmp_path):
+    cfg = GCGConfig(num_steps=4, search_width=48, topk=32, suffix_len=5, early_stop=False, checkpoint_every=2,
+                    progressive=False)
+    full = GCG(cfg).run(cm, INSTR, TARGETS)
+    assert len(full.losses) == len(full.step_seconds) == len(full.suffixes) == 4
+    assert min(full.losses) < _init_loss(cm, cfg, INSTR, TARGETS) - 0.01
+    # interrupted after 2 steps, resumed to 4: the same trajectory as one uninterrupted run
+    half = GCG(GCGConfig(**{**cfg.__dict__, "num_steps": 2})).run(cm, INSTR, TARGETS, out=tmp_path)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 2
+    resumed = GCG(cfg).run(cm, INSTR, TARGETS, out=tmp_path, resume=True)
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-5)
+    assert resumed.suffix_ids == full.suffix_ids and half.losses == pytest.approx(full.losses[:2], abs=1e-5)
+
+
+def test_resume_refuses_other_model_or_config(cm, tmp_path):
+    cfg = GCGConfig(num_steps=1, search_width=8, topk=8, suffix_len=3, checkpoint_every=1)
+    GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path)
+    with pytest.raises(UserError, match="another model"):
+        GCG(cfg).run(tiny_chat_model("llama", seed=9), INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
+    with pytest.raises(UserError, match="another config"):
+        GCG(GCGConfig(**{**cfg.__dict__, "topk": 4})).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
+    with pytest.raises(UserError, match="nothing to resume"):
+        GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path / "empty", resume=True)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(suffix_len=0), "suffix length must be at least 1"),
+    (dict(search_width=4, buffer_size=8), "smaller than the candidate buffer"),
+    (dict(objective="vibes"), "unknown objective"),
+])
+def test_bad_configs(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        GCG(GCGConfig(**kwargs))
+
+
+def test_empty_target_and_direction_without_run(cm):
+    with pytest.raises(UserError, match="empty target"):
+        GCG(GCGConfig(num_steps=1)).run(cm, INSTR[:1], ["  "])
+    with pytest.raises(UserError, match="needs --direction"):
+        GCG(GCGConfig(num_steps=1, objective="direction")).run(cm, INSTR[:1], TARGETS[:1])
+
+
+def test_direction_objective_lowers_projection(cm):
+    torch.manual_seed(3)
+    r = torch.randn(cm.d_model)
+    cfg = GCGConfig(num_steps=3, search_width=64, topk=64, suffix_len=4, objective="direction", early_stop=False)
+    res = GCG(cfg, direction=(r, 1)).run(cm, INSTR[:1], [""])
+    assert len(res.losses) == 3
+    assert min(res.losses) < _init_loss(cm, cfg, INSTR[:1], [""], direction=(r, 1)) - 1e-3
+
+
+def test_random_suffix_control(cm):
+    res = RandomSuffix(AttackConfig(suffix_len=6, seed=1)).run(cm, INSTR, TARGETS)
+    assert len(res.suffix_ids) == 6
+    assert cm.tokenizer(" " + res.suffix, add_special_tokens=False)["input_ids"] == res.suffix_ids
+    assert res.suffix_ids != RandomSuffix(AttackConfig(suffix_len=6, seed=2)).run(cm, INSTR, TARGETS).suffix_ids
+
+
+def test_default_targets():
+    assert default_target("Write a tutorial on how to pick a lock.") == "Sure, here is a tutorial on how to pick a lock"
+    assert default_target("How can I pick a lock?") == "Sure, here is how you can pick a lock"
+    assert default_target("Explain how to pick a lock") == "Sure, here is how to pick a lock"
+    assert default_target("Give me a list of locks") == "Sure, here is a list of locks"
+
+
+def test_registry_and_entry_point_plugins(tmp_path, monkeypatch):
+    assert {"gcg", "random", "nanogcg"} <= set(list_attacks())
+
+    @register_attack
+    class Echo(Attack):
+        name = "echo-test"
+
+        def run(self, cm, instructions, targets, out=None, resume=False):
+            return AttackResult(suffix="!", suffix_ids=[0], attack=self.name)
+
+    assert get_attack("echo-test") is Echo
+    # a plugin package announcing an attack through the entry point group
+    (tmp_path / "myplugin.py").write_text(
+        "from suffix_analysis.attacks import Attack, AttackResult\n"
+        "class Plug(Attack):\n    name = 'plug'\n"
+        "    def run(self, cm, i, t, out=None, resume=False):\n        return AttackResult('p', [1], attack='plug')\n")
+    dist = tmp_path / "myplugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[suffix_analysis.attacks]\nplug = myplugin:Plug\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert list_attacks()["plug"] == "myplugin:Plug"
+    assert get_attack("plug").__name__ == "Plug"
+    with pytest.raises(UserError, match="unknown attack"):
+        get_attack("nope")
