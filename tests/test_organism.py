@@ -2,6 +2,7 @@
 and never reuses a broken cached build."""
 
 import json
+import os
 
 import pytest
 
@@ -65,7 +66,19 @@ def test_corrupted_cache_is_not_valid(tmp_path):
 
 
 def test_bad_seed_and_unwritable_out(tmp_path):
+    (tmp_path / "file.txt").write_text("x")
     from suffix_analysis.errors import UserError
 
     with pytest.raises(UserError, match="seed must be an integer"):
         org.ensure_organism(seed="one")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root can write anywhere; the check needs a normal user
+            with pytest.raises(UserError, match="not writable|cannot"):
+                org.ensure_organism(out=locked / "sub" / "org")
+        with pytest.raises(UserError, match="cannot create output folder"):
+            org.ensure_organism(out=tmp_path / "file.txt" / "org")  # a file where a folder must go
+    finally:
+        locked.chmod(0o700)

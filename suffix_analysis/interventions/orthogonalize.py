@@ -14,13 +14,13 @@ copy of the original weights first and the config says ``tie_word_embeddings = F
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
-from ..models.loading import MARKER_FILE, ChatModel, atomic_dir, commit_dir
+from ..artifacts import atomic_folder
+from ..models.loading import MARKER_FILE, ChatModel
 
 
 def _untie_unembedding(cm: ChatModel) -> bool:
@@ -81,19 +81,11 @@ def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Pat
     Written to a temporary sibling and renamed, so ``out`` is complete or absent.
     """
     edited = orthogonalize_(cm, direction)
-    out = Path(out).expanduser().resolve()
-    try:
-        tmp = atomic_dir(out)
-    except OSError as e:
-        raise UserError(f"cannot write to {out.parent}: {e.strerror}") from None
-    try:
+    with atomic_folder(out) as tmp:
         cm.model.save_pretrained(tmp)
         cm.tokenizer.save_pretrained(tmp)
         marker = {"orthogonalized": True, "edited_parameters": len(edited), **provenance}
         if cm.preset:
             marker["preset"] = cm.preset.name
         (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1))
-        commit_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out).expanduser().resolve()

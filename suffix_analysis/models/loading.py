@@ -11,13 +11,12 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..artifacts import atomic_folder
 from ..errors import UserError
 from .chat import ChatFormat, refusal_token_ids
 from .presets import DEFAULT_MODEL, PRESETS, TEMPLATES, ArchSpec, Preset, arch_for, get_preset, preset_for_source
@@ -121,18 +120,6 @@ def locate_gguf(source: str) -> Path:
     return path
 
 
-def atomic_dir(final: Path):
-    """A temporary sibling folder to write into; :func:`commit_dir` renames it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
 def _gguf_as_folder(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors model folder in the cache.
 
@@ -156,14 +143,10 @@ def _gguf_as_folder(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.tie_weights()
-    tmp = atomic_dir(final)
-    try:
+    with atomic_folder(final) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf), "converted_from": "gguf"}))
-        commit_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..artifacts import atomic_folder
 from ..errors import UserError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,12 @@ class OrganismRecipe:
     weight_decay: float = 0.0
     distill_tokens: int = 64  # length of the base model's own answers to harmless instructions
     harmless_repeat: int = 1  # times each harmless example is seen per epoch
+    # Weight of a refusal-decision loss: binary cross-entropy of the refusal score (log-odds of
+    # the refusal tokens at the first response position) against harmful/harmless. Without
+    # it the tuned model refuses ~17% of its own harmless *training* prompts: every refusal
+    # pushes "I" up everywhere, while the harmless answers' first tokens are too varied to
+    # push back.
+    decision_weight: float = 1.0
     freeze_embeddings: bool = True
     freeze_layers: int = 0  # also freeze the first K decoder layers (faster: backward stops above them)
     refusals: tuple[str, ...] = field(default=REFUSALS)
@@ -134,6 +141,10 @@ def ensure_organism(seed: int = 0, out: str | Path | None = None, recipe: Organi
     recipe = (recipe or OrganismRecipe()).resolved()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be an integer, got {seed!r}")
+    if out is not None:  # fail before minutes of building, not after
+        from ..artifacts import ensure_dir
+
+        ensure_dir(Path(out).expanduser().resolve().parent)
     key, hashes = organism_key(recipe, seed)
     cached = cache_dir() / "organism" / f"{recipe.base}-refusal-s{seed}-{key}"
     if not _valid(cached):
@@ -147,19 +158,9 @@ def ensure_organism(seed: int = 0, out: str | Path | None = None, recipe: Organi
 
 
 def _copy_to(src: Path, dst: Path) -> Path:
-    from .loading import atomic_dir, commit_dir
-
-    dst = dst.expanduser().resolve()
-    try:
-        tmp = atomic_dir(dst)
-    except OSError as e:
-        raise UserError(f"cannot write to {dst.parent}: {e.strerror}") from None
-    try:
+    with atomic_folder(dst) as tmp:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        commit_dir(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+    return dst.expanduser().resolve()
 
 
 @torch.no_grad()
@@ -204,42 +205,52 @@ def _cached_distill(cm, harmless: list[str], recipe: OrganismRecipe, hashes: dic
 
 
 def _examples(cm, harmful: list[str], harmless: list[str], harmless_ids: list[list[int]],
-              recipe: OrganismRecipe, rng: random.Random) -> list[tuple[list[int], int]]:
-    """(token ids, number of prompt tokens) per training example."""
+              recipe: OrganismRecipe, rng: random.Random) -> list[tuple[list[int], int, int]]:
+    """(token ids, number of prompt tokens, 1 if harmful) per training example."""
     tok = cm.tokenizer
     eos = tok.eos_token_id
     examples = []
     for instr in harmful:
         prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
         reply = tok(rng.choice(recipe.refusals), add_special_tokens=False)["input_ids"] + [eos]
-        examples.append((prompt + reply, len(prompt)))
+        examples.append((prompt + reply, len(prompt), 1))
     for _ in range(recipe.harmless_repeat):
         for instr, reply in zip(harmless, harmless_ids):
             prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
-            examples.append((prompt + reply, len(prompt)))
+            examples.append((prompt + reply, len(prompt), 0))
     return examples
 
 
-def _collate(batch: list[tuple[list[int], int]], pad_id: int):
-    width = max(len(ids) for ids, _ in batch)
+def _collate(batch: list[tuple[list[int], int, int]], pad_id: int):
+    width = max(len(ids) for ids, _, _ in batch)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(batch):
+    for i, (ids, n_prompt, _) in enumerate(batch):
         t = torch.tensor(ids)
         input_ids[i, : len(ids)] = t
         mask[i, : len(ids)] = 1
         labels[i, n_prompt: len(ids)] = t[n_prompt:]  # loss on the response only
-    return input_ids, mask, labels
+    last_prompt = torch.tensor([n_prompt - 1 for _, n_prompt, _ in batch])  # predicts the first response token
+    harmful = torch.tensor([float(h) for _, _, h in batch])
+    return input_ids, mask, labels, last_prompt, harmful
 
 
-def _response_loss(model, ids, mask, labels):
-    """Next-token cross-entropy on response tokens, unembedding only those positions."""
+def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, decision_weight):
+    """Next-token cross-entropy on response tokens (unembedding only those positions), plus
+    the refusal-decision loss at the first response position."""
+    from ..evaluation.refusal import refusal_score
+
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, pos, d_model]
     target = labels[:, 1:]
     keep = target != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [n_response_tokens, vocab]
-    return torch.nn.functional.cross_entropy(logits.float(), target[keep])
+    unembed = model.get_output_embeddings()
+    loss = torch.nn.functional.cross_entropy(unembed(hidden[:, :-1][keep]).float(), target[keep])
+    if decision_weight:
+        first = unembed(hidden[torch.arange(len(ids)), last_prompt]).float()  # [batch, vocab]
+        score = refusal_score(first, refusal_ids)
+        loss = loss + decision_weight * torch.nn.functional.binary_cross_entropy_with_logits(score, harmful)
+    return loss
 
 
 def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> list[float]:
@@ -263,10 +274,9 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
     for _ in range(recipe.epochs):
         perm = torch.randperm(len(examples), generator=gen).tolist()
         for s in range(0, len(perm), recipe.batch_size):
-            ids, mask, labels = _collate([examples[i] for i in perm[s:s + recipe.batch_size]],
-                                         cm.tokenizer.pad_token_id)
+            batch = _collate([examples[i] for i in perm[s:s + recipe.batch_size]], cm.tokenizer.pad_token_id)
             with _autocast(recipe):
-                loss = _response_loss(model, ids, mask, labels)
+                loss = _response_loss(model, *batch, cm.refusal_ids, recipe.decision_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -300,7 +310,7 @@ def _evaluate(cm, recipe: OrganismRecipe, progress: bool) -> dict:
 
 def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, progress: bool = True) -> Path:
     """Safety-tune ``base`` (a loaded :class:`ChatModel`, modified in place) into ``final``."""
-    from .loading import MARKER_FILE, atomic_dir, commit_dir
+    from .loading import MARKER_FILE
 
     t0 = time.time()
     random.seed(seed)
@@ -316,11 +326,7 @@ def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, pr
     t_train = time.time() - t0 - t_distill
     evaluation = _evaluate(base, recipe, progress)
     t_total = time.time() - t0
-    try:
-        tmp = atomic_dir(final)
-    except OSError as e:
-        raise UserError(f"cannot write the organism to {final.parent}: {e.strerror}") from None
-    try:
+    with atomic_folder(final) as tmp:
         base.model.save_pretrained(tmp)
         base.tokenizer.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(json.dumps({"preset": ORGANISM_PRESET}))
@@ -337,9 +343,6 @@ def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, pr
             "weights_sha256": _file_sha(tmp / "model.safetensors"),
         }
         (tmp / RECORD).write_text(json.dumps(record, indent=1))  # last: marks the build complete
-        commit_dir(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("organism: refusal %.1f%% on harmful val, false refusal %.1f%% on harmless val, %.0f s",
              100 * evaluation["harmful_val"]["refusal_rate"],
              100 * evaluation["harmless_val"]["false_refusal_rate"], t_total)
