@@ -194,3 +194,38 @@ def test_registry_and_entry_point_plugins(tmp_path, monkeypatch):
     assert get_attack("plug").__name__ == "Plug"
     with pytest.raises(UserError, match="unknown attack"):
         get_attack("nope")
+
+
+def test_grouped_cache_reuse_gives_the_same_losses(cm):
+    from suffix_analysis.models.forward import PrefixCache
+
+    gcg4 = GCG(GCGConfig(suffix_len=6, reuse_groups=4))
+    gcg1 = GCG(GCGConfig(suffix_len=6, reuse_groups=1))
+    prompts = gcg4._prompts(cm, INSTR, TARGETS)
+    for p in prompts:
+        p.cache = PrefixCache(cm, p.before)
+    obj = GCGObjective(cm, gcg4.config, None, 6)
+    current = torch.tensor([30, 31, 32, 33, 34, 35])
+    torch.manual_seed(4)
+    cands = current.repeat(20, 1)
+    cands[torch.arange(20), torch.randint(0, 6, (20,))] = torch.randint(40, 300, (20,))
+    with torch.no_grad():
+        grouped, _ = gcg4._batched(obj, prompts, cands, current, 0)
+        plain, _ = gcg1._batched(obj, prompts, cands, current, 0)
+    torch.testing.assert_close(grouped, plain, atol=1e-4, rtol=1e-4)
+
+
+def test_direction_term_reads_the_eoi_positions_with_or_without_target(cm):
+    from suffix_analysis.models.forward import PrefixCache
+
+    torch.manual_seed(5)
+    r = torch.randn(cm.d_model)
+    values = []
+    for target in ["", "Sure, here is a poem"]:
+        cfg = GCGConfig(suffix_len=4, objective="direction")
+        gcg = GCG(cfg, direction=(r, 1))
+        (p,) = gcg._prompts(cm, INSTR[:1], [target])
+        p.cache = PrefixCache(cm, p.before)
+        with torch.no_grad():
+            values.append(GCGObjective(cm, cfg, (r, 1), 4).loss(p, torch.tensor([[20, 30, 40, 50]]))[0])
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=1e-5)

@@ -65,6 +65,9 @@ class GCGConfig(AttackConfig):
     refusal_weight: float = 1.0
     progressive: bool = True  # universal suffixes: add the next prompt once all current ones succeed
     batch_size: int = 0  # candidates per forward pass; 0: all at once, halved on CUDA out-of-memory
+    # Candidates are sorted by the first suffix position they change and run in this many
+    # groups; each group reuses the current suffix's keys/values up to its first change.
+    reuse_groups: int = 4
     checkpoint_every: int = 10
 
     def validate(self) -> None:
@@ -142,13 +145,13 @@ class _DirectionProbe:
     def __init__(self, cm: ChatModel, unit: Tensor, layer: int):
         self.cm, self.unit, self.layer = cm, unit, layer
         self.value: Tensor | None = None
-        self.n_after = 0
+        self.eoi = slice(0, 0)  # where the EOI tokens sit in the tokens being run
         self.stop = False
 
     def __enter__(self):
         def hook(module, args, kwargs):
             x = args[0] if args else kwargs["hidden_states"]  # [batch, rest, d_model]
-            self.value = (x[:, -self.n_after:].float() @ self.unit).mean(1)  # [batch]
+            self.value = (x[:, self.eoi].float() @ self.unit).mean(1)  # [batch]
             if self.stop:
                 raise _DirectionProbe.Stop
 
@@ -175,37 +178,40 @@ class GCGObjective:
             cm.model.set_attn_implementation("eager")  # attention weights are only returned by eager attention
 
     def loss(self, prompt: _Prompt, suffix: Tensor | None = None, suffix_embeds: Tensor | None = None,
-             with_match: bool = False) -> tuple[Tensor, Tensor | None]:
+             with_match: bool = False, cache: PrefixCache | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-candidate loss ``[batch]`` (and, with ``with_match``, whether the target is the
-        greedy continuation ``[batch]``). Pass token ids ``[batch, suffix_len]`` or embeddings
-        ``[batch, suffix_len, d_model]`` (for the gradient)."""
+        greedy continuation ``[batch]``).
+
+        Pass token ids ``[batch, n]`` or embeddings ``[batch, n, d_model]`` (for the gradient)
+        of the *last* ``n`` suffix tokens; ``cache`` holds everything before them (default:
+        the prompt's prefix cache, with ``n = suffix_len``).
+        """
         cm, dev = self.cm, self.cm.device
+        cache = cache or prompt.cache
         batch = suffix.shape[0] if suffix is not None else suffix_embeds.shape[0]
+        n_suffix = suffix.shape[1] if suffix is not None else suffix_embeds.shape[1]
         rest = torch.tensor(prompt.after + prompt.target, device=dev).expand(batch, -1)
         n_after, n_target = len(prompt.after), len(prompt.target)
         need_logits = any(t in self.terms for t in ("target", "refusal")) or with_match
         only_probe = self.terms == ["direction"] and not with_match
         if suffix_embeds is not None:
-            embed = cm.model.get_input_embeddings()
-            kwargs = {"inputs_embeds": torch.cat([suffix_embeds, embed(rest)], 1)}
+            kwargs = {"inputs_embeds": torch.cat([suffix_embeds, cm.model.get_input_embeddings()(rest)], 1)}
         else:
             kwargs = {"input_ids": torch.cat([suffix.to(dev), rest], 1)}
-        length = self.suffix_len + n_after + n_target
-        p = prompt.cache.length if prompt.cache else 0
+        p = cache.length if cache else 0
+        length = n_suffix + n_after + n_target
         kwargs.update(position_ids=torch.arange(p, p + length, device=dev).expand(batch, -1),
-                      past_key_values=prompt.cache.expand(batch) if prompt.cache else None, use_cache=p > 0)
+                      past_key_values=cache.expand(batch) if cache else None, use_cache=p > 0)
         if "attention" in self.terms:
             kwargs["output_attentions"] = True
-        # logits at the last EOI position and at every target position but the last
-        keep = n_target + 1
-        if self.probe is not None:
-            self.probe.n_after = n_after
-            self.probe.stop = only_probe
+        keep = n_target + 1  # logits at the last EOI position and every target position but the last
         out = None
         try:
             if self.probe is not None:
+                self.probe.eoi = slice(n_suffix, n_suffix + n_after)
+                self.probe.stop = only_probe
                 with self.probe:
-                    out = cm.model(**kwargs, logits_to_keep=keep) if not only_probe else cm.model.base_model(**kwargs)
+                    out = cm.model.base_model(**kwargs) if only_probe else cm.model(**kwargs, logits_to_keep=keep)
             else:
                 out = cm.model(**kwargs, logits_to_keep=keep)
         except _DirectionProbe.Stop:
@@ -228,7 +234,7 @@ class GCGObjective:
         if self.probe is not None:
             total = total + self.cfg.direction_weight * self.probe.value
         if "attention" in self.terms:
-            s0 = p  # suffix key positions: right after the cached prefix
+            s0 = len(prompt.before)  # the suffix's key positions follow the prompt's tokens
             shares = [a[:, :, -n_target - 1, s0:s0 + self.suffix_len].sum(-1).mean(1) for a in out.attentions]
             total = total - self.cfg.attention_weight * torch.stack(shares).mean(0)
         return total, match
@@ -338,7 +344,7 @@ class GCG(Attack):
                     else:
                         log.warning("step %d: no candidate survives retokenization; keeping them all", step)
                 with torch.no_grad():
-                    losses, batch_size = self._batched(objective, active, cands, batch_size)
+                    losses, batch_size = self._batched(objective, active, cands, ids, batch_size)
                 i = int(losses.argmin())
                 self._update_buffer(state, float(losses[i]), cands[i].tolist())
                 with torch.no_grad():
@@ -400,13 +406,31 @@ class GCG(Attack):
         (g,) = torch.autograd.grad(loss, one_hot)
         return g.float()
 
-    def _batched(self, objective, prompts, cands: Tensor, batch_size: int) -> tuple[Tensor, int]:
-        """Losses of all candidates ``[n]``, in chunks; halves the chunk on CUDA out-of-memory."""
-        size = batch_size or len(cands)
+    def _batched(self, objective, prompts, cands: Tensor, current: Tensor, batch_size: int) -> tuple[Tensor, int]:
+        """Losses of all candidates ``[n]``; halves the chunk size on CUDA out-of-memory.
+
+        Candidates share the current suffix up to the first position they change: sorted by
+        that position and split into groups, each group starts from the current suffix's
+        cache cropped there and runs only the tokens after it.
+        """
+        first_diff = (cands != current).int().argmax(1)  # [n]
+        order = first_diff.argsort(stable=True)
+        groups = max(1, min(self.config.reuse_groups, len(cands)))
+        size = min(batch_size or len(cands), -(-len(cands) // groups))
         while True:
             try:
-                parts = [self._total(objective, prompts, cands[s:s + size]) for s in range(0, len(cands), size)]
-                return torch.cat(parts).float().cpu(), size
+                total = torch.zeros(len(cands))
+                for p in prompts:
+                    full = p.cache.extended(current.tolist()) if self.config.reuse_groups > 1 else None
+                    for s in range(0, len(order), size):
+                        idx = order[s:s + size]
+                        if full is None:
+                            loss, _ = objective.loss(p, cands[idx])
+                        else:
+                            start = int(first_diff[idx].min())
+                            loss, _ = objective.loss(p, cands[idx, start:], cache=full.cropped(p.cache.length + start))
+                        total[idx] += loss.float().cpu()
+                return total, size
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise

@@ -46,6 +46,25 @@ class PrefixCache:
             cm.model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
             self.kv = [(layer.keys, layer.values) for layer in cache.layers]
 
+    @classmethod
+    def _from(cls, cm: ChatModel, kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> "PrefixCache":
+        new = cls.__new__(cls)
+        new.cm, new.kv, new.length = cm, kv, length
+        return new
+
+    def extended(self, ids: list[int]) -> "PrefixCache":
+        """The cache of this prefix followed by ``ids`` (one more batch-1 forward pass)."""
+        cm = self.cm
+        cache = self.expand(1) or DynamicCache(config=cm.model.config)
+        pos = torch.arange(self.length, self.length + len(ids), device=cm.device)[None]
+        cm.model.base_model(input_ids=torch.tensor([ids], device=cm.device), position_ids=pos,
+                            past_key_values=cache, use_cache=True)
+        return PrefixCache._from(cm, [(layer.keys, layer.values) for layer in cache.layers], self.length + len(ids))
+
+    def cropped(self, length: int) -> "PrefixCache":
+        """The cache of the first ``length`` tokens (views, no copy)."""
+        return PrefixCache._from(self.cm, [(k[:, :, :length], v[:, :, :length]) for k, v in self.kv], length)
+
     def expand(self, batch: int) -> DynamicCache | None:
         if not self.length:
             return None
