@@ -52,21 +52,21 @@ class OrganismRecipe:
     """The safety-tuning recipe. Every field is part of the cache key."""
 
     base: str = "smollm2-135m"
-    epochs: int = 2
+    epochs: int = 1
     batch_size: int = 16
-    lr: float = 5e-5  # AdamW, linear warmup then linear decay
+    lr: float = 8e-5  # AdamW, linear warmup then linear decay
     warmup_steps: int = 10
     weight_decay: float = 0.0
-    distill_tokens: int = 64  # length of the base model's own answers to harmless instructions
+    distill_tokens: int = 32  # length of the base model's own answers to harmless instructions
     harmless_repeat: int = 1  # times each harmless example is seen per epoch
     # Weight of a refusal-decision loss: binary cross-entropy of the refusal score (log-odds of
     # the refusal tokens at the first response position) against harmful/harmless. Without
     # it the tuned model refuses ~17% of its own harmless *training* prompts: every refusal
     # pushes "I" up everywhere, while the harmless answers' first tokens are too varied to
     # push back.
-    decision_weight: float = 1.0
+    decision_weight: float = 4.0
     freeze_embeddings: bool = True
-    freeze_layers: int = 0  # also freeze the first K decoder layers (faster: backward stops above them)
+    freeze_layers: int = 6  # also freeze the first K decoder layers (faster: backward stops above them)
     refusals: tuple[str, ...] = field(default=REFUSALS)
     eval_tokens: int = 64
     # "bf16" runs distillation and training under bfloat16 autocast (fp32 master weights),
