@@ -239,6 +239,21 @@ class GCGObjective:
             total = total - self.cfg.attention_weight * torch.stack(shares).mean(0)
         return total, match
 
+    def refusal_score(self, prompt: _Prompt, suffix: Tensor) -> Tensor:
+        return _refusal_score_after(self.cm, prompt, suffix)
+
+
+def _refusal_score_after(cm: ChatModel, prompt: _Prompt, suffix: Tensor) -> Tensor:
+    """Refusal score at the response start for suffixes ``[batch, suffix_len]``: ``[batch]``."""
+    from ..evaluation.refusal import refusal_score
+
+    cache = prompt.cache
+    ids = torch.cat([suffix.to(cm.device), torch.tensor(prompt.after, device=cm.device).expand(len(suffix), -1)], 1)
+    p = cache.length if cache else 0
+    out = cm.model(input_ids=ids, position_ids=torch.arange(p, p + ids.shape[1], device=cm.device).expand(len(ids), -1),
+                   past_key_values=cache.expand(len(ids)) if cache else None, use_cache=p > 0, logits_to_keep=1)
+    return refusal_score(out.logits[:, -1], cm.refusal_ids)
+
 
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -439,21 +454,11 @@ class GCG(Attack):
                 log.info("out of memory: candidate batch size now %d", size)
 
     def _succeeds(self, objective: GCGObjective, prompts: list[_Prompt], ids: Tensor) -> bool:
+        """With a target: every target is the greedy continuation. Without: no response
+        starts more likely with a refusal token than without (refusal score < 0)."""
         if "target" in objective.terms:
             return all(bool(objective.loss(p, ids[None], with_match=True)[1][0]) for p in prompts)
-        from ..evaluation.refusal import refusal_score
-
-        # no target: success is the response no longer starting with a refusal token
-        for p in prompts:
-            saved = objective.terms
-            objective.terms = ["refusal"]
-            try:
-                logits_loss, _ = objective.loss(p, ids[None])
-            finally:
-                objective.terms = saved
-            if float(logits_loss[0]) / self.config.refusal_weight >= 0:
-                return False
-        return True
+        return all(float(objective.refusal_score(p, ids[None])[0]) < 0 for p in prompts)
 
     def _update_buffer(self, state: dict, loss: float, ids: list[int]) -> None:
         """Plain GCG (buffer 0) always moves to the step's best candidate; a buffer keeps the
