@@ -11,7 +11,7 @@ Then:
     python benchmarks/bench_gcg.py [--model smollm2-135m-refusal] [--steps 20] [--search-width 64] [--topk 256]
 
 Prints seconds per step for each, their ratio, and the loss each reached after the same
-number of steps. Both runs use float32 and the same number of CPU threads.
+number of steps. Both runs use the same dtype (--dtype, default float32) and the same number of CPU threads.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ def export_for_transformers_4(cm, folder: Path) -> dict:
     cfg = cm.model.config.to_dict()
     rope = cfg.get("rope_parameters") or {}
     cfg["rope_theta"] = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    cfg["torch_dtype"] = "float32"
+    cfg["torch_dtype"] = str(cm.dtype).removeprefix("torch.")
     cfg.pop("dtype", None)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(cfg))
-    state = {k: v.contiguous() for k, v in cm.model.state_dict().items() if k != "lm_head.weight" or
+    state = {k: v.float().contiguous() for k, v in cm.model.state_dict().items() if k != "lm_head.weight" or
              not cfg.get("tie_word_embeddings")}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     tok_dir = folder / "tok"
@@ -62,6 +62,7 @@ def main():
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--suffix-len", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32", help="float32 or bfloat16, for both engines")
     ap.add_argument("--nanogcg-python", default=os.environ.get("NANOGCG_PYTHON", "/work/nanogcg-venv/bin/python"))
     args = ap.parse_args()
 
@@ -69,10 +70,10 @@ def main():
     from suffix_analysis.attacks.targets import default_target
     from suffix_analysis.models.loading import load_model
 
-    cm = load_model(args.model, device="cpu", dtype="float32")
+    cm = load_model(args.model, device="cpu", dtype=args.dtype)
     target = default_target(INSTRUCTION)
     threads = torch.get_num_threads()
-    print(f"model {args.model}, float32, {threads} CPU threads; search width {args.search_width}, top-k {args.topk}, "
+    print(f"model {args.model}, {args.dtype}, {threads} CPU threads; search width {args.search_width}, top-k {args.topk}, "
           f"suffix {args.suffix_len} tokens, {args.steps} steps, one prompt")
     print(f"prompt {INSTRUCTION!r} -> target {target!r}")
 
@@ -86,6 +87,7 @@ def main():
     try:
         spec = export_for_transformers_4(cm, work / "model")
         spec.update(model_dir=str(work / "model"), instruction=INSTRUCTION, target=target, threads=threads,
+                    dtype=args.dtype,
                     config={"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
                             "suffix_len": args.suffix_len, "seed": args.seed})
         (work / "spec.json").write_text(json.dumps(spec))

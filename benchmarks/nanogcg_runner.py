@@ -20,7 +20,7 @@ def main():
     torch.set_num_threads(spec["threads"])
     tok = PreTrainedTokenizerFast(tokenizer_file=spec["tokenizer_file"], **spec["special_tokens"])
     tok.chat_template = spec["chat_template"]
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], torch_dtype=getattr(torch, spec["dtype"])).eval()
 
     stamps = []
     original = ngcg.GCG.compute_token_gradient
