@@ -72,6 +72,14 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+# Selection thresholds only decide the last, cheap stage: a rerun may change them.
+_SELECTION_ONLY = ("prune_layer_fraction", "kl_threshold", "induce_threshold", "batch_size")
+
+
+def _stage_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _SELECTION_ONLY}
+
+
 def check_run_model(run: Path, cm: ChatModel) -> dict:
     """The run's record, if it was made from ``cm``; a clear error if from another model."""
     rec_path = run / "run.json"
@@ -130,10 +138,9 @@ def run_direction(cm: ChatModel, out: str | Path, cfg: DirectionConfig = Directi
     if rec_path.is_file():
         old = json.loads(rec_path.read_text())
         check_run_model(run, cm)
-        if old.get("data") != record["data"] or old.get("config") != record["config"]:
+        if old.get("data") != record["data"] or _stage_settings(old.get("config", {})) != _stage_settings(record["config"]):
             raise UserError(f"run folder {run} was made with other data or settings; use another --out")
-    else:
-        write_json_atomic(rec_path, record)
+    write_json_atomic(rec_path, record)  # the selection thresholds of the latest run
 
     # Stage 1: keep train prompts the model treats as the paper expects.
     filt_path = run / "filter.json"

@@ -74,4 +74,8 @@ def test_run_folder_stages_resume_and_model_check(data_files):
     with pytest.raises(UserError, match="was made from model"):
         load_direction(run, other)
     with pytest.raises(UserError, match="other data or settings"):
-        run_direction(cm, run, DirectionConfig(**{**LOOSE, "kl_threshold": 0.5}), progress=False)
+        run_direction(cm, run, DirectionConfig(**{**LOOSE, "n_val": 1}), progress=False)
+    # thresholds only re-run the selection, from the stored scores
+    strict = run_direction(cm, run, DirectionConfig(**{**LOOSE, "prune_layer_fraction": 0.3}), progress=False)
+    assert strict["layer"] < 2  # layer 2 of 3 is now pruned
+    assert (run / "candidates.csv").stat().st_mtime_ns == mtime
