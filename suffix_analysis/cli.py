@@ -47,6 +47,15 @@ def _fraction(text: str) -> float:
     return v
 
 
+def _layer_list(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer numbers") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
                    help="preset name, Hugging Face id, model folder or .gguf file (default: smollm2-135m)")
@@ -156,7 +165,7 @@ def cmd_organism_check(args) -> int:
 
     harmful_eval = [x.instruction for x in load_instructions(args.instructions, args.data_dir)]
     cm = load_model(args.model, device=args.device)
-    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
+    layers = args.layers
     base, rows = ablation_sweep(
         cm, [x.instruction for x in shipped("harmful", "train")], [x.instruction for x in shipped("harmless", "train")],
         harmful_eval, position=args.position, layers=layers, max_new_tokens=args.max_new_tokens,
@@ -396,9 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--instructions", default="harmful:val", help="harmful instructions to evaluate on")
     c.add_argument("--data-dir")
     c.add_argument("--position", type=int, default=-1, help="EOI position of the direction (default -1)")
-    c.add_argument("--layers", default="all", help="comma-separated layers, or all")
+    c.add_argument("--layers", type=_layer_list, default=None, help="comma-separated layers (default: all)")
     c.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    c.add_argument("--threshold", type=float, default=0.2)
+    c.add_argument("--threshold", type=_fraction, default=0.2)
     c.add_argument("--json", action="store_true")
     c.add_argument("-q", "--quiet", action="store_true")
     c.set_defaults(func=cmd_organism_check)
