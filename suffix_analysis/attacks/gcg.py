@@ -300,14 +300,13 @@ class GCG(Attack):
         """``[n]`` bool: the candidate, decoded and placed in the prompt, encodes to the same tokens."""
         tok = cm.tokenizer
         texts = tok.batch_decode(cands.tolist())
-        ok = torch.ones(len(texts), dtype=torch.bool)
+        # a suffix that does not start with a space cannot be rendered after "instruction "
+        ok = torch.tensor([t.startswith(" ") for t in texts])
         for p in prompts:
             rendered = [cm.chat.render(p.instruction, t[1:] if t.startswith(" ") else None) for t in texts]
             enc = tok(rendered, add_special_tokens=False)["input_ids"]
             want = [p.before + c + p.after for c in cands.tolist()]
             ok &= torch.tensor([e == w for e, w in zip(enc, want)])
-            # a suffix that does not start with a space cannot be rendered after "instruction "
-            ok &= torch.tensor([t.startswith(" ") for t in texts])
         return ok
 
     # -- the loop -----------------------------------------------------------------------------------

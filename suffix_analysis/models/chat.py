@@ -71,14 +71,6 @@ class ChatFormat:
             body = f"{body} {suffix}"
         return self.prefix + body + self.eoi
 
-    def render_conversation(self, instruction: str, response: str) -> str:
-        """Prompt plus a finished assistant turn, in the tokenizer's own template."""
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": instruction.strip()}, {"role": "assistant", "content": response}],
-            chat_template=self.template,
-            tokenize=False,
-        )
-
     def tokenize(self, instructions: list[str], suffixes: list[str | None] | None = None) -> list[list[int]]:
         """Token ids of each full prompt, tokenized as one string (as the model sees it).
 

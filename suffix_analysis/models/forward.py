@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from transformers import DynamicCache
 
-from .chat import pad_token_id
+from .chat import pad_left, pad_token_id, position_ids
 from .loading import ChatModel
 
 
@@ -98,15 +98,10 @@ def run_batches(
     pad = pad_token_id(cm.tokenizer)
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        rest = [rows[i][p_len:] for i in idx]
-        width = max(len(r) for r in rest)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        rest_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for j, r in enumerate(rest):
-            ids[j, width - len(r):] = torch.tensor(r)
-            rest_mask[j, width - len(r):] = 1
+        rest = pad_left([rows[i][p_len:] for i in idx], pad)
+        ids, rest_mask = rest["input_ids"], rest["attention_mask"]
         mask = torch.cat([torch.ones(len(idx), p_len, dtype=torch.long), rest_mask], 1)
-        pos = p_len + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+        pos = p_len + position_ids(rest_mask)
         kwargs = dict(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device), position_ids=pos.to(cm.device),
                       past_key_values=prefix.expand(len(idx)), use_cache=prefix.length > 0)
         if on_batch is not None:
