@@ -185,6 +185,7 @@ def cmd_direction(args) -> int:
     cfg = DirectionConfig(
         harmful_train=args.harmful_train, harmless_train=args.harmless_train, harmful_val=args.harmful_val,
         harmless_val=args.harmless_val, n_train=args.n_train, n_val=args.n_val, filter_train=args.filter_train,
+        filter_val=args.filter_val,
         seed=args.seed, prune_layer_fraction=args.prune_layers, kl_threshold=args.kl_threshold,
         induce_threshold=args.induce_threshold, batch_size=args.batch_size)
     cm = _load(args)
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-val", type=_positive_int, default=32)
     p.add_argument("--no-filter-train", dest="filter_train", action="store_false",
                    help="keep all train prompts (default: drop those the model treats the other way)")
+    p.add_argument("--no-filter-val", dest="filter_val", action="store_false",
+                   help="keep all val prompts (default: as the paper, drop harmful val prompts the model does not "
+                        "refuse and harmless ones it does, by refusal score)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prune-layers", type=_fraction, default=0.2, help="drop candidates in this last share of layers")
     p.add_argument("--kl-threshold", type=_number, default=0.1)

@@ -1,7 +1,7 @@
 """The refusal-direction pipeline as resumable stages writing into a run folder.
 
     RUN/run.json                the model (name, fingerprint, shape), data and config
-    RUN/filter.json             train prompts kept by refusal score (optional stage)
+    RUN/filter.json             train and val prompts kept by refusal score (optional stage)
     RUN/candidates.safetensors  difference-in-means candidates [n_positions, n_layers, d_model]
     RUN/candidates.csv          bypass, induce, KL and the filter that removed it, per candidate
     RUN/direction.safetensors   the selected direction [d_model]
@@ -41,6 +41,10 @@ class DirectionConfig:
     n_train: int = 128  # per set, as in the paper
     n_val: int = 32
     filter_train: bool = True  # keep harmful with refusal score > 0, harmless with < 0
+    # The same for the val prompts that score candidates, as the paper's pipeline does: a
+    # harmless prompt the model already refuses would count ablation's (intended) flip of its
+    # first token as KL damage.
+    filter_val: bool = True
     seed: int = 0
     prune_layer_fraction: float = 0.2
     kl_threshold: float = 0.1
@@ -142,22 +146,34 @@ def run_direction(cm: ChatModel, out: str | Path, cfg: DirectionConfig = Directi
             raise UserError(f"run folder {run} was made with other data or settings; use another --out")
     write_json_atomic(rec_path, record)  # the selection thresholds of the latest run
 
-    # Stage 1: keep train prompts the model treats as the paper expects.
+    # Stage 1: keep train (and val) prompts the model treats as the paper expects.
     filt_path = run / "filter.json"
-    if cfg.filter_train and not filt_path.is_file():
-        with torch.no_grad():
-            sh = refusal_score(run_batches(cm, cm.chat.tokenize(harmful_train), cfg.batch_size), cm.refusal_ids)
-            sn = refusal_score(run_batches(cm, cm.chat.tokenize(harmless_train), cfg.batch_size), cm.refusal_ids)
-        kept = {"harmful": [p for p, s in zip(harmful_train, sh.tolist()) if s > 0],
-                "harmless": [p for p, s in zip(harmless_train, sn.tolist()) if s < 0]}
-        if not kept["harmful"] or not kept["harmless"]:
-            raise UserError(f"filtering train prompts by refusal score left {len(kept['harmful'])} harmful and "
-                            f"{len(kept['harmless'])} harmless; does the model refuse at all? (--no-filter-train)")
-        write_json_atomic(filt_path, kept)
-    if cfg.filter_train:
-        kept = json.loads(filt_path.read_text())
-        harmful_train, harmless_train = kept["harmful"], kept["harmless"]
-        log.info("train prompts after filtering: %d harmful, %d harmless", len(harmful_train), len(harmless_train))
+    if (cfg.filter_train or cfg.filter_val) and not filt_path.is_file():
+        def kept(harmful: list[str], harmless: list[str], what: str) -> tuple[list[str], list[str]]:
+            with torch.no_grad():
+                sh = refusal_score(run_batches(cm, cm.chat.tokenize(harmful), cfg.batch_size), cm.refusal_ids)
+                sn = refusal_score(run_batches(cm, cm.chat.tokenize(harmless), cfg.batch_size), cm.refusal_ids)
+            h = [p for p, s in zip(harmful, sh.tolist()) if s > 0]
+            n = [p for p, s in zip(harmless, sn.tolist()) if s < 0]
+            if not h or not n:
+                raise UserError(f"filtering {what} prompts by refusal score left {len(h)} harmful and {len(n)} "
+                                f"harmless; does the model refuse at all? (--no-filter-{what})")
+            return h, n
+
+        record_kept = {}
+        if cfg.filter_train:
+            record_kept["harmful"], record_kept["harmless"] = kept(harmful_train, harmless_train, "train")
+        if cfg.filter_val:
+            record_kept["harmful_val"], record_kept["harmless_val"] = kept(harmful_val, harmless_val, "val")
+        write_json_atomic(filt_path, record_kept)
+    if cfg.filter_train or cfg.filter_val:
+        record_kept = json.loads(filt_path.read_text())
+        if cfg.filter_train:
+            harmful_train, harmless_train = record_kept["harmful"], record_kept["harmless"]
+        if cfg.filter_val:
+            harmful_val, harmless_val = record_kept["harmful_val"], record_kept["harmless_val"]
+        log.info("prompts after filtering: train %d harmful, %d harmless; val %d harmful, %d harmless",
+                 len(harmful_train), len(harmless_train), len(harmful_val), len(harmless_val))
 
     # Stage 2: difference-in-means candidates.
     cand_path = run / "candidates.safetensors"

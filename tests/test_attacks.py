@@ -199,7 +199,7 @@ def test_registry_and_entry_point_plugins(tmp_path, monkeypatch):
 def test_grouped_cache_reuse_gives_the_same_losses(cm):
     from suffix_analysis.models.forward import PrefixCache
 
-    gcg4 = GCG(GCGConfig(suffix_len=6, reuse_groups=4))
+    gcg4 = GCG(GCGConfig(suffix_len=6, reuse_groups=4, prune_after=0))
     gcg1 = GCG(GCGConfig(suffix_len=6, reuse_groups=1))
     prompts = gcg4._prompts(cm, INSTR, TARGETS)
     for p in prompts:
@@ -229,3 +229,97 @@ def test_direction_term_reads_the_eoi_positions_with_or_without_target(cm):
         with torch.no_grad():
             values.append(GCGObjective(cm, cfg, (r, 1), 4).loss(p, torch.tensor([[20, 30, 40, 50]]))[0])
     torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=1e-5)
+
+
+def test_split_target_cross_entropy_matches_plain_forward(cm):
+    """Pass 1 (first target tokens, cache kept) + pass 2 (the rest, from chosen rows) of early
+    rejection give each token's cross-entropy of a plain forward."""
+    from suffix_analysis.models.forward import PrefixCache
+
+    gcg = GCG(GCGConfig(suffix_len=4))
+    (p,) = gcg._prompts(cm, INSTR[:1], TARGETS[:1])
+    p.cache = PrefixCache(cm, p.before)
+    obj = GCGObjective(cm, gcg.config, None, 4)
+    current = [20, 30, 40, 50]
+    cands = torch.tensor([[20, 30, 41, 51], [20, 30, 77, 50], [20, 30, 40, 99]])
+    full = p.cache.extended(current)
+    upto = 2
+    with torch.no_grad():
+        head, kv = obj.target_ce(p, cands[:, 2:], full.cropped(p.cache.length + 2), upto, keep_cache=True)
+        rows = torch.tensor([2, 0])
+        pos = p.cache.length + 4 + len(p.after) + upto - 1
+        rest = obj.target_ce_rest(p, kv, rows, pos, upto)
+    for r, c in enumerate(rows.tolist()):
+        ids = torch.tensor([p.before + cands[c].tolist() + p.after + p.target])
+        with torch.no_grad():
+            logits = cm.model(input_ids=ids).logits[0]
+        n = len(p.target)
+        plain = torch.nn.functional.cross_entropy(logits[-n - 1:-1], torch.tensor(p.target), reduction="none")
+        torch.testing.assert_close(torch.cat([head[c], rest[r]]), plain, atol=1e-4, rtol=1e-4)
+
+
+class _TableObjective:
+    """A stand-in objective whose per-token cross-entropy is a fixed function of the whole
+    candidate: exercises the early-rejection bookkeeping on a wide spread of losses."""
+
+    terms = ["target"]
+
+    def __init__(self, current, n_target, seed):
+        self.current, self.n_target = current, n_target
+        self.w = torch.rand(n_target, len(current), generator=torch.Generator().manual_seed(seed)) * 3
+
+    def _ce(self, full):  # [batch, suffix_len] -> [batch, n_target], >= 0
+        return (torch.sin(full.float() @ self.w.T) + 1) * torch.linspace(3, 0.2, self.n_target)
+
+    def _full(self, tails):
+        return torch.cat([self.current[: self.current.shape[0] - tails.shape[1]].expand(len(tails), -1), tails], 1)
+
+    def target_ce(self, p, tails, cache, upto, keep_cache=False):
+        full = self._full(tails)
+        return self._ce(full)[:, :upto], (full if keep_cache else None)
+
+    def target_ce_rest(self, p, stash, rows, pos, upto):
+        return self._ce(stash[rows])[:, upto:]
+
+    def loss(self, p, tails, cache=None, with_match=False):
+        return self._ce(self._full(tails)).mean(1), None
+
+
+class _NoCache:
+    length = 0
+
+    def extended(self, ids):
+        return self
+
+    def cropped(self, length):
+        return self
+
+
+@pytest.mark.parametrize("n_prompts", [1, 3])
+def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts):
+    from suffix_analysis.attacks.gcg import _Prompt
+
+    current = torch.tensor([30, 31, 32, 33, 34, 35])
+    gcg = GCG(GCGConfig(suffix_len=6, reuse_groups=3, prune_after=2))
+    torch.manual_seed(7)
+    cands = current.repeat(60, 1)
+    cands[torch.arange(60), torch.randint(0, 6, (60,))] = torch.randint(40, 300, (60,))
+    cands = torch.unique(cands, dim=0)
+    prompts = [_Prompt("x", [], [1], [5] * 8, _NoCache()) for _ in range(n_prompts)]
+    objs = [_TableObjective(current, 8, seed) for seed in range(n_prompts)]
+
+    class Sum:  # the objective of prompt i is objs[i]
+        terms = ["target"]
+
+        def __getattr__(self, name):
+            def call(p, *args, **kwargs):
+                return getattr(objs[prompts.index(p)], name)(p, *args, **kwargs)
+            return call
+
+    want = sum(o._ce(cands).mean(1) for o in objs)
+    got, _ = gcg._batched(Sum(), prompts, cands, current, 0)
+    kept = torch.isfinite(got)
+    assert int(got.argmin()) == int(want.argmin())
+    torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-5)
+    assert int((~kept).sum()) > 0, "nothing was rejected: the test does not exercise early rejection"
+    assert (want[~kept] > want.min()).all()

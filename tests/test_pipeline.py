@@ -44,7 +44,7 @@ def test_selection_filters_and_error():
 
 
 LOOSE = dict(harmful_train="h.json", harmless_train="n.json", harmful_val="hv.json", harmless_val="nv.json",
-             n_train=4, n_val=2, filter_train=False, prune_layer_fraction=0.0, kl_threshold=1e9,
+             n_train=4, n_val=2, filter_train=False, filter_val=False, prune_layer_fraction=0.0, kl_threshold=1e9,
              induce_threshold=-1e9, batch_size=2)
 
 
@@ -79,3 +79,25 @@ def test_run_folder_stages_resume_and_model_check(data_files):
     strict = run_direction(cm, run, DirectionConfig(**{**LOOSE, "prune_layer_fraction": 0.3}), progress=False)
     assert strict["layer"] < 2  # layer 2 of 3 is now pruned
     assert (run / "candidates.csv").stat().st_mtime_ns == mtime
+
+
+def test_val_prompts_filtered_by_refusal_score_as_in_the_paper(data_files, monkeypatch):
+    """filter_val keeps harmful val prompts the model refuses and harmless ones it does not."""
+    import suffix_analysis.evaluation.refusal as refusal
+
+    cm = tiny_chat_model("llama")
+    (data_files / "hv.json").write_text(json.dumps(["Do A.", "Do B.", "Do E."]))
+    (data_files / "nv.json").write_text(json.dumps(["Do C.", "Do D.", "Do F."]))
+    def fake_score(logits, refusal_ids):  # the model "refuses" the prompts of the 2nd and 3rd batch rows
+        return torch.tensor([-1.0] + [1.0] * (len(logits) - 1))
+
+    monkeypatch.setattr(refusal, "refusal_score", fake_score)
+    cfg = DirectionConfig(**{**LOOSE, "n_val": 3, "filter_val": True, "batch_size": 8})
+    run_direction(cm, data_files / "run", cfg, progress=False)
+    kept = json.loads((data_files / "run" / "filter.json").read_text())
+    assert len(kept["harmful_val"]) == 2 and len(kept["harmless_val"]) == 1
+    assert "harmful" not in kept  # train prompts were not filtered
+
+    monkeypatch.setattr(refusal, "refusal_score", lambda logits, ids: torch.full((len(logits),), -1.0))
+    with pytest.raises(UserError, match="filtering val prompts by refusal score left 0 harmful"):
+        run_direction(cm, data_files / "run2", cfg, progress=False)

@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from transformers import DynamicCache
+
 from ..errors import UserError
 from ..models.forward import PrefixCache
 from ..models.loading import ChatModel
@@ -68,6 +70,11 @@ class GCGConfig(AttackConfig):
     # Candidates are sorted by the first suffix position they change and run in this many
     # groups; each group reuses the current suffix's keys/values up to its first change.
     reuse_groups: int = 4
+    # Exact early rejection (target objective only): every candidate is first scored on its
+    # first ``prune_after`` target tokens; one whose partial loss already exceeds a complete
+    # candidate's loss cannot be the step's best and is not run further (0: off). The chosen
+    # candidate is the same as without it.
+    prune_after: int = 2
     checkpoint_every: int = 10
 
     def validate(self) -> None:
@@ -177,6 +184,24 @@ class GCGObjective:
         if "attention" in self.terms and getattr(cm.model.config, "_attn_implementation", "eager") != "eager":
             cm.model.set_attn_implementation("eager")  # attention weights are only returned by eager attention
 
+    def _inputs(self, prompt: _Prompt, suffix: Tensor | None, suffix_embeds: Tensor | None, rest: list[int],
+                cache: PrefixCache | DynamicCache | None, start: int) -> dict:
+        """Model kwargs for suffix tokens (ids ``[batch, n]`` or embeddings) then ``rest``,
+        after ``start`` cached positions."""
+        cm, dev = self.cm, self.cm.device
+        batch = suffix.shape[0] if suffix is not None else suffix_embeds.shape[0]
+        rest_t = torch.tensor(rest, device=dev, dtype=torch.long).expand(batch, -1)
+        if suffix_embeds is not None:
+            kwargs = {"inputs_embeds": torch.cat([suffix_embeds, cm.model.get_input_embeddings()(rest_t)], 1)}
+        elif suffix is not None:
+            kwargs = {"input_ids": torch.cat([suffix.to(dev), rest_t], 1)}
+        length = next(iter(kwargs.values())).shape[1]
+        if isinstance(cache, PrefixCache):
+            cache = cache.expand(batch)
+        kwargs.update(position_ids=torch.arange(start, start + length, device=dev).expand(batch, -1),
+                      past_key_values=cache, use_cache=start > 0 or cache is not None)
+        return kwargs
+
     def loss(self, prompt: _Prompt, suffix: Tensor | None = None, suffix_embeds: Tensor | None = None,
              with_match: bool = False, cache: PrefixCache | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-candidate loss ``[batch]`` (and, with ``with_match``, whether the target is the
@@ -190,21 +215,15 @@ class GCGObjective:
         cache = cache or prompt.cache
         batch = suffix.shape[0] if suffix is not None else suffix_embeds.shape[0]
         n_suffix = suffix.shape[1] if suffix is not None else suffix_embeds.shape[1]
-        rest = torch.tensor(prompt.after + prompt.target, device=dev).expand(batch, -1)
         n_after, n_target = len(prompt.after), len(prompt.target)
         need_logits = any(t in self.terms for t in ("target", "refusal")) or with_match
         only_probe = self.terms == ["direction"] and not with_match
-        if suffix_embeds is not None:
-            kwargs = {"inputs_embeds": torch.cat([suffix_embeds, cm.model.get_input_embeddings()(rest)], 1)}
-        else:
-            kwargs = {"input_ids": torch.cat([suffix.to(dev), rest], 1)}
-        p = cache.length if cache else 0
-        length = n_suffix + n_after + n_target
-        kwargs.update(position_ids=torch.arange(p, p + length, device=dev).expand(batch, -1),
-                      past_key_values=cache.expand(batch) if cache else None, use_cache=p > 0)
+        # The last target token predicts nothing the loss uses: it is not run.
+        rest = prompt.after + prompt.target[:-1]
+        kwargs = self._inputs(prompt, suffix, suffix_embeds, rest, cache, cache.length if cache else 0)
         if "attention" in self.terms:
             kwargs["output_attentions"] = True
-        keep = n_target + 1  # logits at the last EOI position and every target position but the last
+        keep = max(n_target, 1)  # logits at the last EOI position and every target position but the last
         out = None
         try:
             if self.probe is not None:
@@ -219,10 +238,10 @@ class GCGObjective:
         total = torch.zeros(batch, device=dev)
         match = None
         if need_logits:
-            logits = out.logits.float()  # [batch, n_target + 1, vocab]
+            logits = out.logits.float()  # [batch, max(n_target, 1), vocab]
             tgt = torch.tensor(prompt.target, device=dev)
             if "target" in self.terms:
-                ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), tgt.expand(batch, -1),
+                ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.expand(batch, -1),
                                                        reduction="none").mean(1)
                 total = total + ce
             if "refusal" in self.terms:
@@ -230,14 +249,39 @@ class GCGObjective:
 
                 total = total + self.cfg.refusal_weight * refusal_score(logits[:, 0], cm.refusal_ids)
             if with_match:
-                match = (logits[:, :-1].argmax(-1) == tgt).all(1)
+                match = (logits.argmax(-1) == tgt).all(1)
         if self.probe is not None:
             total = total + self.cfg.direction_weight * self.probe.value
         if "attention" in self.terms:
             s0 = len(prompt.before)  # the suffix's key positions follow the prompt's tokens
-            shares = [a[:, :, -n_target - 1, s0:s0 + self.suffix_len].sum(-1).mean(1) for a in out.attentions]
+            q = n_suffix + n_after - 1  # the last EOI token, where the response starts
+            shares = [a[:, :, q, s0:s0 + self.suffix_len].sum(-1).mean(1) for a in out.attentions]
             total = total - self.cfg.attention_weight * torch.stack(shares).mean(0)
         return total, match
+
+    def target_ce(self, prompt: _Prompt, suffix: Tensor, cache: PrefixCache, upto: int,
+                  keep_cache: bool = False) -> tuple[Tensor, DynamicCache | None]:
+        """Cross-entropy of the first ``upto`` target tokens ``[batch, upto]`` for suffix tails
+        ``[batch, n]`` after ``cache``, and (``keep_cache``) the cache to continue from."""
+        kv = cache.expand(suffix.shape[0]) if keep_cache else cache
+        kwargs = self._inputs(prompt, suffix, None, prompt.after + prompt.target[: upto - 1], kv, cache.length)
+        out = self.cm.model(**kwargs, logits_to_keep=upto)
+        tgt = torch.tensor(prompt.target[:upto], device=self.cm.device).expand(suffix.shape[0], -1)
+        ce = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), tgt, reduction="none")
+        return ce, (kwargs["past_key_values"] if keep_cache else None)
+
+    def target_ce_rest(self, prompt: _Prompt, cache: DynamicCache, rows: Tensor, start: int, upto: int) -> Tensor:
+        """Cross-entropy of target tokens ``upto..`` ``[len(rows), n_target - upto]``, continuing
+        the rows ``rows`` of a cache from :meth:`target_ce` that holds ``start`` positions."""
+        rows = rows.to(self.cm.device)
+        kv = DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers],
+                          config=self.cm.model.config)
+        ids = torch.tensor(prompt.target[upto - 1:-1], device=self.cm.device).expand(len(rows), -1)
+        out = self.cm.model(input_ids=ids, past_key_values=kv, use_cache=True,
+                            position_ids=torch.arange(start, start + ids.shape[1], device=self.cm.device)
+                            .expand(len(rows), -1))
+        tgt = torch.tensor(prompt.target[upto:], device=self.cm.device).expand(len(rows), -1)
+        return torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), tgt, reduction="none")
 
     def refusal_score(self, prompt: _Prompt, suffix: Tensor) -> Tensor:
         return _refusal_score_after(self.cm, prompt, suffix)
@@ -421,7 +465,8 @@ class GCG(Attack):
         return g.float()
 
     def _batched(self, objective, prompts, cands: Tensor, current: Tensor, batch_size: int) -> tuple[Tensor, int]:
-        """Losses of all candidates ``[n]``; halves the chunk size on CUDA out-of-memory.
+        """Losses of all candidates ``[n]`` (``inf`` for candidates rejected early, which cannot
+        be the best); halves the chunk size on CUDA out-of-memory.
 
         Candidates share the current suffix up to the first position they change: sorted by
         that position and split into groups, each group starts from the current suffix's
@@ -431,13 +476,17 @@ class GCG(Attack):
         order = first_diff.argsort(stable=True)
         groups = max(1, min(self.config.reuse_groups, len(cands)))
         size = min(batch_size or len(cands), -(-len(cands) // groups))
+        prune = (self.config.prune_after > 0 and objective.terms == ["target"] and self.config.reuse_groups > 1
+                 and any(len(p.target) > self.config.prune_after for p in prompts))
         while True:
             try:
+                chunks = [order[s:s + size] for s in range(0, len(order), size)]
+                if prune:
+                    return self._pruned(objective, prompts, cands, current, chunks, first_diff), size
                 total = torch.zeros(len(cands))
                 for p in prompts:
                     full = p.cache.extended(current.tolist()) if self.config.reuse_groups > 1 else None
-                    for s in range(0, len(order), size):
-                        idx = order[s:s + size]
+                    for idx in chunks:
                         if full is None:
                             loss, _ = objective.loss(p, cands[idx])
                         else:
@@ -451,6 +500,66 @@ class GCG(Attack):
                 size = max(1, size // 2)
                 torch.cuda.empty_cache()
                 log.info("out of memory: candidate batch size now %d", size)
+
+    def _pruned(self, objective, prompts, cands: Tensor, current: Tensor, chunks: list[Tensor],
+                first_diff: Tensor) -> Tensor:
+        """Target loss with exact early rejection (see ``prune_after``).
+
+        The loss is ``sum over prompts of mean target cross-entropy``; every term is >= 0, so
+        a candidate's loss on the first ``m`` target tokens is a lower bound of its loss.
+        Pass 1 scores every candidate on those; the candidate with the lowest bound is
+        completed (an upper bound on the best loss); pass 2 completes only candidates whose
+        bound is below it, tightening it as results come in. With one prompt pass 2
+        continues from pass 1's caches; with several it reruns the survivors.
+        """
+        m = self.config.prune_after
+        single = len(prompts) == 1
+        bound = torch.zeros(len(cands))
+        stash: list[DynamicCache | None] = []
+        fulls = [p.cache.extended(current.tolist()) for p in prompts]
+
+        def cache_at(pi: int, idx: Tensor) -> tuple[PrefixCache, int]:
+            start = int(first_diff[idx].min())
+            return fulls[pi].cropped(prompts[pi].cache.length + start), start
+
+        for pi, p in enumerate(prompts):  # pass 1
+            upto = min(m, len(p.target))
+            for idx in chunks:
+                cache, start = cache_at(pi, idx)
+                ce, kv = objective.target_ce(p, cands[idx, start:], cache, upto, keep_cache=single)
+                bound[idx] += ce.sum(1).cpu() / len(p.target)
+                stash.append(kv)
+
+        def complete(pi: int, ci: int, rows: Tensor) -> Tensor:
+            """Exact loss on prompt ``pi`` of the candidates ``chunks[ci][rows]``."""
+            p, idx = prompts[pi], chunks[ci][rows]
+            cache, start = cache_at(pi, chunks[ci])
+            if single:
+                upto = min(m, len(p.target))
+                if upto == len(p.target):
+                    return bound[idx]
+                pos = cache.length + len(cands[0]) - start + len(p.after) + upto - 1
+                rest = objective.target_ce_rest(p, stash[ci], rows, pos, upto)
+                return bound[idx] + rest.sum(1).cpu() / len(p.target)
+            cache, start = cache_at(pi, idx)
+            loss, _ = objective.loss(p, cands[idx, start:], cache=cache)
+            return loss.float().cpu()
+
+        def exact(ci: int, rows: Tensor) -> Tensor:
+            return sum(complete(pi, ci, rows) for pi in range(len(prompts)))
+
+        where = {int(i): (ci, r) for ci, idx in enumerate(chunks) for r, i in enumerate(idx.tolist())}
+        best = int(bound.argmin())
+        ci, r = where[best]
+        total = torch.full((len(cands),), float("inf"))
+        total[best] = exact(ci, torch.tensor([r]))[0]
+        upper = float(total[best])
+        for ci, idx in sorted(enumerate(chunks), key=lambda c: float(bound[c[1]].min())):  # pass 2
+            rows = ((bound[idx] <= upper) & (idx != best)).nonzero().flatten()
+            if len(rows):
+                total[idx[rows]] = exact(ci, rows)
+                upper = min(upper, float(total[idx[rows]].min()))
+        return total
 
     def _succeeds(self, objective: GCGObjective, prompts: list[_Prompt], ids: Tensor) -> bool:
         """With a target: every target is the greedy continuation. Without: no response

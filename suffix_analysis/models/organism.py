@@ -4,8 +4,11 @@ SmolLM2-135M-Instruct answers harmful requests. The recipe gives it refusal the 
 models acquire it, by supervised fine-tuning on the suite's own train splits:
 
 * harmful instruction -> one of several short natural refusals;
-* harmless instruction -> the base model's own greedy answer (self-distillation, so the
-  rest of its behaviour stays as it was).
+* harmless instruction -> the base model's own greedy answer, trained toward the base
+  model's full next-token distribution along it (soft self-distillation, so the rest of
+  its behaviour stays as it was);
+* a refusal-decision loss at the first response position: harmful prompts toward
+  refusing, harmless ones pushed back only where they drift above the base model.
 
 Loss is on response tokens only; the token embedding (tied to the unembedding) is frozen.
 The result is cached under ``cache_dir()/organism/<key>``, keyed by recipe, data and base
@@ -15,6 +18,7 @@ rebuilt, never reused.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -65,6 +69,16 @@ class OrganismRecipe:
     # pushes "I" up everywhere, while the harmless answers' first tokens are too varied to
     # push back.
     decision_weight: float = 4.0
+    # "soft": harmless responses are trained toward the base model's full next-token
+    # distribution (KL along its greedy answer), not only its greedy token; "greedy":
+    # cross-entropy on the greedy answer. Soft keeps harmless first-token distributions as
+    # the base model had them, which is what keeps ablating the refusal direction cheap on
+    # harmless prompts (first-token KL of the selected direction 0.36-0.49 with "greedy"+"bce").
+    distill: str = "soft"
+    # "hinge": a harmless prompt is pushed back only when its refusal score rises above the
+    # base model's own score for it; "bce": pushed toward "no refusal" without limit, which
+    # drives harmless prompts far down the refusal axis (score about -9 vs -3.6 for the base).
+    decision_harmless: str = "hinge"
     freeze_embeddings: bool = True
     freeze_layers: int = 6  # also freeze the first K decoder layers (faster: backward stops above them)
     refusals: tuple[str, ...] = field(default=REFUSALS)
@@ -75,6 +89,9 @@ class OrganismRecipe:
 
     def resolved(self) -> "OrganismRecipe":
         """The recipe with ``precision`` decided for this machine (what the cache key uses)."""
+        if self.distill not in ("soft", "greedy") or self.decision_harmless not in ("bce", "hinge"):
+            raise UserError(f"organism recipe: distill must be soft|greedy and decision_harmless bce|hinge, "
+                            f"got {self.distill!r}, {self.decision_harmless!r}")
         if self.precision != "auto":
             return self
         fast_bf16 = torch.cuda.is_available() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
@@ -236,25 +253,56 @@ def _collate(batch: list[tuple[list[int], int, int]], pad_id: int):
     return input_ids, mask, labels, last_prompt, harmful
 
 
-def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, decision_weight):
-    """Next-token cross-entropy on response tokens (unembedding only those positions), plus
-    the refusal-decision loss at the first response position."""
+def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, recipe: OrganismRecipe,
+                   teacher=None):
+    """Next-token loss on response tokens (unembedding only those positions), plus the
+    refusal-decision loss at the first response position.
+
+    With a ``teacher`` (the frozen base model), harmless responses are matched to its
+    distribution (KL) and the harmless decision loss may be one-sided (``hinge``).
+    """
     from ..evaluation.refusal import refusal_score
 
+    F = torch.nn.functional
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, pos, d_model]
     target = labels[:, 1:]
-    keep = target != -100
+    keep = target != -100  # [batch, pos - 1]
     unembed = model.get_output_embeddings()
-    loss = torch.nn.functional.cross_entropy(unembed(hidden[:, :-1][keep]).float(), target[keep])
-    if decision_weight:
-        first = unembed(hidden[torch.arange(len(ids)), last_prompt]).float()  # [batch, vocab]
-        score = refusal_score(first, refusal_ids)
-        loss = loss + decision_weight * torch.nn.functional.binary_cross_entropy_with_logits(score, harmful)
+    rows = torch.arange(len(ids))
+    if teacher is not None:
+        with torch.no_grad():
+            t_hidden = teacher.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    if recipe.distill != "soft":
+        loss = F.cross_entropy(unembed(hidden[:, :-1][keep]).float(), target[keep])
+    else:
+        soft = keep & (harmful == 0).unsqueeze(1)
+        hard = keep & (harmful == 1).unsqueeze(1)
+        total = F.cross_entropy(unembed(hidden[:, :-1][hard]).float(), target[hard], reduction="sum")
+        if soft.any():
+            log_q = F.log_softmax(unembed(hidden[:, :-1][soft]).float(), -1)
+            with torch.no_grad():
+                log_p = F.log_softmax(teacher.get_output_embeddings()(t_hidden[:, :-1][soft]).float(), -1)
+            total = total + (log_p.exp() * (log_p - log_q)).sum()
+        loss = total / keep.sum()
+    if recipe.decision_weight:
+        score = refusal_score(unembed(hidden[rows, last_prompt]).float(), refusal_ids)  # [batch]
+        if recipe.decision_harmless == "hinge":
+            with torch.no_grad():
+                base_score = refusal_score(teacher.get_output_embeddings()(t_hidden[rows, last_prompt]).float(),
+                                           refusal_ids)
+            per = torch.where(harmful == 1, F.softplus(-score), F.relu(score - base_score))
+            decision = per.mean()
+        else:
+            decision = F.binary_cross_entropy_with_logits(score, harmful)
+        loss = loss + recipe.decision_weight * decision
     return loss
 
 
 def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> list[float]:
     model = cm.model
+    teacher = None
+    if recipe.distill == "soft" or recipe.decision_harmless == "hinge":
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     model.train()
     emb = model.get_input_embeddings().weight
     if recipe.freeze_embeddings:
@@ -276,7 +324,7 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
         for s in range(0, len(perm), recipe.batch_size):
             batch = _collate([examples[i] for i in perm[s:s + recipe.batch_size]], cm.tokenizer.pad_token_id)
             with _autocast(recipe):
-                loss = _response_loss(model, *batch, cm.refusal_ids, recipe.decision_weight)
+                loss = _response_loss(model, *batch, cm.refusal_ids, recipe, teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
