@@ -258,7 +258,8 @@ def cmd_attack(args) -> int:
     given = {"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
              "suffix_len": args.suffix_len, "objective": args.objective, "seed": args.seed,
              "n_replace": args.n_replace, "buffer_size": args.buffer_size, "batch_size": args.batch_size,
-             "checkpoint_every": args.checkpoint_every, "init": args.init}
+             "checkpoint_every": args.checkpoint_every, "init": args.init, "prune_after": args.prune_after,
+             "progressive": False if args.all_prompts else None, "early_stop": False if args.no_early_stop else None}
     cfg = cls.config_class(**{k: v for k, v in given.items() if v is not None and k in fields})
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
     instructions = [x.instruction for x in items]
@@ -388,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer-size", type=int)
     p.add_argument("--batch-size", type=int, help="candidates per forward pass (default: all, halved on OOM)")
     p.add_argument("--init", help="initial suffix token (repeated) or string")
+    p.add_argument("--all-prompts", action="store_true",
+                   help="optimize on every prompt from the first step (default: add them one by one as each succeeds)")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="keep optimizing after every prompt succeeds (a margin helps a universal suffix transfer)")
+    p.add_argument("--prune-after", type=int,
+                   help="target tokens scored before a candidate may be rejected early (0: off; exact either way)")
     p.add_argument("--objective", help="target, refusal, direction, attention, or a sum like target+direction")
     p.add_argument("--direction", help="direction run folder (for the direction objective)")
     p.add_argument("--seed", type=int)

@@ -97,7 +97,7 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
                         "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
         (tmp_path / name).write_text(json.dumps(items))
     loose = ["--harmful-train", "h.json", "--harmless-train", "n.json", "--harmful-val", "hv.json",
-             "--harmless-val", "nv.json", "--no-filter-train", "--prune-layers", "0", "--kl-threshold", "1e9",
+             "--harmless-val", "nv.json", "--no-filter-train", "--no-filter-val", "--prune-layers", "0", "--kl-threshold", "1e9",
              "--induce-threshold=-1e9", "-q"]
     code, out, err = run(capsys, "direction", "--model", str(tiny_folder), "--out", "run", *loose, "--json")
     assert code == 0, err
