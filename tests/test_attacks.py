@@ -72,7 +72,14 @@ def test_one_hot_gradient_matches_plain_autograd(cm):
     p.cache = PrefixCache(cm, p.before)
     ids = torch.tensor([20, 30, 40, 50])
     embed = cm.model.get_input_embeddings()
-    grad = gcg._grad(cm, GCGObjective(cm, gcg.config, None, 4), prompts, ids, embed)
+    grad, (kept,) = gcg._grad(cm, GCGObjective(cm, gcg.config, None, 4), prompts, ids, embed)
+    # the cache the gradient pass leaves behind is the prompt + current suffix cache
+    with torch.no_grad():
+        want = p.cache.extended(ids.tolist())
+    assert kept.length == want.length == len(p.before) + 4
+    for (k, v), (wk, wv) in zip(kept.kv, want.kv):
+        torch.testing.assert_close(k, wk, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, wv, atol=1e-5, rtol=1e-4)
     one_hot = torch.nn.functional.one_hot(ids, embed.weight.shape[0]).float().requires_grad_(True)
     full = torch.cat([embed(torch.tensor(p.before)), one_hot @ embed.weight, embed(torch.tensor(p.after + p.target))])
     logits = cm.model(inputs_embeds=full[None]).logits[0]
@@ -196,22 +203,47 @@ def test_registry_and_entry_point_plugins(tmp_path, monkeypatch):
         get_attack("nope")
 
 
+def _candidates(current, n, seed):
+    torch.manual_seed(seed)
+    cands = current.repeat(n, 1)
+    cands[torch.arange(n), torch.randint(0, len(current), (n,))] = torch.randint(40, 300, (n,))
+    return cands
+
+
+@pytest.mark.parametrize("batch_size", [0, 7])
+def test_packed_target_losses_equal_plain_forwards(cm, batch_size):
+    """Two prompts, no early rejection: every candidate's loss and greedy match equal a plain forward."""
+    from suffix_analysis.models.forward import PrefixCache
+
+    gcg = GCG(GCGConfig(suffix_len=6, prune_after=0, row_tokens=20))
+    prompts = gcg._prompts(cm, INSTR, TARGETS)
+    for p in prompts:
+        p.cache = PrefixCache(cm, p.before)
+    obj = GCGObjective(cm, gcg.config, None, 6)
+    current = torch.tensor([30, 31, 32, 33, 34, 35])
+    cands = _candidates(current, 20, 4)
+    with torch.no_grad():
+        got, match, _ = gcg._batched(obj, prompts, cands, current, batch_size)
+        want = torch.tensor([sum(_plain_loss(cm, p, c.tolist()) for p in prompts) for c in cands])
+        want_match = torch.stack([obj.loss(p, cands, with_match=True)[1] for p in prompts]).all(0)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert torch.equal(match, want_match)
+
+
 def test_grouped_cache_reuse_gives_the_same_losses(cm):
     from suffix_analysis.models.forward import PrefixCache
 
-    gcg4 = GCG(GCGConfig(suffix_len=6, reuse_groups=4, prune_after=0))
-    gcg1 = GCG(GCGConfig(suffix_len=6, reuse_groups=1))
+    gcg4 = GCG(GCGConfig(suffix_len=6, reuse_groups=4, objective="target+refusal"))
+    gcg1 = GCG(GCGConfig(suffix_len=6, reuse_groups=1, objective="target+refusal"))
     prompts = gcg4._prompts(cm, INSTR, TARGETS)
     for p in prompts:
         p.cache = PrefixCache(cm, p.before)
     obj = GCGObjective(cm, gcg4.config, None, 6)
     current = torch.tensor([30, 31, 32, 33, 34, 35])
-    torch.manual_seed(4)
-    cands = current.repeat(20, 1)
-    cands[torch.arange(20), torch.randint(0, 6, (20,))] = torch.randint(40, 300, (20,))
+    cands = _candidates(current, 20, 4)
     with torch.no_grad():
-        grouped, _ = gcg4._batched(obj, prompts, cands, current, 0)
-        plain, _ = gcg1._batched(obj, prompts, cands, current, 0)
+        grouped, _, _ = gcg4._batched(obj, prompts, cands, current, 0)
+        plain, _, _ = gcg1._batched(obj, prompts, cands, current, 0)
     torch.testing.assert_close(grouped, plain, atol=1e-4, rtol=1e-4)
 
 
@@ -232,23 +264,23 @@ def test_direction_term_reads_the_eoi_positions_with_or_without_target(cm):
 
 
 def test_split_target_cross_entropy_matches_plain_forward(cm):
-    """Pass 1 (first target tokens, cache kept) + pass 2 (the rest, from chosen rows) of early
-    rejection give each token's cross-entropy of a plain forward."""
+    """Pass 1 (first target tokens, packed cache kept) + pass 2 (the rest, for chosen
+    candidates) of early rejection give each token's cross-entropy of a plain forward."""
     from suffix_analysis.models.forward import PrefixCache
 
-    gcg = GCG(GCGConfig(suffix_len=4))
+    gcg = GCG(GCGConfig(suffix_len=4, row_tokens=12))
     (p,) = gcg._prompts(cm, INSTR[:1], TARGETS[:1])
     p.cache = PrefixCache(cm, p.before)
     obj = GCGObjective(cm, gcg.config, None, 4)
-    current = [20, 30, 40, 50]
-    cands = torch.tensor([[20, 30, 41, 51], [20, 30, 77, 50], [20, 30, 40, 99]])
-    full = p.cache.extended(current)
+    current = torch.tensor([20, 30, 40, 50])
+    cands = torch.tensor([[20, 30, 41, 51], [20, 77, 40, 50], [99, 30, 40, 50], [20, 30, 40, 98]])
+    first = (cands != current).int().argmax(1)
+    full = p.cache.extended(current.tolist())
     upto = 2
     with torch.no_grad():
-        head, kv = obj.target_ce(p, cands[:, 2:], full.cropped(p.cache.length + 2), upto, keep_cache=True)
-        rows = torch.tensor([2, 0])
-        pos = p.cache.length + 4 + len(p.after) + upto - 1
-        rest = obj.target_ce_rest(p, kv, rows, pos, upto)
+        head, _, packed = obj.target_ce(p, cands, first, full, upto, keep_cache=True)
+        rows = torch.tensor([2, 0, 3])
+        rest, _ = obj.target_ce_rest(p, packed, rows, upto)
     for r, c in enumerate(rows.tolist()):
         ids = torch.tensor([p.before + cands[c].tolist() + p.after + p.target])
         with torch.no_grad():
@@ -264,25 +296,23 @@ class _TableObjective:
 
     terms = ["target"]
 
-    def __init__(self, current, n_target, seed):
-        self.current, self.n_target = current, n_target
-        self.w = torch.rand(n_target, len(current), generator=torch.Generator().manual_seed(seed)) * 3
+    def __init__(self, n_target, seed):
+        self.n_target = n_target
+        self.w = torch.rand(n_target, 6, generator=torch.Generator().manual_seed(seed)) * 3
+        self.calls = 0
 
     def _ce(self, full):  # [batch, suffix_len] -> [batch, n_target], >= 0
         return (torch.sin(full.float() @ self.w.T) + 1) * torch.linspace(3, 0.2, self.n_target)
 
-    def _full(self, tails):
-        return torch.cat([self.current[: self.current.shape[0] - tails.shape[1]].expand(len(tails), -1), tails], 1)
+    def target_ce(self, p, cands, first, full, upto, keep_cache=False):
+        self.calls += 1
+        ce = self._ce(cands)
+        return ce[:, :upto], ce[:, :upto] < 0.1, (cands if keep_cache else None)
 
-    def target_ce(self, p, tails, cache, upto, keep_cache=False):
-        full = self._full(tails)
-        return self._ce(full)[:, :upto], (full if keep_cache else None)
-
-    def target_ce_rest(self, p, stash, rows, pos, upto):
-        return self._ce(stash[rows])[:, upto:]
-
-    def loss(self, p, tails, cache=None, with_match=False):
-        return self._ce(self._full(tails)).mean(1), None
+    def target_ce_rest(self, p, stash, rows, upto):
+        self.calls += 1
+        ce = self._ce(stash[rows])[:, upto:]
+        return ce, ce < 0.1
 
 
 class _NoCache:
@@ -295,8 +325,8 @@ class _NoCache:
         return self
 
 
-@pytest.mark.parametrize("n_prompts", [1, 3])
-def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts):
+@pytest.mark.parametrize("n_prompts,batch_size", [(1, 0), (1, 13), (3, 0), (3, 13)])
+def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, batch_size):
     from suffix_analysis.attacks.gcg import _Prompt
 
     current = torch.tensor([30, 31, 32, 33, 34, 35])
@@ -306,7 +336,7 @@ def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts):
     cands[torch.arange(60), torch.randint(0, 6, (60,))] = torch.randint(40, 300, (60,))
     cands = torch.unique(cands, dim=0)
     prompts = [_Prompt("x", [], [1], [5] * 8, _NoCache()) for _ in range(n_prompts)]
-    objs = [_TableObjective(current, 8, seed) for seed in range(n_prompts)]
+    objs = [_TableObjective(8, seed) for seed in range(n_prompts)]
 
     class Sum:  # the objective of prompt i is objs[i]
         terms = ["target"]
@@ -317,7 +347,7 @@ def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts):
             return call
 
     want = sum(o._ce(cands).mean(1) for o in objs)
-    got, _ = gcg._batched(Sum(), prompts, cands, current, 0)
+    got, _, _ = gcg._batched(Sum(), prompts, cands, current, batch_size)
     kept = torch.isfinite(got)
     assert int(got.argmin()) == int(want.argmin())
     torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-5)

@@ -45,6 +45,7 @@ from transformers import DynamicCache
 
 from ..errors import UserError
 from ..models.forward import PrefixCache
+from ..models.packing import Packed, continue_packed, forward_packed, unembed
 from ..models.loading import ChatModel
 from .base import Attack, AttackConfig, AttackResult, register_attack
 
@@ -71,8 +72,9 @@ class GCGConfig(AttackConfig):
     refusal_weight: float = 1.0
     progressive: bool = True  # universal suffixes: add the next prompt once all current ones succeed
     batch_size: int = 0  # candidates per forward pass; 0: all at once, halved on CUDA out-of-memory
-    # Candidates are sorted by the first suffix position they change and run in this many
-    # groups; each group reuses the current suffix's keys/values up to its first change.
+    # Objectives other than "target": candidates are sorted by the first suffix position they
+    # change and run in this many groups, each reusing the current suffix's keys/values up to
+    # its first change. (The target objective packs every candidate from its own first change.)
     reuse_groups: int = 4
     # Exact early rejection (target objective only): every candidate is first scored on its
     # first ``prune_after`` target tokens; one whose partial loss already exceeds a complete
@@ -81,6 +83,10 @@ class GCGConfig(AttackConfig):
     # carries most of every candidate's loss, so the bound only bites a few tokens in:
     # measured on the organism, about 75% of candidates are rejected after 4 tokens, 90% after 6.
     prune_after: int = 5
+    prune_probe: int = 4  # candidates completed first, for the bound the others are held to
+    # Candidates run packed end to end, this many tokens per batch row (see models/packing.py):
+    # longer rows pay more for their masked attention, shorter ones for more rows.
+    row_tokens: int = 256
     checkpoint_every: int = 10
 
     def validate(self) -> None:
@@ -96,6 +102,8 @@ class GCGConfig(AttackConfig):
                             f"({self.buffer_size}); raise --search-width or lower --buffer-size")
         if self.prune_after < 0:
             raise UserError(f"prune_after must be 0 (off) or a number of target tokens, got {self.prune_after}")
+        if self.prune_probe < 1 or self.row_tokens < 1:
+            raise UserError("prune_probe and row_tokens must be at least 1")
         if self.n_replace > self.suffix_len:
             raise UserError(f"n_replace {self.n_replace} exceeds the suffix length {self.suffix_len}")
 
@@ -140,6 +148,12 @@ def sample_candidates(ids: Tensor, grad: Tensor, search_width: int, topk: int, n
 
 
 # --- the model side ---------------------------------------------------------------------------
+
+def token_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy per position ``[batch, n]`` of logits ``[batch, n, vocab]``; reduces over
+    the contiguous last dimension (``cross_entropy`` on a transposed view is several times slower)."""
+    return torch.logsumexp(logits, -1) - logits.gather(-1, target[..., None])[..., 0]
+
 
 @dataclass
 class _Prompt:
@@ -211,13 +225,15 @@ class GCGObjective:
         return kwargs
 
     def loss(self, prompt: _Prompt, suffix: Tensor | None = None, suffix_embeds: Tensor | None = None,
-             with_match: bool = False, cache: PrefixCache | None = None) -> tuple[Tensor, Tensor | None]:
+             with_match: bool = False, cache: PrefixCache | None = None,
+             kv_out: list | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-candidate loss ``[batch]`` (and, with ``with_match``, whether the target is the
         greedy continuation ``[batch]``).
 
         Pass token ids ``[batch, n]`` or embeddings ``[batch, n, d_model]`` (for the gradient)
         of the *last* ``n`` suffix tokens; ``cache`` holds everything before them (default:
-        the prompt's prefix cache, with ``n = suffix_len``).
+        the prompt's prefix cache, with ``n = suffix_len``). ``kv_out`` receives the cache of
+        the whole pass (None where the pass stopped early or used none).
         """
         cm, dev = self.cm, self.cm.device
         cache = cache or prompt.cache
@@ -242,15 +258,16 @@ class GCGObjective:
             else:
                 out = cm.model(**kwargs, logits_to_keep=keep)
         except _DirectionProbe.Stop:
-            pass
+            out = None
+        if kv_out is not None:
+            kv_out.append(kwargs["past_key_values"] if out is not None and kwargs["use_cache"] else None)
         total = torch.zeros(batch, device=dev)
         match = None
         if need_logits:
             logits = out.logits.float()  # [batch, max(n_target, 1), vocab]
             tgt = torch.tensor(prompt.target, device=dev)
             if "target" in self.terms:
-                ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt.expand(batch, -1),
-                                                       reduction="none").mean(1)
+                ce = token_ce(logits, tgt.expand(batch, -1)).mean(1)
                 total = total + ce
             if "refusal" in self.terms:
                 from ..evaluation.refusal import refusal_score
@@ -267,29 +284,35 @@ class GCGObjective:
             total = total - self.cfg.attention_weight * torch.stack(shares).mean(0)
         return total, match
 
-    def target_ce(self, prompt: _Prompt, suffix: Tensor, cache: PrefixCache, upto: int,
-                  keep_cache: bool = False) -> tuple[Tensor, DynamicCache | None]:
-        """Cross-entropy of the first ``upto`` target tokens ``[batch, upto]`` for suffix tails
-        ``[batch, n]`` after ``cache``, and (``keep_cache``) the cache to continue from."""
-        kv = cache.expand(suffix.shape[0]) if keep_cache else cache
-        kwargs = self._inputs(prompt, suffix, None, prompt.after + prompt.target[: upto - 1], kv, cache.length)
-        out = self.cm.model(**kwargs, logits_to_keep=upto)
-        tgt = torch.tensor(prompt.target[:upto], device=self.cm.device).expand(suffix.shape[0], -1)
-        ce = torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), tgt, reduction="none")
-        return ce, (kwargs["past_key_values"] if keep_cache else None)
+    def target_ce(self, prompt: _Prompt, cands: Tensor, first: Tensor, full: PrefixCache, upto: int,
+                  keep_cache: bool = False) -> tuple[Tensor, Tensor, Packed | None]:
+        """Cross-entropy ``[n, upto]`` of the first ``upto`` target tokens for candidates
+        ``[n, suffix_len]``, whether each token is the greedy one ``[n, upto]``, and (with
+        ``keep_cache``) the packed cache to continue from.
 
-    def target_ce_rest(self, prompt: _Prompt, cache: DynamicCache, rows: Tensor, start: int, upto: int) -> Tensor:
-        """Cross-entropy of target tokens ``upto..`` ``[len(rows), n_target - upto]``, continuing
-        the rows ``rows`` of a cache from :meth:`target_ce` that holds ``start`` positions."""
-        rows = rows.to(self.cm.device)
-        kv = DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers],
-                          config=self.cm.model.config)
-        ids = torch.tensor(prompt.target[upto - 1:-1], device=self.cm.device).expand(len(rows), -1)
-        out = self.cm.model(input_ids=ids, past_key_values=kv, use_cache=True,
-                            position_ids=torch.arange(start, start + ids.shape[1], device=self.cm.device)
-                            .expand(len(rows), -1))
-        tgt = torch.tensor(prompt.target[upto:], device=self.cm.device).expand(len(rows), -1)
-        return torch.nn.functional.cross_entropy(out.logits.float().transpose(1, 2), tgt, reduction="none")
+        ``full`` is the cache of the prompt and the current suffix; candidate ``i`` first
+        differs from it at suffix position ``first[i]`` and runs only the tokens from there
+        on, all candidates packed into one call (see :mod:`..models.packing`).
+        """
+        n_prefix = full.length - self.suffix_len
+        tail = prompt.after + prompt.target[: upto - 1]
+        starts = first.tolist()
+        runs = [row[s:] + tail for row, s in zip(cands.tolist(), starts)]
+        hidden, packed = forward_packed(self.cm, full, runs, [n_prefix + s for s in starts], upto,
+                                        row_tokens=self.cfg.row_tokens, keep_cache=keep_cache)
+        return (*self._ce(hidden, prompt.target[:upto]), packed)
+
+    def target_ce_rest(self, prompt: _Prompt, packed: Packed, which: Tensor, upto: int) -> tuple[Tensor, Tensor]:
+        """Cross-entropy and greedy matches ``[len(which), n_target - upto]`` of the remaining
+        target tokens, continuing candidates ``which`` of a :meth:`target_ce` call."""
+        runs = [prompt.target[upto - 1:-1]] * len(which)
+        hidden = continue_packed(self.cm, packed, which.tolist(), runs, len(runs[0]))
+        return self._ce(hidden, prompt.target[upto:])
+
+    def _ce(self, hidden: Tensor, target: list[int]) -> tuple[Tensor, Tensor]:
+        logits = unembed(self.cm, hidden).float()  # [n, len(target), vocab]
+        tgt = torch.tensor(target, device=self.cm.device).expand(len(hidden), -1)
+        return token_ce(logits, tgt).cpu(), (logits.argmax(-1) == tgt).cpu()
 
     def refusal_score(self, prompt: _Prompt, suffix: Tensor) -> Tensor:
         return _refusal_score_after(self.cm, prompt, suffix)
@@ -399,7 +422,7 @@ class GCG(Attack):
                 active = prompts[: state["n_active"]]
                 best_loss, best_ids = state["buffer"][0]
                 ids = torch.tensor(best_ids)
-                grad = self._grad(cm, objective, active, ids, embed)
+                grad, fulls = self._grad(cm, objective, active, ids, embed)
                 grad[:, ~allowed] = float("inf")
                 cands = sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace, gen)
                 cands = torch.unique(cands, dim=0)
@@ -410,11 +433,14 @@ class GCG(Attack):
                     else:
                         log.warning("step %d: no candidate survives retokenization; keeping them all", step)
                 with torch.no_grad():
-                    losses, batch_size = self._batched(objective, active, cands, ids, batch_size)
+                    losses, match, batch_size = self._batched(objective, active, cands, ids, batch_size, fulls)
                 i = int(losses.argmin())
                 self._update_buffer(state, float(losses[i]), cands[i].tolist())
-                with torch.no_grad():
-                    success = self._succeeds(objective, active, torch.tensor(state["buffer"][0][1]))
+                if match is not None and state["buffer"][0][1] == cands[i].tolist():
+                    success = bool(match[i])  # known from scoring: no extra forward pass
+                else:
+                    with torch.no_grad():
+                        success = self._succeeds(objective, active, torch.tensor(state["buffer"][0][1]))
                 if success and state["n_active"] < len(prompts):
                     state["n_active"] += 1
                     log.info("step %d: suffix works on %d prompt(s); adding prompt %d", step, state["n_active"] - 1,
@@ -461,47 +487,40 @@ class GCG(Attack):
     def _total(self, objective: GCGObjective, prompts: list[_Prompt], cands: Tensor) -> Tensor:
         return sum(objective.loss(p, cands)[0] for p in prompts)
 
-    def _grad(self, cm, objective, prompts, ids, embed) -> Tensor:
-        """Gradient of the summed loss w.r.t. the one-hot suffix: ``[suffix_len, vocab]``."""
+    def _grad(self, cm, objective, prompts, ids, embed) -> tuple[Tensor, list[PrefixCache | None]]:
+        """Gradient of the summed loss w.r.t. the one-hot suffix ``[suffix_len, vocab]``, and per
+        prompt the cache of the prompt and current suffix that the pass computed on the way
+        (the candidates continue from it), or None."""
         w = embed.weight
         one_hot = torch.zeros(ids.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
         one_hot[torch.arange(ids.shape[0]), ids.to(w.device)] = 1
         one_hot.requires_grad_(True)
         emb = (one_hot @ w)[None]
-        loss = sum(objective.loss(p, suffix_embeds=emb)[0].sum() for p in prompts)
+        caches: list = []
+        loss = sum(objective.loss(p, suffix_embeds=emb, kv_out=caches)[0].sum() for p in prompts)
         (g,) = torch.autograd.grad(loss, one_hot)
-        return g.float()
+        fulls = [None if c is None else PrefixCache.from_cache(cm, c, p.cache.length + len(ids))
+                 for p, c in zip(prompts, caches)]
+        return g.float(), fulls
 
-    def _batched(self, objective, prompts, cands: Tensor, current: Tensor, batch_size: int) -> tuple[Tensor, int]:
+    def _batched(self, objective, prompts, cands: Tensor, current: Tensor, batch_size: int,
+                 fulls: list[PrefixCache | None] | None = None) -> tuple[Tensor, Tensor | None, int]:
         """Losses of all candidates ``[n]`` (``inf`` for candidates rejected early, which cannot
-        be the best); halves the chunk size on CUDA out-of-memory.
-
-        Candidates share the current suffix up to the first position they change: sorted by
-        that position and split into groups, each group starts from the current suffix's
-        cache cropped there and runs only the tokens after it.
+        be the best), whether every target is their greedy continuation ``[n]`` (target
+        objective only, else None), and the batch size that fit; halves the batch size on
+        CUDA out-of-memory. ``fulls``: per prompt the cache of the prompt and ``current``,
+        where already known.
         """
+        fulls = [f if f is not None else p.cache.extended(current.tolist())
+                 for p, f in zip(prompts, fulls or [None] * len(prompts))]
         first_diff = (cands != current).int().argmax(1)  # [n]
-        order = first_diff.argsort(stable=True)
-        groups = max(1, min(self.config.reuse_groups, len(cands)))
-        size = min(batch_size or len(cands), -(-len(cands) // groups))
-        prune = (self.config.prune_after > 0 and objective.terms == ["target"] and self.config.reuse_groups > 1
-                 and any(len(p.target) > self.config.prune_after for p in prompts))
+        size = batch_size or len(cands)
         while True:
             try:
-                chunks = [order[s:s + size] for s in range(0, len(order), size)]
-                if prune:
-                    return self._pruned(objective, prompts, cands, current, chunks, first_diff), size
-                total = torch.zeros(len(cands))
-                for p in prompts:
-                    full = p.cache.extended(current.tolist()) if self.config.reuse_groups > 1 else None
-                    for idx in chunks:
-                        if full is None:
-                            loss, _ = objective.loss(p, cands[idx])
-                        else:
-                            start = int(first_diff[idx].min())
-                            loss, _ = objective.loss(p, cands[idx, start:], cache=full.cropped(p.cache.length + start))
-                        total[idx] += loss.float().cpu()
-                return total, size
+                if objective.terms == ["target"]:
+                    chunks = [torch.arange(s, min(s + size, len(cands))) for s in range(0, len(cands), size)]
+                    return (*self._target_losses(objective, prompts, cands, fulls, chunks, first_diff), size)
+                return self._grouped(objective, prompts, cands, fulls, size, first_diff), None, size
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -509,65 +528,91 @@ class GCG(Attack):
                 torch.cuda.empty_cache()
                 log.info("out of memory: candidate batch size now %d", size)
 
-    def _pruned(self, objective, prompts, cands: Tensor, current: Tensor, chunks: list[Tensor],
-                first_diff: Tensor) -> Tensor:
-        """Target loss with exact early rejection (see ``prune_after``).
+    def _grouped(self, objective, prompts, cands: Tensor, fulls: list[PrefixCache], size: int,
+                 first_diff: Tensor) -> Tensor:
+        """Any objective: candidates sorted by the first suffix position they change and run in
+        ``reuse_groups`` groups, each from the current suffix's cache cropped at its first change."""
+        order = first_diff.argsort(stable=True)
+        groups = max(1, min(self.config.reuse_groups, len(cands)))
+        size = min(size, -(-len(cands) // groups))
+        chunks = [order[s:s + size] for s in range(0, len(order), size)]
+        total = torch.zeros(len(cands))
+        for p, full in zip(prompts, fulls):
+            full = full if self.config.reuse_groups > 1 else None
+            for idx in chunks:
+                if full is None:
+                    loss, _ = objective.loss(p, cands[idx])
+                else:
+                    start = int(first_diff[idx].min())
+                    loss, _ = objective.loss(p, cands[idx, start:], cache=full.cropped(p.cache.length + start))
+                total[idx] += loss.float().cpu()
+        return total
 
-        The loss is ``sum over prompts of mean target cross-entropy``; every term is >= 0, so
-        a candidate's loss on the first ``m`` target tokens is a lower bound of its loss.
-        Pass 1 scores every candidate on those; the candidate with the lowest bound is
-        completed (an upper bound on the best loss); pass 2 completes only candidates whose
-        bound is below it, tightening it as results come in. With one prompt pass 2
-        continues from pass 1's caches; with several it reruns the survivors.
+    def _target_losses(self, objective, prompts, cands: Tensor, fulls: list[PrefixCache], chunks: list[Tensor],
+                       first_diff: Tensor) -> tuple[Tensor, Tensor]:
+        """Target loss (``sum over prompts of mean target cross-entropy``) with exact early
+        rejection (see ``prune_after``), and greedy matches, of the candidates in ``chunks``.
+
+        Every cross-entropy term is >= 0, so a candidate's loss on the first ``m`` target
+        tokens is a lower bound of its loss. Pass 1 scores every candidate on those; the few
+        with the lowest bounds are completed (an upper bound on the best loss); then only
+        candidates whose bound is not above it are completed. With one prompt completion
+        continues from pass 1's packed caches; with several it reruns the candidate.
         """
-        m = self.config.prune_after
+        m = self.config.prune_after or max(len(p.target) for p in prompts)
         single = len(prompts) == 1
-        bound = torch.zeros(len(cands))
-        stash: list[DynamicCache | None] = []
-        fulls = [p.cache.extended(current.tolist()) for p in prompts]
-
-        def cache_at(pi: int, idx: Tensor) -> tuple[PrefixCache, int]:
-            start = int(first_diff[idx].min())
-            return fulls[pi].cropped(prompts[pi].cache.length + start), start
-
+        n = len(cands)
+        part = torch.zeros(len(prompts), n)  # pass-1 cross-entropy sums per prompt
+        ok = torch.ones(n, dtype=torch.bool)
+        stash: dict[int, Packed | None] = {}
         for pi, p in enumerate(prompts):  # pass 1
             upto = min(m, len(p.target))
-            for idx in chunks:
-                cache, start = cache_at(pi, idx)
-                ce, kv = objective.target_ce(p, cands[idx, start:], cache, upto, keep_cache=single)
-                bound[idx] += ce.sum(1).cpu() / len(p.target)
-                stash.append(kv)
+            for ci, idx in enumerate(chunks):
+                ce, hit, stash[ci] = objective.target_ce(p, cands[idx], first_diff[idx], fulls[pi], upto,
+                                                         keep_cache=single and upto < len(p.target))
+                part[pi, idx] = ce.sum(1).float()
+                ok[idx] &= hit.all(1)
+        lengths = torch.tensor([len(p.target) for p in prompts], dtype=torch.float)[:, None]
+        bound = (part / lengths).sum(0)
+        if all(min(m, len(p.target)) == len(p.target) for p in prompts):
+            return bound, ok
 
-        def complete(pi: int, ci: int, rows: Tensor) -> Tensor:
-            """Exact loss on prompt ``pi`` of the candidates ``chunks[ci][rows]``."""
-            p, idx = prompts[pi], chunks[ci][rows]
-            cache, start = cache_at(pi, chunks[ci])
-            if single:
+        chunk_of = torch.empty(n, dtype=torch.long)
+        row_in = torch.empty(n, dtype=torch.long)
+        for ci, idx in enumerate(chunks):
+            chunk_of[idx], row_in[idx] = ci, torch.arange(len(idx))
+
+        def complete(sel: Tensor) -> tuple[Tensor, Tensor]:
+            """Exact losses and matches of candidates ``sel``."""
+            loss, hit = torch.zeros(len(sel)), ok[sel].clone()
+            for pi, p in enumerate(prompts):
                 upto = min(m, len(p.target))
                 if upto == len(p.target):
-                    return bound[idx]
-                pos = cache.length + len(cands[0]) - start + len(p.after) + upto - 1
-                rest = objective.target_ce_rest(p, stash[ci], rows, pos, upto)
-                return bound[idx] + rest.sum(1).cpu() / len(p.target)
-            cache, start = cache_at(pi, idx)
-            loss, _ = objective.loss(p, cands[idx, start:], cache=cache)
-            return loss.float().cpu()
+                    loss += part[pi, sel] / len(p.target)
+                    continue
+                for ci in chunk_of[sel].unique().tolist():
+                    here = (chunk_of[sel] == ci).nonzero().flatten()
+                    rows = sel[here]
+                    if single:
+                        ce, h = objective.target_ce_rest(p, stash[ci], row_in[rows], upto)
+                        loss[here] += (part[pi, rows] + ce.sum(1).float()) / len(p.target)
+                    else:
+                        ce, h, _ = objective.target_ce(p, cands[rows], first_diff[rows], fulls[pi], len(p.target))
+                        loss[here] += ce.sum(1).float() / len(p.target)
+                    hit[here] &= h.all(1)
+            return loss, hit
 
-        def exact(ci: int, rows: Tensor) -> Tensor:
-            return sum(complete(pi, ci, rows) for pi in range(len(prompts)))
-
-        where = {int(i): (ci, r) for ci, idx in enumerate(chunks) for r, i in enumerate(idx.tolist())}
-        best = int(bound.argmin())
-        ci, r = where[best]
-        total = torch.full((len(cands),), float("inf"))
-        total[best] = exact(ci, torch.tensor([r]))[0]
-        upper = float(total[best])
-        for ci, idx in sorted(enumerate(chunks), key=lambda c: float(bound[c[1]].min())):  # pass 2
-            rows = ((bound[idx] <= upper) & (idx != best)).nonzero().flatten()
-            if len(rows):
-                total[idx[rows]] = exact(ci, rows)
-                upper = min(upper, float(total[idx[rows]].min()))
-        return total
+        total = torch.full((n,), float("inf"))
+        match = torch.zeros(n, dtype=torch.bool)
+        order = bound.argsort()
+        head = order[: self.config.prune_probe]
+        total[head], match[head] = complete(head)
+        upper = float(total[head].min())
+        rest = order[self.config.prune_probe:]
+        rest = rest[bound[rest] <= upper]
+        if len(rest):
+            total[rest], match[rest] = complete(rest)
+        return total, match
 
     def _succeeds(self, objective: GCGObjective, prompts: list[_Prompt], ids: Tensor) -> bool:
         """With a target: every target is the greedy continuation. Without: no response

@@ -52,6 +52,12 @@ class PrefixCache:
         new.cm, new.kv, new.length = cm, kv, length
         return new
 
+    @classmethod
+    def from_cache(cls, cm: ChatModel, cache: DynamicCache, length: int) -> "PrefixCache":
+        """The first ``length`` positions of a batch-1 cache from another pass (detached)."""
+        kv = [(layer.keys[:1, :, :length].detach(), layer.values[:1, :, :length].detach()) for layer in cache.layers]
+        return cls._from(cm, kv, length)
+
     def extended(self, ids: list[int]) -> "PrefixCache":
         """The cache of this prefix followed by ``ids`` (one more batch-1 forward pass)."""
         cm = self.cm
