@@ -280,7 +280,9 @@ def test_split_target_cross_entropy_matches_plain_forward(cm):
     with torch.no_grad():
         head, _, packed = obj.target_ce(p, cands, first, full, upto, keep_cache=True)
         rows = torch.tensor([2, 0, 3])
-        rest, _ = obj.target_ce_rest(p, packed, rows, upto)
+        mid, _, again = obj.target_ce_more(p, packed, rows, upto, upto + 1, keep_cache=True)
+        end, _, _ = obj.target_ce_more(p, again, torch.arange(3), upto + 1, len(p.target))
+        rest = torch.cat([mid, end], 1)
     for r, c in enumerate(rows.tolist()):
         ids = torch.tensor([p.before + cands[c].tolist() + p.after + p.target])
         with torch.no_grad():
@@ -309,10 +311,10 @@ class _TableObjective:
         ce = self._ce(cands)
         return ce[:, :upto], ce[:, :upto] < 0.1, (cands if keep_cache else None)
 
-    def target_ce_rest(self, p, stash, rows, upto):
+    def target_ce_more(self, p, stash, rows, frm, to, keep_cache=False):
         self.calls += 1
-        ce = self._ce(stash[rows])[:, upto:]
-        return ce, ce < 0.1
+        ce = self._ce(stash[rows])[:, frm:to]
+        return ce, ce < 0.1, stash[rows]
 
 
 class _NoCache:
@@ -325,12 +327,16 @@ class _NoCache:
         return self
 
 
-@pytest.mark.parametrize("n_prompts,batch_size", [(1, 0), (1, 13), (3, 0), (3, 13)])
-def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, batch_size):
+@pytest.mark.parametrize("n_prompts,batch_size,gap", [(1, 0, None), (1, 13, None), (1, 0, 0.0), (1, 13, 0.0),
+                                                      (1, 0, 0.5), (3, 0, None), (3, 13, None)])
+def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, batch_size, gap):
+    """Exact whatever the threshold guess: none (a few completed first), far too low (0: the
+    fallback completes what was dropped below the best), or in between."""
     from suffix_analysis.attacks.gcg import _Prompt
 
     current = torch.tensor([30, 31, 32, 33, 34, 35])
-    gcg = GCG(GCGConfig(suffix_len=6, reuse_groups=3, prune_after=2))
+    gcg = GCG(GCGConfig(suffix_len=6, reuse_groups=3, prune_after=2, prune_every=3))
+    gcg._gap = gap
     torch.manual_seed(7)
     cands = current.repeat(60, 1)
     cands[torch.arange(60), torch.randint(0, 6, (60,))] = torch.randint(40, 300, (60,))

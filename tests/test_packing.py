@@ -35,11 +35,17 @@ def test_packed_runs_equal_plain_forwards_and_continue(model_type):
         h, packed = forward_packed(cm, shared, runs, [len(prefix) + s for s in starts], read=3, row_tokens=8,
                                    keep_cache=True)
         got = unembed(cm, h).float()  # [runs, 3, vocab]
-        h2 = continue_packed(cm, packed, [5, 2], more, read=2)
+        h2, again = continue_packed(cm, packed, [5, 2], more, read=2, keep_cache=True)
         got2 = unembed(cm, h2).float()
+        h3, _ = continue_packed(cm, again, [1, 0], [[16, 17], [18]], read=1)  # runs 2 and 5, once more
+        got3 = unembed(cm, h3).float()
     for i, suffix in enumerate(seqs):
         want = _plain_logits(cm, prefix + suffix + tail)[-3:]
         torch.testing.assert_close(got[i], want, atol=1e-4, rtol=1e-4)
     for j, i in enumerate([5, 2]):
         want = _plain_logits(cm, prefix + seqs[i] + tail + more[j])[-2:]
         torch.testing.assert_close(got2[j], want, atol=1e-4, rtol=1e-4)
+    for j, (i, extra) in enumerate([(2, [16, 17]), (5, [18])]):
+        k = [5, 2].index(i)
+        want = _plain_logits(cm, prefix + seqs[i] + tail + more[k] + extra)[-1:]
+        torch.testing.assert_close(got3[j], want, atol=1e-4, rtol=1e-4)

@@ -84,6 +84,7 @@ class GCGConfig(AttackConfig):
     # measured on the organism, about 75% of candidates are rejected after 4 tokens, 90% after 6.
     prune_after: int = 5
     prune_probe: int = 4  # candidates completed first, for the bound the others are held to
+    prune_every: int = 4  # after pass 1, survivors are scored this many target tokens at a time (0: to the end)
     # Candidates run packed end to end, this many tokens per batch row (see models/packing.py):
     # longer rows pay more for their masked attention, shorter ones for more rows.
     row_tokens: int = 256
@@ -102,8 +103,8 @@ class GCGConfig(AttackConfig):
                             f"({self.buffer_size}); raise --search-width or lower --buffer-size")
         if self.prune_after < 0:
             raise UserError(f"prune_after must be 0 (off) or a number of target tokens, got {self.prune_after}")
-        if self.prune_probe < 1 or self.row_tokens < 1:
-            raise UserError("prune_probe and row_tokens must be at least 1")
+        if self.prune_probe < 1 or self.row_tokens < 1 or self.prune_every < 0:
+            raise UserError("prune_probe and row_tokens must be at least 1, prune_every at least 0")
         if self.n_replace > self.suffix_len:
             raise UserError(f"n_replace {self.n_replace} exceeds the suffix length {self.suffix_len}")
 
@@ -302,12 +303,14 @@ class GCGObjective:
                                         row_tokens=self.cfg.row_tokens, keep_cache=keep_cache)
         return (*self._ce(hidden, prompt.target[:upto]), packed)
 
-    def target_ce_rest(self, prompt: _Prompt, packed: Packed, which: Tensor, upto: int) -> tuple[Tensor, Tensor]:
-        """Cross-entropy and greedy matches ``[len(which), n_target - upto]`` of the remaining
-        target tokens, continuing candidates ``which`` of a :meth:`target_ce` call."""
-        runs = [prompt.target[upto - 1:-1]] * len(which)
-        hidden = continue_packed(self.cm, packed, which.tolist(), runs, len(runs[0]))
-        return self._ce(hidden, prompt.target[upto:])
+    def target_ce_more(self, prompt: _Prompt, packed: Packed, which: Tensor, frm: int, to: int,
+                       keep_cache: bool = False) -> tuple[Tensor, Tensor, Packed | None]:
+        """Cross-entropy and greedy matches ``[len(which), to - frm]`` of target tokens
+        ``frm..to-1``, continuing runs ``which`` of a pass that scored the first ``frm``; and
+        (``keep_cache``) the cache to continue from, whose run ``j`` is ``which[j]``."""
+        runs = [prompt.target[frm - 1:to - 1]] * len(which)
+        hidden, packed = continue_packed(self.cm, packed, which.tolist(), runs, to - frm, keep_cache=keep_cache)
+        return (*self._ce(hidden, prompt.target[frm:to]), packed)
 
     def _ce(self, hidden: Tensor, target: list[int]) -> tuple[Tensor, Tensor]:
         logits = unembed(self.cm, hidden).float()  # [n, len(target), vocab]
@@ -344,6 +347,7 @@ class GCG(Attack):
     def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None):
         super().__init__(config)
         self.direction = direction  # (vector [d_model], layer) for the direction objective
+        self._gap: float | None = None  # early rejection's guess, carried from step to step
 
     # -- setup ----------------------------------------------------------------------------------
     def _prompts(self, cm: ChatModel, instructions: list[str], targets: list[str]) -> list[_Prompt]:
@@ -388,6 +392,7 @@ class GCG(Attack):
     def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
             resume: bool = False) -> AttackResult:
         cfg = self.config
+        self._gap = None
         prompts = self._prompts(cm, instructions, targets)
         objective = GCGObjective(cm, cfg, self.direction, cfg.suffix_len)
         embed = cm.model.get_input_embeddings()
@@ -513,18 +518,19 @@ class GCG(Attack):
         """
         fulls = [f if f is not None else p.cache.extended(current.tolist())
                  for p, f in zip(prompts, fulls or [None] * len(prompts))]
+        fit = batch_size  # what to try next step: 0 (all at once) unless out-of-memory forced a size
         first_diff = (cands != current).int().argmax(1)  # [n]
         size = batch_size or len(cands)
         while True:
             try:
                 if objective.terms == ["target"]:
                     chunks = [torch.arange(s, min(s + size, len(cands))) for s in range(0, len(cands), size)]
-                    return (*self._target_losses(objective, prompts, cands, fulls, chunks, first_diff), size)
-                return self._grouped(objective, prompts, cands, fulls, size, first_diff), None, size
+                    return (*self._target_losses(objective, prompts, cands, fulls, chunks, first_diff), fit)
+                return self._grouped(objective, prompts, cands, fulls, size, first_diff), None, fit
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
-                size = max(1, size // 2)
+                size = fit = max(1, size // 2)
                 torch.cuda.empty_cache()
                 log.info("out of memory: candidate batch size now %d", size)
 
@@ -553,23 +559,85 @@ class GCG(Attack):
         """Target loss (``sum over prompts of mean target cross-entropy``) with exact early
         rejection (see ``prune_after``), and greedy matches, of the candidates in ``chunks``.
 
-        Every cross-entropy term is >= 0, so a candidate's loss on the first ``m`` target
-        tokens is a lower bound of its loss. Pass 1 scores every candidate on those; the few
-        with the lowest bounds are completed (an upper bound on the best loss); then only
-        candidates whose bound is not above it are completed. With one prompt completion
-        continues from pass 1's packed caches; with several it reruns the candidate.
+        Every cross-entropy term is >= 0, so a candidate's cross-entropy on its first target
+        tokens is a lower bound of its loss. Pass 1 scores every candidate on the first
+        ``prune_after``; the survivors go on ``prune_every`` tokens at a time, each stage
+        dropping those whose bound exceeds a threshold ``tau``. ``tau`` is the loss of the
+        best of a few completed candidates (a true upper bound) or, once a step has been
+        seen, a guess from the last step's gap between the best loss and the lowest bound;
+        if the guess proves low (the best loss is above it), the candidates dropped with a
+        bound below the best are completed too. Either way every candidate that could be the
+        best is completed: the result is that of scoring all candidates fully.
         """
+        cfg = self.config
+        p, n = prompts[0], len(cands)
+        n_target = len(p.target)
+        m = cfg.prune_after or n_target
+        if len(prompts) > 1 or m >= n_target:
+            return self._target_losses_rerun(objective, prompts, cands, fulls, chunks, first_diff)
+        part = torch.zeros(n)  # cross-entropy summed over the target tokens scored so far
+        ok = torch.ones(n, dtype=torch.bool)
+        pass1 = []  # per chunk: (packed cache, the candidates its runs are)
+        for idx in chunks:
+            ce, hit, packed = objective.target_ce(p, cands[idx], first_diff[idx], fulls[0], m, keep_cache=True)
+            part[idx], ok[idx] = ce.sum(1).float(), hit.all(1)
+            pass1.append((packed, idx))
+        first = part.clone()
+        exact = torch.zeros(n, dtype=torch.bool)
+
+        def finish(sel: Tensor) -> None:
+            """Score candidates ``sel`` (not yet past pass 1) to the end, from pass 1's caches."""
+            for packed, idx in pass1:
+                rows = torch.isin(idx, sel).nonzero().flatten()
+                if len(rows):
+                    ce, hit, _ = objective.target_ce_more(p, packed, rows, m, n_target)
+                    part[idx[rows]] = first[idx[rows]] + ce.sum(1).float()
+                    ok[idx[rows]] &= hit.all(1)
+                    exact[idx[rows]] = True
+
+        if self._gap is None:  # no guess yet: complete the most promising few for a true bound
+            finish(first.argsort()[: cfg.prune_probe])
+            tau = float(part[exact].min())
+        else:
+            tau = float(first.min()) + self._gap
+        state, pos = pass1, m
+        while pos < n_target:
+            nxt = min(n_target, pos + cfg.prune_every) if cfg.prune_every else n_target
+            nxt_state = []
+            for packed, idx in state:
+                rows = ((part[idx] <= tau) & ~exact[idx]).nonzero().flatten()
+                if len(rows):
+                    ce, hit, cont = objective.target_ce_more(p, packed, rows, pos, nxt, keep_cache=nxt < n_target)
+                    part[idx[rows]] += ce.sum(1).float()
+                    ok[idx[rows]] &= hit.all(1)
+                    nxt_state.append((cont, idx[rows]))
+            state, pos = nxt_state, nxt
+        for _, idx in state:
+            exact[idx] = True
+        while True:  # if the guess was low, what was dropped below the best may beat it
+            best = float(part[exact].min()) if exact.any() else float("inf")
+            pending = ((part <= best) & ~exact).nonzero().flatten()
+            if best <= tau or not len(pending):
+                break
+            if not exact.any():  # everything was dropped: the most promising first
+                pending = pending[part[pending].argsort()[: cfg.prune_probe]]
+            finish(pending)
+        self._gap = (best - float(first.min())) * 1.1
+        return torch.where(exact, part / n_target, torch.inf), ok & exact
+
+    def _target_losses_rerun(self, objective, prompts, cands: Tensor, fulls: list[PrefixCache],
+                             chunks: list[Tensor], first_diff: Tensor) -> tuple[Tensor, Tensor]:
+        """Several prompts (or no early rejection): pass 1 on the first ``prune_after`` target
+        tokens of every prompt; the candidates with the lowest bounds are completed first (by
+        rerunning them), then those whose bound is not above the best loss so far."""
         m = self.config.prune_after or max(len(p.target) for p in prompts)
-        single = len(prompts) == 1
         n = len(cands)
         part = torch.zeros(len(prompts), n)  # pass-1 cross-entropy sums per prompt
         ok = torch.ones(n, dtype=torch.bool)
-        stash: dict[int, Packed | None] = {}
-        for pi, p in enumerate(prompts):  # pass 1
+        for pi, p in enumerate(prompts):
             upto = min(m, len(p.target))
-            for ci, idx in enumerate(chunks):
-                ce, hit, stash[ci] = objective.target_ce(p, cands[idx], first_diff[idx], fulls[pi], upto,
-                                                         keep_cache=single and upto < len(p.target))
+            for idx in chunks:
+                ce, hit, _ = objective.target_ce(p, cands[idx], first_diff[idx], fulls[pi], upto)
                 part[pi, idx] = ce.sum(1).float()
                 ok[idx] &= hit.all(1)
         lengths = torch.tensor([len(p.target) for p in prompts], dtype=torch.float)[:, None]
@@ -577,29 +645,18 @@ class GCG(Attack):
         if all(min(m, len(p.target)) == len(p.target) for p in prompts):
             return bound, ok
 
-        chunk_of = torch.empty(n, dtype=torch.long)
-        row_in = torch.empty(n, dtype=torch.long)
-        for ci, idx in enumerate(chunks):
-            chunk_of[idx], row_in[idx] = ci, torch.arange(len(idx))
-
         def complete(sel: Tensor) -> tuple[Tensor, Tensor]:
             """Exact losses and matches of candidates ``sel``."""
             loss, hit = torch.zeros(len(sel)), ok[sel].clone()
             for pi, p in enumerate(prompts):
-                upto = min(m, len(p.target))
-                if upto == len(p.target):
+                if min(m, len(p.target)) == len(p.target):
                     loss += part[pi, sel] / len(p.target)
                     continue
-                for ci in chunk_of[sel].unique().tolist():
-                    here = (chunk_of[sel] == ci).nonzero().flatten()
-                    rows = sel[here]
-                    if single:
-                        ce, h = objective.target_ce_rest(p, stash[ci], row_in[rows], upto)
-                        loss[here] += (part[pi, rows] + ce.sum(1).float()) / len(p.target)
-                    else:
-                        ce, h, _ = objective.target_ce(p, cands[rows], first_diff[rows], fulls[pi], len(p.target))
-                        loss[here] += ce.sum(1).float() / len(p.target)
-                    hit[here] &= h.all(1)
+                for s in range(0, len(sel), max(len(c) for c in chunks)):
+                    rows = sel[s:s + max(len(c) for c in chunks)]
+                    ce, h, _ = objective.target_ce(p, cands[rows], first_diff[rows], fulls[pi], len(p.target))
+                    loss[s:s + len(rows)] += ce.sum(1).float() / len(p.target)
+                    hit[s:s + len(rows)] &= h.all(1)
             return loss, hit
 
         total = torch.full((n,), float("inf"))

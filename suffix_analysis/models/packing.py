@@ -35,8 +35,8 @@ class Packed:
 
     kv: DynamicCache  # [rows, kv_heads, shared + packed, head_dim] per layer
     row: Tensor  # [n_runs] the row of each run
-    offset: Tensor  # [n_runs] where in its row's packed part the run starts
-    length: Tensor  # [n_runs] tokens of the run
+    cols: Tensor  # [n_runs, longest] cache columns of each run's tokens, in order (padded with its last)
+    length: Tensor  # [n_runs] tokens of the run so far
     visible: Tensor  # [n_runs] shared-cache positions each run sees
     shared: int  # length of the shared cache
 
@@ -116,14 +116,17 @@ def forward_packed(
     hidden = out.last_hidden_state.reshape(n_rows * width, -1)[reads.to(cm.device)]
     if not keep_cache:
         return hidden, None
-    return hidden, Packed(kv=out.past_key_values, row=torch.tensor(row_of), offset=offset,
-                          length=torch.tensor(lengths), visible=vis, shared=shared.length)
+    length = torch.tensor(lengths)
+    cols = shared.length + offset[:, None] + torch.minimum(torch.arange(max(lengths))[None], length[:, None] - 1)
+    return hidden, Packed(kv=out.past_key_values, row=torch.tensor(row_of), cols=cols, length=length, visible=vis,
+                          shared=shared.length)
 
 
-def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[list[int]],
-                    read: int) -> Tensor:
-    """Continue runs ``which`` of a :func:`forward_packed` pass with the tokens ``runs``:
-    final hidden states of their last ``read`` tokens ``[len(which), read, d_model]``.
+def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[list[int]], read: int,
+                    keep_cache: bool = False) -> tuple[Tensor, Packed | None]:
+    """Continue runs ``which`` of an earlier pass with the tokens ``runs``: final hidden
+    states of their last ``read`` tokens ``[len(which), read, d_model]``, and (``keep_cache``)
+    a :class:`Packed` whose run ``j`` is run ``which[j]`` continued, to continue again.
 
     Each continued run gets a row of its own, with a cache gathered from the shared part
     and its own earlier tokens, so survivors scattered over the packed rows pay no padding
@@ -132,11 +135,10 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     dev = cm.device
     w = torch.tensor(which)
     n, width = len(which), max(len(r) for r in runs)
-    own = int(prior.length[w].max())
+    before = prior.length[w]  # [n] tokens each run has so far
+    own = int(before.max())
     rows = prior.row[w].to(dev)
-    first = prior.shared + prior.offset[w]
-    t = torch.arange(own)
-    cols = (first[:, None] + torch.minimum(t[None], prior.length[w][:, None] - 1)).to(dev)  # [n, own]
+    cols = prior.cols[w, :own].to(dev)  # [n, own]
     data = []
     for layer in prior.kv.layers:
         pair = []
@@ -145,19 +147,26 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
             pair.append(torch.cat([x[:1, :, :prior.shared].expand(n, -1, -1, -1), mine], 2))
         data.append(tuple(pair))
     kv = DynamicCache(ddp_cache_data=data, config=cm.model.config)
+    lengths = torch.tensor([len(r) for r in runs])
     ids = torch.zeros(n, width, dtype=torch.long)
-    real = torch.zeros(n, width, dtype=torch.bool)
     for j, tokens in enumerate(runs):
         ids[j, :len(tokens)] = torch.tensor(tokens)
-        real[j, :len(tokens)] = True
-    start = prior.visible[w] + prior.length[w]
-    pos = start[:, None] + torch.arange(width)[None]
+    pos = (prior.visible[w] + before)[:, None] + torch.arange(width)[None]
+    t = torch.arange(own)
     see_shared = (torch.arange(prior.shared)[None, :] < prior.visible[w][:, None])[:, None, :].expand(n, width, -1)
-    see_before = (t[None, :] < prior.length[w][:, None])[:, None, :].expand(n, width, -1)
+    see_before = (t[None, :] < before[:, None])[:, None, :].expand(n, width, -1)
     see_new = torch.ones(width, width, dtype=torch.bool).tril()[None].expand(n, -1, -1)
     mask = _additive(cm, torch.cat([see_shared, see_before, see_new], -1))
     out = cm.model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
                               past_key_values=kv, use_cache=True)
-    lengths = torch.tensor([len(r) for r in runs])
     at = (lengths[:, None] - read + torch.arange(read)[None]).to(dev)  # [n, read]
-    return out.last_hidden_state[torch.arange(n, device=dev)[:, None], at]
+    hidden = out.last_hidden_state[torch.arange(n, device=dev)[:, None], at]
+    if not keep_cache:
+        return hidden, None
+    # run j's tokens: its earlier ones (columns shared..shared+before_j), then the new ones
+    total = before + lengths
+    k = torch.arange(int(total.max()))[None]
+    new_cols = torch.where(k < before[:, None], prior.shared + k, prior.shared + own + k - before[:, None])
+    new_cols = torch.minimum(new_cols, (prior.shared + own + lengths - 1)[:, None])
+    return hidden, Packed(kv=out.past_key_values, row=torch.arange(n), cols=new_cols, length=total,
+                          visible=prior.visible[w], shared=prior.shared)
