@@ -8,10 +8,12 @@ python. Build one with:
 
 Then:
 
-    python benchmarks/bench_gcg.py [--model smollm2-135m-refusal] [--steps 20] [--search-width 64] [--topk 256]
+    python benchmarks/bench_gcg.py [--model smollm2-135m-refusal] [--steps 10] [--seeds 3] [--dtype float32]
 
-Prints seconds per step for each, their ratio, and the loss each reached after the same
-number of steps. Both runs use the same dtype (--dtype, default float32) and the same number of CPU threads.
+Prints seconds per step for each (median over all steps of all seeds), their ratio, and the
+loss each reached after the same number of steps, per seed and on average: the two engines
+draw different random candidates, so one seed's losses differ by chance. Both use the same
+dtype and the same number of CPU threads; run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -57,7 +58,8 @@ def export_for_transformers_4(cm, folder: Path) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-refusal")
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--seeds", type=int, default=3, help="runs per engine, seeds --seed, --seed+1, ...")
     ap.add_argument("--search-width", type=int, default=64)
     ap.add_argument("--topk", type=int, default=256)
     ap.add_argument("--suffix-len", type=int, default=20)
@@ -77,43 +79,53 @@ def main():
           f"suffix {args.suffix_len} tokens, {args.steps} steps, one prompt")
     print(f"prompt {INSTRUCTION!r} -> target {target!r}")
 
-    cfg = GCGConfig(num_steps=args.steps, search_width=args.search_width, topk=args.topk, suffix_len=args.suffix_len,
-                    init="x", early_stop=False, seed=args.seed)
-    t = time.perf_counter()
-    ours = GCG(cfg).run(cm, [INSTRUCTION], [target])
-    ours_total = time.perf_counter() - t
+    seeds = range(args.seed, args.seed + args.seeds)
+    ours = []
+    for seed in seeds:
+        cfg = GCGConfig(num_steps=args.steps, search_width=args.search_width, topk=args.topk,
+                        suffix_len=args.suffix_len, init="x", early_stop=False, seed=seed)
+        r = GCG(cfg).run(cm, [INSTRUCTION], [target])
+        ours.append({"step_seconds": r.step_seconds, "losses": r.losses})
+        print(f"ours    seed {seed}: {statistics.median(r.step_seconds):.2f} s/step, loss {r.losses[-1]:.4f}", flush=True)
 
+    if not Path(args.nanogcg_python).exists():
+        print(f"nanoGCG environment not found at {args.nanogcg_python}; see this file's docstring")
+        sys.exit(1)
     work = Path(tempfile.mkdtemp(prefix="bench_gcg_"))
+    theirs = []
     try:
         spec = export_for_transformers_4(cm, work / "model")
         spec.update(model_dir=str(work / "model"), instruction=INSTRUCTION, target=target, threads=threads,
-                    dtype=args.dtype,
-                    config={"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
-                            "suffix_len": args.suffix_len, "seed": args.seed})
-        (work / "spec.json").write_text(json.dumps(spec))
-        if not Path(args.nanogcg_python).exists():
-            print(f"nanoGCG environment not found at {args.nanogcg_python}; see this file's docstring")
-            sys.exit(1)
+                    dtype=args.dtype)
         runner = Path(__file__).with_name("nanogcg_runner.py")
-        subprocess.run([args.nanogcg_python, str(runner), str(work / "spec.json"), str(work / "out.json")],
-                       check=True)
-        theirs = json.loads((work / "out.json").read_text())
+        for seed in seeds:
+            spec["config"] = {"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
+                              "suffix_len": args.suffix_len, "seed": seed}
+            (work / "spec.json").write_text(json.dumps(spec))
+            subprocess.run([args.nanogcg_python, str(runner), str(work / "spec.json"), str(work / "out.json")],
+                           check=True)
+            r = json.loads((work / "out.json").read_text())
+            theirs.append(r)
+            print(f"nanogcg seed {seed}: {statistics.median(r['step_seconds']):.2f} s/step, loss {r['losses'][-1]:.4f}",
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    def summary(name, steps, losses):
+    def summary(name, runs):
+        steps = [s for r in runs for s in r["step_seconds"]]
+        final = [r["losses"][-1] for r in runs]
         med = statistics.median(steps)
-        print(f"{name:10s} {med:7.2f} s/step (median; mean {statistics.mean(steps):.2f})   loss after {len(losses)} "
-              f"steps {losses[-1]:.4f}, best {min(losses):.4f}")
-        return med
+        print(f"{name:8s} {med:6.2f} s/step (median of {len(steps)}; mean {statistics.mean(steps):.2f})   "
+              f"loss after {args.steps} steps: mean {statistics.mean(final):.4f} "
+              f"[{', '.join(f'{x:.3f}' for x in final)}]")
+        return med, statistics.mean(final)
 
-    ours_s = summary("ours", ours.step_seconds, ours.losses)
-    theirs_s = summary("nanogcg", theirs["step_seconds"], theirs["losses"])
-    print(f"speed-up   {theirs_s / ours_s:.2f}x fewer seconds per step")
-    better = min(ours.losses) <= min(theirs["losses"])
-    print(f"best loss  ours {min(ours.losses):.4f} vs nanogcg {min(theirs['losses']):.4f} "
-          f"({'same or lower' if better else 'HIGHER'})")
-    print(f"ours suffix {ours.suffix!r}")
+    print(f"--- {args.dtype}, {threads} threads, {len(seeds)} seed(s), {args.steps} steps each")
+    ours_s, ours_l = summary("ours", ours)
+    theirs_s, theirs_l = summary("nanogcg", theirs)
+    print(f"speed-up {theirs_s / ours_s:.2f}x fewer seconds per step")
+    print(f"loss     ours {ours_l:.4f} vs nanogcg {theirs_l:.4f} on average "
+          f"({'same or lower' if ours_l <= theirs_l else 'HIGHER'})")
 
 
 if __name__ == "__main__":

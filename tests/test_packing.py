@@ -1,5 +1,7 @@
 """Packed runs over a shared cache equal one plain forward pass per run."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,9 +16,15 @@ def _plain_logits(cm, ids):
         return cm.model(input_ids=torch.tensor([ids])).logits[0].float()
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
-def test_packed_runs_equal_plain_forwards_and_continue(model_type):
+@pytest.mark.parametrize("model_type,attention", [("llama", "cpu-default"), ("llama", "sdpa"),
+                                                   ("qwen2", "cpu-default"), ("gemma2", "cpu-default")])
+def test_packed_runs_equal_plain_forwards_and_continue(model_type, attention, monkeypatch):
     cm = tiny_chat_model(model_type)
+    if attention == "sdpa":  # what a GPU runs: the model's SDPA with the packed mask
+        from suffix_analysis.models import packing
+
+        cm.model.set_attn_implementation("sdpa")
+        monkeypatch.setattr(packing, "_dense_mask_attention", lambda cm: contextlib.nullcontext())
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(5, 300, (9,), generator=g).tolist()
     current = torch.randint(5, 300, (6,), generator=g).tolist()

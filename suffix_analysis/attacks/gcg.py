@@ -87,7 +87,7 @@ class GCGConfig(AttackConfig):
     prune_every: int = 4  # after pass 1, survivors are scored this many target tokens at a time (0: to the end)
     # Candidates run packed end to end, this many tokens per batch row (see models/packing.py):
     # longer rows pay more for their masked attention, shorter ones for more rows.
-    row_tokens: int = 256
+    row_tokens: int = 128
     checkpoint_every: int = 10
 
     def validate(self) -> None:
@@ -318,19 +318,13 @@ class GCGObjective:
         return token_ce(logits, tgt).cpu(), (logits.argmax(-1) == tgt).cpu()
 
     def refusal_score(self, prompt: _Prompt, suffix: Tensor) -> Tensor:
-        return _refusal_score_after(self.cm, prompt, suffix)
+        """Refusal score at the response start for suffixes ``[batch, suffix_len]``: ``[batch]``."""
+        from ..evaluation.refusal import refusal_score
 
-
-def _refusal_score_after(cm: ChatModel, prompt: _Prompt, suffix: Tensor) -> Tensor:
-    """Refusal score at the response start for suffixes ``[batch, suffix_len]``: ``[batch]``."""
-    from ..evaluation.refusal import refusal_score
-
-    cache = prompt.cache
-    ids = torch.cat([suffix.to(cm.device), torch.tensor(prompt.after, device=cm.device).expand(len(suffix), -1)], 1)
-    p = cache.length if cache else 0
-    out = cm.model(input_ids=ids, position_ids=torch.arange(p, p + ids.shape[1], device=cm.device).expand(len(ids), -1),
-                   past_key_values=cache.expand(len(ids)) if cache else None, use_cache=p > 0, logits_to_keep=1)
-    return refusal_score(out.logits[:, -1], cm.refusal_ids)
+        cache = prompt.cache
+        kwargs = self._inputs(prompt, suffix, None, prompt.after, cache, cache.length if cache else 0)
+        out = self.cm.model(**kwargs, logits_to_keep=1)
+        return refusal_score(out.logits[:, -1], self.cm.refusal_ids)
 
 
 def _fingerprint(obj) -> str:

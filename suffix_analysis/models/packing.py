@@ -19,6 +19,7 @@ matters, as much as the padding it saves.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,22 @@ def _assign_rows(lengths: list[int], n_rows: int) -> list[int]:
     return row
 
 
+@contextmanager
+def _dense_mask_attention(cm: ChatModel):
+    """Eager attention on a CPU for the packed passes: with a dense arbitrary mask PyTorch's
+    CPU SDPA kernel is slower than matmul + softmax (about 10% of a packed pass on the
+    organism, float32 and bfloat16). GPUs keep the model's own implementation."""
+    impl = cm.model.config._attn_implementation
+    if cm.device.type != "cpu" or impl == "eager":
+        yield
+        return
+    cm.model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        cm.model.set_attn_implementation(impl)
+
+
 def _additive(cm: ChatModel, allowed: Tensor) -> Tensor:
     """``[rows, q, k]`` bool -> ``[rows, 1, q, k]`` additive mask in the model's dtype."""
     mask = torch.zeros(allowed.shape, dtype=cm.dtype).masked_fill_(~allowed, torch.finfo(cm.dtype).min)
@@ -74,7 +91,7 @@ def forward_packed(
     runs: list[list[int]],
     visible: list[int],
     read: int,
-    row_tokens: int = 256,
+    row_tokens: int = 128,
     keep_cache: bool = False,
 ) -> tuple[Tensor, Packed | None]:
     """Final hidden states of the last ``read`` tokens of every run: ``[n_runs, read, d_model]``.
@@ -111,8 +128,9 @@ def forward_packed(
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     see_own = (run_at[:, None, :] == run_at[:, :, None]) & causal & real[:, :, None]
     mask = _additive(cm, torch.cat([see_shared, see_own], -1))
-    out = cm.model.base_model(input_ids=ids.to(cm.device), position_ids=pos.to(cm.device), attention_mask=mask,
-                              past_key_values=shared.expand(n_rows), use_cache=True)
+    with _dense_mask_attention(cm):
+        out = cm.model.base_model(input_ids=ids.to(cm.device), position_ids=pos.to(cm.device), attention_mask=mask,
+                                  past_key_values=shared.expand(n_rows), use_cache=True)
     hidden = out.last_hidden_state.reshape(n_rows * width, -1)[reads.to(cm.device)]
     if not keep_cache:
         return hidden, None
@@ -157,8 +175,9 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     see_before = (t[None, :] < before[:, None])[:, None, :].expand(n, width, -1)
     see_new = torch.ones(width, width, dtype=torch.bool).tril()[None].expand(n, -1, -1)
     mask = _additive(cm, torch.cat([see_shared, see_before, see_new], -1))
-    out = cm.model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
-                              past_key_values=kv, use_cache=True)
+    with _dense_mask_attention(cm):
+        out = cm.model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
+                                  past_key_values=kv, use_cache=True)
     at = (lengths[:, None] - read + torch.arange(read)[None]).to(dev)  # [n, read]
     hidden = out.last_hidden_state[torch.arange(n, device=dev)[:, None], at]
     if not keep_cache:
