@@ -85,7 +85,7 @@ def main():
         cfg = GCGConfig(num_steps=args.steps, search_width=args.search_width, topk=args.topk,
                         suffix_len=args.suffix_len, init="x", early_stop=False, seed=seed)
         r = GCG(cfg).run(cm, [INSTRUCTION], [target])
-        ours.append({"step_seconds": r.step_seconds, "losses": r.losses})
+        ours.append({"step_seconds": r.step_seconds, "losses": r.losses, "strings": r.suffixes})
         print(f"ours    seed {seed}: {statistics.median(r.step_seconds):.2f} s/step, loss {r.losses[-1]:.4f}", flush=True)
 
     if not Path(args.nanogcg_python).exists():
@@ -111,20 +111,33 @@ def main():
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    # One yardstick for both: each engine's last suffix, placed in the prompt as text, scored
+    # by a plain float32 forward (in bfloat16 the engines' own losses differ by their numerics).
+    ref = cm if args.dtype == "float32" else load_model(args.model, device="cpu", dtype="float32")
+
+    def plain_loss(suffix: str) -> float:
+        ids = ref.tokenizer(ref.chat.render(INSTRUCTION, suffix.strip()), add_special_tokens=False)["input_ids"]
+        tgt = ref.tokenizer(target, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = ref.model(input_ids=torch.tensor([ids + tgt])).logits[0, len(ids) - 1:-1].float()
+        return torch.nn.functional.cross_entropy(logits, torch.tensor(tgt)).item()
+
     def summary(name, runs):
         steps = [s for r in runs for s in r["step_seconds"]]
         final = [r["losses"][-1] for r in runs]
+        plain = [plain_loss(r["strings"][-1]) for r in runs]
         med = statistics.median(steps)
         print(f"{name:8s} {med:6.2f} s/step (median of {len(steps)}; mean {statistics.mean(steps):.2f})   "
               f"loss after {args.steps} steps: mean {statistics.mean(final):.4f} "
-              f"[{', '.join(f'{x:.3f}' for x in final)}]")
-        return med, statistics.mean(final)
+              f"[{', '.join(f'{x:.3f}' for x in final)}]; plain float32 {statistics.mean(plain):.4f} "
+              f"[{', '.join(f'{x:.3f}' for x in plain)}]")
+        return med, statistics.mean(plain)
 
     print(f"--- {args.dtype}, {threads} threads, {len(seeds)} seed(s), {args.steps} steps each")
     ours_s, ours_l = summary("ours", ours)
     theirs_s, theirs_l = summary("nanogcg", theirs)
     print(f"speed-up {theirs_s / ours_s:.2f}x fewer seconds per step")
-    print(f"loss     ours {ours_l:.4f} vs nanogcg {theirs_l:.4f} on average "
+    print(f"loss     ours {ours_l:.4f} vs nanogcg {theirs_l:.4f} on average, plain float32 forward "
           f"({'same or lower' if ours_l <= theirs_l else 'HIGHER'})")
 
 

@@ -41,7 +41,7 @@ def main():
     stamps.append(end)
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     json.dump({"losses": result.losses, "step_seconds": steps, "best_loss": result.best_loss,
-               "best_string": result.best_string}, open(sys.argv[2], "w"))
+               "best_string": result.best_string, "strings": result.strings}, open(sys.argv[2], "w"))
 
 
 if __name__ == "__main__":
