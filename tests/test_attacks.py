@@ -359,3 +359,18 @@ def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, ba
     torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-5)
     assert int((~kept).sum()) > 0, "nothing was rejected: the test does not exercise early rejection"
     assert (want[~kept] > want.min()).all()
+
+
+def test_staged_scoring_follows_the_same_path_as_full_scoring(cm):
+    """Whole runs on a real (tiny) model: scoring in stages from packed caches continued
+    again and again, and scoring in one pass, choose the same suffix at every step. (A
+    random model's candidates are too alike for anything to be rejected here; the
+    stand-in objective above covers rejection.)"""
+    runs = []
+    for prune_after, prune_every in [(0, 0), (2, 1), (1, 0)]:
+        cfg = GCGConfig(suffix_len=5, num_steps=4, search_width=24, topk=16, seed=3, early_stop=False,
+                        prune_after=prune_after, prune_every=prune_every, row_tokens=16)
+        runs.append(GCG(cfg).run(cm, INSTR[:1], ["Sure, here is a poem about the sea"]))
+    for r in runs[1:]:
+        assert r.suffixes == runs[0].suffixes
+        torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(runs[0].losses), atol=1e-4, rtol=1e-4)

@@ -8,14 +8,19 @@ loss is computed exactly and the best one is kept.
 Where the time goes, and what this implementation does about it:
 
 * every candidate shares the prompt before the suffix: its key/value cache is computed
-  once per prompt and broadcast to all candidates (the ``transformers`` ``Cache`` API);
+  once per prompt; the gradient pass leaves the cache of the prompt plus current suffix
+  behind (the ``transformers`` ``Cache`` API);
+* a candidate shares the current suffix up to the first position it changes, so it runs
+  only the tokens from there; the target objective packs all candidates end to end into
+  a few batch rows of one forward call, with a block mask (``models/packing.py``): no
+  padding, and one read of the weights per call instead of one per group;
 * the loss needs logits only at the target positions (or one position, or none for the
   direction objective, whose forward pass stops at the direction's layer), and the last
   target token is never run (it predicts nothing the loss uses);
 * exact early rejection: cross-entropy is >= 0 per token, so a candidate's loss on the
-  first target tokens bounds its full loss from below; candidates whose bound already
-  exceeds a completed candidate's loss are not run further (same best candidate);
-* candidates of one prompt have equal lengths, so they run without padding;
+  first target tokens bounds its full loss from below; candidates whose bound exceeds the
+  best loss are not run further, in stages (same best candidate as full scoring);
+* the greedy-match check for early stopping reuses the chosen candidate's logits;
 * the allowed-token mask is built once per tokenizer from one batched decode, and the
   retokenization filter encodes all candidates in one batched call.
 
