@@ -210,16 +210,21 @@ def _candidates(current, n, seed):
     return cands
 
 
-@pytest.mark.parametrize("batch_size", [0, 7])
-def test_packed_target_losses_equal_plain_forwards(cm, batch_size):
-    """Two prompts, no early rejection: every candidate's loss and greedy match equal a plain forward."""
+def _scoring_setup(cm, gcg):
+    """Both test prompts with their prefix caches, and the objective of ``gcg``'s config."""
     from suffix_analysis.models.forward import PrefixCache
 
-    gcg = GCG(GCGConfig(suffix_len=6, prune_after=0, row_tokens=20))
     prompts = gcg._prompts(cm, INSTR, TARGETS)
     for p in prompts:
         p.cache = PrefixCache(cm, p.before)
-    obj = GCGObjective(cm, gcg.config, None, 6)
+    return prompts, GCGObjective(cm, gcg.config, None, gcg.config.suffix_len)
+
+
+@pytest.mark.parametrize("batch_size", [0, 7])
+def test_packed_target_losses_equal_plain_forwards(cm, batch_size):
+    """Two prompts, no early rejection: every candidate's loss and greedy match equal a plain forward."""
+    gcg = GCG(GCGConfig(suffix_len=6, prune_after=0, row_tokens=20))
+    prompts, obj = _scoring_setup(cm, gcg)
     current = torch.tensor([30, 31, 32, 33, 34, 35])
     cands = _candidates(current, 20, 4)
     with torch.no_grad():
@@ -231,14 +236,9 @@ def test_packed_target_losses_equal_plain_forwards(cm, batch_size):
 
 
 def test_grouped_cache_reuse_gives_the_same_losses(cm):
-    from suffix_analysis.models.forward import PrefixCache
-
     gcg4 = GCG(GCGConfig(suffix_len=6, reuse_groups=4, objective="target+refusal"))
     gcg1 = GCG(GCGConfig(suffix_len=6, reuse_groups=1, objective="target+refusal"))
-    prompts = gcg4._prompts(cm, INSTR, TARGETS)
-    for p in prompts:
-        p.cache = PrefixCache(cm, p.before)
-    obj = GCGObjective(cm, gcg4.config, None, 6)
+    prompts, obj = _scoring_setup(cm, gcg4)
     current = torch.tensor([30, 31, 32, 33, 34, 35])
     cands = _candidates(current, 20, 4)
     with torch.no_grad():

@@ -85,8 +85,9 @@ class GCGConfig(AttackConfig):
     # first ``prune_after`` target tokens; one whose partial loss already exceeds a complete
     # candidate's loss cannot be the step's best and is not run further (0: off). The chosen
     # candidate is the same as without it. With "Sure, here is ..." targets the first token
-    # carries most of every candidate's loss, so the bound only bites a few tokens in:
-    # measured on the organism, about 75% of candidates are rejected after 4 tokens, 90% after 6.
+    # carries most of every candidate's loss, so the bound only bites a few tokens in, and less
+    # as the loss falls: on the organism, about half of the candidates are rejected after 5
+    # tokens in the first steps, 10-15% by steps 6-9.
     prune_after: int = 5
     prune_probe: int = 4  # candidates completed first, for the bound the others are held to
     prune_every: int = 4  # after pass 1, survivors are scored this many target tokens at a time (0: to the end)
@@ -515,8 +516,11 @@ class GCG(Attack):
         CUDA out-of-memory. ``fulls``: per prompt the cache of the prompt and ``current``,
         where already known.
         """
-        fulls = [f if f is not None else p.cache.extended(current.tolist())
-                 for p, f in zip(prompts, fulls or [None] * len(prompts))]
+        if objective.terms == ["target"] or self.config.reuse_groups > 1:  # else no cache of `current` is read
+            fulls = [f if f is not None else p.cache.extended(current.tolist())
+                     for p, f in zip(prompts, fulls or [None] * len(prompts))]
+        else:
+            fulls = [None] * len(prompts)
         fit = batch_size  # what to try next step: 0 (all at once) unless out-of-memory forced a size
         first_diff = (cands != current).int().argmax(1)  # [n]
         size = batch_size or len(cands)
@@ -644,6 +648,8 @@ class GCG(Attack):
         if all(min(m, len(p.target)) == len(p.target) for p in prompts):
             return bound, ok
 
+        chunk = max(len(c) for c in chunks)
+
         def complete(sel: Tensor) -> tuple[Tensor, Tensor]:
             """Exact losses and matches of candidates ``sel``."""
             loss, hit = torch.zeros(len(sel)), ok[sel].clone()
@@ -651,8 +657,8 @@ class GCG(Attack):
                 if min(m, len(p.target)) == len(p.target):
                     loss += part[pi, sel] / len(p.target)
                     continue
-                for s in range(0, len(sel), max(len(c) for c in chunks)):
-                    rows = sel[s:s + max(len(c) for c in chunks)]
+                for s in range(0, len(sel), chunk):
+                    rows = sel[s:s + chunk]
                     ce, h, _ = objective.target_ce(p, cands[rows], first_diff[rows], fulls[pi], len(p.target))
                     loss[s:s + len(rows)] += ce.sum(1).float() / len(p.target)
                     hit[s:s + len(rows)] &= h.all(1)
