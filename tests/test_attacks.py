@@ -278,11 +278,12 @@ def test_split_target_cross_entropy_matches_plain_forward(cm):
     full = p.cache.extended(current.tolist())
     upto = 2
     with torch.no_grad():
-        head, _, packed = obj.target_ce(p, cands, first, full, upto, keep_cache=True)
+        h, packed = obj.target_hidden(p, cands, first, full, upto, keep_cache=True)
+        head, _ = obj.target_exact(p, h)
         rows = torch.tensor([2, 0, 3])
-        mid, _, again = obj.target_ce_more(p, packed, rows, upto, upto + 1, keep_cache=True)
-        end, _, _ = obj.target_ce_more(p, again, torch.arange(3), upto + 1, len(p.target))
-        rest = torch.cat([mid, end], 1)
+        h_mid, again = obj.target_hidden_more(p, packed, rows, upto, upto + 1, keep_cache=True)
+        h_end, _ = obj.target_hidden_more(p, again, torch.arange(3), upto + 1, len(p.target))
+        rest, _ = obj.target_exact(p, torch.cat([h_mid, h_end], 1), upto)
     for r, c in enumerate(rows.tolist()):
         ids = torch.tensor([p.before + cands[c].tolist() + p.after + p.target])
         with torch.no_grad():
@@ -290,6 +291,34 @@ def test_split_target_cross_entropy_matches_plain_forward(cm):
         n = len(p.target)
         plain = torch.nn.functional.cross_entropy(logits[-n - 1:-1], torch.tensor(p.target), reduction="none")
         torch.testing.assert_close(torch.cat([head[c], rest[r]]), plain, atol=1e-4, rtol=1e-4)
+
+
+def test_subset_bound_is_below_the_exact_cross_entropy_and_close(cm):
+    """target_bound over the current suffix's likeliest tokens: never above the exact
+    cross-entropy, equal to it with the whole vocabulary, and closer with more tokens."""
+    from suffix_analysis.models.forward import PrefixCache
+
+    gcg = GCG(GCGConfig(suffix_len=4))
+    (p,) = gcg._prompts(cm, INSTR[:1], TARGETS[:1])
+    p.cache = PrefixCache(cm, p.before)
+    current = torch.tensor([20, 30, 40, 50])
+    cands = _candidates(current, 12, 2)
+    first = (cands != current).int().argmax(1)
+    vocab = cm.model.get_output_embeddings().weight.shape[0]
+    gaps = []
+    with torch.no_grad():
+        logits = []
+        GCGObjective(cm, gcg.config, None, 4).loss(p, current[None], logits_out=logits)
+        for k in (8, 64, vocab - 1):
+            obj = GCGObjective(cm, GCGConfig(suffix_len=4, bound_vocab=k), None, 4)
+            obj.narrow(p, logits[0][0])
+            assert p.bound_rows.shape == (len(p.target), k, cm.d_model)
+            h, _ = obj.target_hidden(p, cands, first, p.cache.extended(current.tolist()), len(p.target))
+            exact, _ = obj.target_exact(p, h)
+            bound = obj.target_bound(p, h)
+            assert (bound <= exact + 1e-5).all()
+            gaps.append(float((exact - bound).mean()))
+    assert gaps[0] > gaps[1] > gaps[2] >= 0 and gaps[2] < 0.01, gaps  # the last misses one token
 
 
 class _TableObjective:
@@ -302,19 +331,25 @@ class _TableObjective:
         self.n_target = n_target
         self.w = torch.rand(n_target, 6, generator=torch.Generator().manual_seed(seed)) * 3
         self.calls = 0
+        self.slack = 1.0
 
     def _ce(self, full):  # [batch, suffix_len] -> [batch, n_target], >= 0
         return (torch.sin(full.float() @ self.w.T) + 1) * torch.linspace(3, 0.2, self.n_target)
 
-    def target_ce(self, p, cands, first, full, upto, keep_cache=False):
+    # The "hidden states" are the per-token cross-entropies themselves; the bound is a loose one.
+    def target_hidden(self, p, cands, first, full, upto, keep_cache=False):
         self.calls += 1
-        ce = self._ce(cands)
-        return ce[:, :upto], ce[:, :upto] < 0.1, (cands if keep_cache else None)
+        return self._ce(cands)[:, :upto], (cands if keep_cache else None)
 
-    def target_ce_more(self, p, stash, rows, frm, to, keep_cache=False):
+    def target_hidden_more(self, p, stash, rows, frm, to, keep_cache=False):
         self.calls += 1
-        ce = self._ce(stash[rows])[:, frm:to]
-        return ce, ce < 0.1, stash[rows]
+        return self._ce(stash[rows])[:, frm:to], stash[rows]
+
+    def target_exact(self, p, hidden, frm=0):
+        return hidden, hidden < 0.1
+
+    def target_bound(self, p, hidden, frm=0):
+        return hidden * self.slack
 
 
 class _NoCache:
@@ -327,11 +362,14 @@ class _NoCache:
         return self
 
 
-@pytest.mark.parametrize("n_prompts,batch_size,gap", [(1, 0, None), (1, 13, None), (1, 0, 0.0), (1, 13, 0.0),
-                                                      (1, 0, 0.5), (3, 0, None), (3, 13, None)])
-def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, batch_size, gap):
+@pytest.mark.parametrize("n_prompts,batch_size,gap,slack", [
+    (1, 0, None, 1.0), (1, 13, None, 1.0), (1, 0, 0.0, 1.0), (1, 13, 0.0, 1.0), (1, 0, 0.5, 1.0),
+    (1, 0, None, 0.9), (1, 13, 0.0, 0.9), (1, 0, 0.5, 0.97), (3, 0, None, 1.0), (3, 13, None, 1.0)])
+def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, batch_size, gap, slack):
     """Exact whatever the threshold guess: none (a few completed first), far too low (0: the
-    fallback completes what was dropped below the best), or in between."""
+    fallback completes what was dropped below the best), or in between; and whether the
+    bounds are the exact cross-entropies (slack 1) or below them (slack < 1: completed
+    candidates need their exact losses, lowest bound first)."""
     from suffix_analysis.attacks.gcg import _Prompt
 
     current = torch.tensor([30, 31, 32, 33, 34, 35])
@@ -343,6 +381,8 @@ def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, ba
     cands = torch.unique(cands, dim=0)
     prompts = [_Prompt("x", [], [1], [5] * 8, _NoCache()) for _ in range(n_prompts)]
     objs = [_TableObjective(8, seed) for seed in range(n_prompts)]
+    for o in objs:
+        o.slack = slack
 
     class Sum:  # the objective of prompt i is objs[i]
         terms = ["target"]
@@ -367,9 +407,9 @@ def test_staged_scoring_follows_the_same_path_as_full_scoring(cm):
     random model's candidates are too alike for anything to be rejected here; the
     stand-in objective above covers rejection.)"""
     runs = []
-    for prune_after, prune_every in [(0, 0), (2, 1), (1, 0)]:
+    for prune_after, prune_every, bound_vocab in [(0, 0, 0), (2, 1, 0), (1, 0, 0), (2, 1, 16)]:
         cfg = GCGConfig(suffix_len=5, num_steps=4, search_width=24, topk=16, seed=3, early_stop=False,
-                        prune_after=prune_after, prune_every=prune_every, row_tokens=16)
+                        prune_after=prune_after, prune_every=prune_every, row_tokens=16, bound_vocab=bound_vocab)
         runs.append(GCG(cfg).run(cm, INSTR[:1], ["Sure, here is a poem about the sea"]))
     for r in runs[1:]:
         assert r.suffixes == runs[0].suffixes

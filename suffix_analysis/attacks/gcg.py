@@ -50,7 +50,7 @@ from transformers import DynamicCache
 
 from ..errors import UserError
 from ..models.forward import PrefixCache
-from ..models.packing import Packed, continue_packed, forward_packed, unembed
+from ..models.packing import Packed, continue_packed, forward_packed, softcap, unembed
 from ..models.loading import ChatModel
 from .base import Attack, AttackConfig, AttackResult, register_attack
 
@@ -91,6 +91,10 @@ class GCGConfig(AttackConfig):
     prune_after: int = 5
     prune_probe: int = 4  # candidates completed first, for the bound the others are held to
     prune_every: int = 4  # after pass 1, survivors are scored this many target tokens at a time (0: to the end)
+    # Early rejection bounds each target token's cross-entropy over the current suffix's this
+    # many likeliest tokens (a lower bound, see GCGObjective.target_bound); only candidates
+    # that may be the best get a full unembedding. 0: full unembedding everywhere.
+    bound_vocab: int = 1024
     # Candidates run packed end to end, this many tokens per batch row (see models/packing.py):
     # longer rows pay more for their masked attention, shorter ones for more rows.
     row_tokens: int = 128
@@ -109,8 +113,8 @@ class GCGConfig(AttackConfig):
                             f"({self.buffer_size}); raise --search-width or lower --buffer-size")
         if self.prune_after < 0:
             raise UserError(f"prune_after must be 0 (off) or a number of target tokens, got {self.prune_after}")
-        if self.prune_probe < 1 or self.row_tokens < 1 or self.prune_every < 0:
-            raise UserError("prune_probe and row_tokens must be at least 1, prune_every at least 0")
+        if self.prune_probe < 1 or self.row_tokens < 1 or self.prune_every < 0 or self.bound_vocab < 0:
+            raise UserError("prune_probe and row_tokens must be at least 1, prune_every and bound_vocab at least 0")
         if self.n_replace > self.suffix_len:
             raise UserError(f"n_replace {self.n_replace} exceeds the suffix length {self.suffix_len}")
 
@@ -169,6 +173,7 @@ class _Prompt:
     after: list[int]  # EOI tokens after the suffix
     target: list[int]
     cache: PrefixCache | None = None
+    bound_rows: Tensor | None = None  # [n_target, K, d_model] unembedding rows for GCGObjective.target_bound
 
 
 class _DirectionProbe:
@@ -233,14 +238,15 @@ class GCGObjective:
 
     def loss(self, prompt: _Prompt, suffix: Tensor | None = None, suffix_embeds: Tensor | None = None,
              with_match: bool = False, cache: PrefixCache | None = None,
-             kv_out: list | None = None) -> tuple[Tensor, Tensor | None]:
+             kv_out: list | None = None, logits_out: list | None = None) -> tuple[Tensor, Tensor | None]:
         """Per-candidate loss ``[batch]`` (and, with ``with_match``, whether the target is the
         greedy continuation ``[batch]``).
 
         Pass token ids ``[batch, n]`` or embeddings ``[batch, n, d_model]`` (for the gradient)
         of the *last* ``n`` suffix tokens; ``cache`` holds everything before them (default:
         the prompt's prefix cache, with ``n = suffix_len``). ``kv_out`` receives the cache of
-        the whole pass (None where the pass stopped early or used none).
+        the whole pass (None where the pass stopped early or used none), ``logits_out`` the
+        logits at the target positions ``[batch, n_target, vocab]`` (None where none were computed).
         """
         cm, dev = self.cm, self.cm.device
         cache = cache or prompt.cache
@@ -266,12 +272,16 @@ class GCGObjective:
                 out = cm.model(**kwargs, logits_to_keep=keep)
         except _DirectionProbe.Stop:
             out = None
+        if logits_out is not None and not need_logits:
+            logits_out.append(None)
         if kv_out is not None:
             kv_out.append(kwargs["past_key_values"] if out is not None and kwargs["use_cache"] else None)
         total = torch.zeros(batch, device=dev)
         match = None
         if need_logits:
             logits = out.logits.float()  # [batch, max(n_target, 1), vocab]
+            if logits_out is not None:
+                logits_out.append(logits.detach())
             tgt = torch.tensor(prompt.target, device=dev)
             if "target" in self.terms:
                 ce = token_ce(logits, tgt.expand(batch, -1)).mean(1)
@@ -291,11 +301,11 @@ class GCGObjective:
             total = total - self.cfg.attention_weight * torch.stack(shares).mean(0)
         return total, match
 
-    def target_ce(self, prompt: _Prompt, cands: Tensor, first: Tensor, full: PrefixCache, upto: int,
-                  keep_cache: bool = False) -> tuple[Tensor, Tensor, Packed | None]:
-        """Cross-entropy ``[n, upto]`` of the first ``upto`` target tokens for candidates
-        ``[n, suffix_len]``, whether each token is the greedy one ``[n, upto]``, and (with
-        ``keep_cache``) the packed cache to continue from.
+    def target_hidden(self, prompt: _Prompt, cands: Tensor, first: Tensor, full: PrefixCache, upto: int,
+                      keep_cache: bool = False) -> tuple[Tensor, Packed | None]:
+        """Final hidden states ``[n, upto, d_model]`` that predict the first ``upto`` target
+        tokens, for candidates ``[n, suffix_len]``, and (with ``keep_cache``) the packed cache
+        to continue from.
 
         ``full`` is the cache of the prompt and the current suffix; candidate ``i`` first
         differs from it at suffix position ``first[i]`` and runs only the tokens from there
@@ -305,23 +315,55 @@ class GCGObjective:
         tail = prompt.after + prompt.target[: upto - 1]
         starts = first.tolist()
         runs = [row[s:] + tail for row, s in zip(cands.tolist(), starts)]
-        hidden, packed = forward_packed(self.cm, full, runs, [n_prefix + s for s in starts], upto,
-                                        row_tokens=self.cfg.row_tokens, keep_cache=keep_cache)
-        return (*self._ce(hidden, prompt.target[:upto]), packed)
+        return forward_packed(self.cm, full, runs, [n_prefix + s for s in starts], upto,
+                              row_tokens=self.cfg.row_tokens, keep_cache=keep_cache)
 
-    def target_ce_more(self, prompt: _Prompt, packed: Packed, which: Tensor, frm: int, to: int,
-                       keep_cache: bool = False) -> tuple[Tensor, Tensor, Packed | None]:
-        """Cross-entropy and greedy matches ``[len(which), to - frm]`` of target tokens
-        ``frm..to-1``, continuing runs ``which`` of a pass that scored the first ``frm``; and
+    def target_hidden_more(self, prompt: _Prompt, packed: Packed, which: Tensor, frm: int, to: int,
+                           keep_cache: bool = False) -> tuple[Tensor, Packed | None]:
+        """Hidden states ``[len(which), to - frm, d_model]`` that predict target tokens
+        ``frm..to-1``, continuing runs ``which`` of a pass that got the first ``frm``; and
         (``keep_cache``) the cache to continue from, whose run ``j`` is ``which[j]``."""
         runs = [prompt.target[frm - 1:to - 1]] * len(which)
-        hidden, packed = continue_packed(self.cm, packed, which.tolist(), runs, to - frm, keep_cache=keep_cache)
-        return (*self._ce(hidden, prompt.target[frm:to]), packed)
+        return continue_packed(self.cm, packed, which.tolist(), runs, to - frm, keep_cache=keep_cache)
 
-    def _ce(self, hidden: Tensor, target: list[int]) -> tuple[Tensor, Tensor]:
-        logits = unembed(self.cm, hidden).float()  # [n, len(target), vocab]
-        tgt = torch.tensor(target, device=self.cm.device).expand(len(hidden), -1)
+    def target_exact(self, prompt: _Prompt, hidden: Tensor, frm: int = 0) -> tuple[Tensor, Tensor]:
+        """Cross-entropy of target tokens ``frm..frm+k-1`` from their hidden states ``[n, k, d_model]``,
+        and whether each is the greedy token: ``[n, k]`` each, on the CPU."""
+        logits = unembed(self.cm, hidden).float()  # [n, k, vocab]
+        tgt = torch.tensor(prompt.target[frm:frm + hidden.shape[1]], device=self.cm.device).expand(len(hidden), -1)
         return token_ce(logits, tgt).cpu(), (logits.argmax(-1) == tgt).cpu()
+
+    def target_bound(self, prompt: _Prompt, hidden: Tensor, frm: int = 0) -> Tensor:
+        """A lower bound ``[n, k]`` of :meth:`target_exact`'s cross-entropy, cheap to compute.
+
+        The log-sum-exp over a subset of the vocabulary that contains the target token is at
+        most the one over the whole vocabulary, so cross-entropy over the subset bounds the
+        true one from below. The subset per target position (:meth:`narrow`) is where the
+        current suffix puts its probability; candidates differ from it in one or a few
+        tokens, so the bound is tight (about 2e-3 per token below the exact value on the
+        organism with 1024 tokens) at ~1/50 of the cost of a full unembedding. Without a
+        subset it is the exact value.
+        """
+        rows = prompt.bound_rows
+        if rows is None:
+            return self.target_exact(prompt, hidden, frm)[0]
+        rows = rows[frm:frm + hidden.shape[1]]  # [k, K, d_model], column 0: the target token
+        logits = softcap(self.cm, torch.einsum("nkd,kvd->nkv", hidden, rows)).float()  # [n, k, K]
+        return (torch.logsumexp(logits, -1) - logits[..., 0]).cpu()
+
+    def narrow(self, prompt: _Prompt, logits: Tensor) -> None:
+        """Pick :meth:`target_bound`'s vocabulary subsets from the current suffix's logits at
+        the target positions ``[n_target, vocab]``: per position the ``bound_vocab`` likeliest
+        tokens, the target token first."""
+        k = self.cfg.bound_vocab
+        head = self.cm.model.get_output_embeddings()
+        if not k or k >= logits.shape[-1] or "target" not in self.terms or head.bias is not None:
+            prompt.bound_rows = None
+            return
+        tgt = torch.tensor(prompt.target, device=logits.device)
+        ranked = logits.detach().float().scatter(1, tgt[:, None], torch.inf)  # the target ranks first
+        idx = ranked.topk(k, dim=-1).indices  # [n_target, K]
+        prompt.bound_rows = head.weight.detach()[idx.to(head.weight.device)]  # [n_target, K, d_model]
 
     def refusal_score(self, prompt: _Prompt, suffix: Tensor) -> Tensor:
         """Refusal score at the response start for suffixes ``[batch, suffix_len]``: ``[batch]``."""
@@ -502,8 +544,12 @@ class GCG(Attack):
         one_hot.requires_grad_(True)
         emb = (one_hot @ w)[None]
         caches: list = []
-        loss = sum(objective.loss(p, suffix_embeds=emb, kv_out=caches)[0].sum() for p in prompts)
+        logits: list = []
+        loss = sum(objective.loss(p, suffix_embeds=emb, kv_out=caches, logits_out=logits)[0].sum() for p in prompts)
         (g,) = torch.autograd.grad(loss, one_hot)
+        for p, lg in zip(prompts, logits):
+            if lg is not None and "target" in objective.terms:
+                objective.narrow(p, lg[0])
         fulls = [None if c is None else PrefixCache.from_cache(cm, c, p.cache.length + len(ids))
                  for p, c in zip(prompts, caches)]
         return g.float(), fulls
@@ -562,15 +608,18 @@ class GCG(Attack):
         """Target loss (``sum over prompts of mean target cross-entropy``) with exact early
         rejection (see ``prune_after``), and greedy matches, of the candidates in ``chunks``.
 
-        Every cross-entropy term is >= 0, so a candidate's cross-entropy on its first target
-        tokens is a lower bound of its loss. Pass 1 scores every candidate on the first
-        ``prune_after``; the survivors go on ``prune_every`` tokens at a time, each stage
-        dropping those whose bound exceeds a threshold ``tau``. ``tau`` is the loss of the
-        best of a few completed candidates (a true upper bound) or, once a step has been
-        seen, a guess from the last step's gap between the best loss and the lowest bound;
-        if the guess proves low (the best loss is above it), the candidates dropped with a
-        bound below the best are completed too. Either way every candidate that could be the
-        best is completed: the result is that of scoring all candidates fully.
+        A candidate's lower bound is the sum, over the target tokens scored so far, of each
+        token's cross-entropy over a vocabulary subset (``target_bound``; every term is >= 0
+        and below the true one). Pass 1 scores every candidate on the first ``prune_after``
+        tokens; survivors go on ``prune_every`` tokens at a time, each stage dropping those
+        whose bound exceeds a threshold ``tau``: the exact loss of the best of a few completed
+        candidates (a true upper bound) or, once a step has been seen, a guess from the last
+        step's gap between the best loss and the lowest pass-1 bound. Completed candidates
+        then get exact losses (a full unembedding of their stored hidden states), lowest bound
+        first, until no bound is below the best exact loss; if the guess proved low, the
+        candidates dropped with a bound below the best are completed too. Every candidate
+        that could be the best gets its exact loss: the choice is that of full scoring.
+        Losses of the others are returned as ``inf``.
         """
         cfg = self.config
         p, n = prompts[0], len(cands)
@@ -578,29 +627,47 @@ class GCG(Attack):
         m = cfg.prune_after or n_target
         if len(prompts) > 1 or m >= n_target:
             return self._target_losses_rerun(objective, prompts, cands, fulls, chunks, first_diff)
-        part = torch.zeros(n)  # cross-entropy summed over the target tokens scored so far
-        ok = torch.ones(n, dtype=torch.bool)
+        hid = None  # [n, n_target, ...] hidden states of the target positions scored so far
+        part = torch.zeros(n)  # lower bound of the summed cross-entropy, over the tokens scored so far
+        done = torch.zeros(n, dtype=torch.bool)  # every target token scored
+        exact = torch.zeros(n, dtype=torch.bool)
+        loss = torch.full((n,), torch.inf)  # exact summed cross-entropy, where known
+        hit = torch.zeros(n, dtype=torch.bool)  # every target token is the greedy one, where known
+
+        def keep(idx: Tensor, frm: int, h: Tensor) -> None:
+            nonlocal hid
+            if hid is None:
+                hid = h.new_zeros(n, n_target, *h.shape[2:])
+            hid[idx, frm:frm + h.shape[1]] = h
+            part[idx] += objective.target_bound(p, h, frm).sum(1).float()
+
         pass1 = []  # per chunk: (packed cache, the candidates its runs are)
         for idx in chunks:
-            ce, hit, packed = objective.target_ce(p, cands[idx], first_diff[idx], fulls[0], m, keep_cache=True)
-            part[idx], ok[idx] = ce.sum(1).float(), hit.all(1)
+            h, packed = objective.target_hidden(p, cands[idx], first_diff[idx], fulls[0], m, keep_cache=True)
+            keep(idx, 0, h)
             pass1.append((packed, idx))
         first = part.clone()
-        exact = torch.zeros(n, dtype=torch.bool)
 
         def finish(sel: Tensor) -> None:
-            """Score candidates ``sel`` (not yet past pass 1) to the end, from pass 1's caches."""
+            """Score candidates ``sel`` (dropped, or not yet past pass 1) to the end, from pass 1's caches."""
+            part[sel] = first[sel]
             for packed, idx in pass1:
                 rows = torch.isin(idx, sel).nonzero().flatten()
                 if len(rows):
-                    ce, hit, _ = objective.target_ce_more(p, packed, rows, m, n_target)
-                    part[idx[rows]] = first[idx[rows]] + ce.sum(1).float()
-                    ok[idx[rows]] &= hit.all(1)
-                    exact[idx[rows]] = True
+                    h, _ = objective.target_hidden_more(p, packed, rows, m, n_target)
+                    keep(idx[rows], m, h)
+                    done[idx[rows]] = True
+
+        def settle(sel: Tensor) -> None:
+            """Exact losses of completed candidates ``sel``."""
+            ce, ok = objective.target_exact(p, hid[sel])
+            loss[sel], hit[sel], exact[sel] = ce.sum(1).float(), ok.all(1), True
 
         if self._gap is None:  # no guess yet: complete the most promising few for a true bound
-            finish(first.argsort()[: cfg.prune_probe])
-            tau = float(part[exact].min())
+            probe = first.argsort()[: cfg.prune_probe]
+            finish(probe)
+            settle(probe)
+            tau = float(loss[probe].min())
         else:
             tau = float(first.min()) + self._gap
         state, pos = pass1, m
@@ -608,25 +675,27 @@ class GCG(Attack):
             nxt = min(n_target, pos + cfg.prune_every) if cfg.prune_every else n_target
             nxt_state = []
             for packed, idx in state:
-                rows = ((part[idx] <= tau) & ~exact[idx]).nonzero().flatten()
+                rows = ((part[idx] <= tau) & ~done[idx]).nonzero().flatten()
                 if len(rows):
-                    ce, hit, cont = objective.target_ce_more(p, packed, rows, pos, nxt, keep_cache=nxt < n_target)
-                    part[idx[rows]] += ce.sum(1).float()
-                    ok[idx[rows]] &= hit.all(1)
+                    h, cont = objective.target_hidden_more(p, packed, rows, pos, nxt, keep_cache=nxt < n_target)
+                    keep(idx[rows], pos, h)
                     nxt_state.append((cont, idx[rows]))
             state, pos = nxt_state, nxt
         for _, idx in state:
-            exact[idx] = True
-        while True:  # if the guess was low, what was dropped below the best may beat it
-            best = float(part[exact].min()) if exact.any() else float("inf")
-            pending = ((part <= best) & ~exact).nonzero().flatten()
-            if best <= tau or not len(pending):
+            done[idx] = True
+        while True:
+            best = float(loss.min())
+            ready = (done & ~exact & (part <= best)).nonzero().flatten()
+            if len(ready):  # completed, and the bound does not rule it out: lowest bounds first
+                settle(ready[part[ready].argsort()[: cfg.prune_probe]])
+                continue
+            pending = (~done & (part <= best)).nonzero().flatten()
+            if not len(pending):
                 break
-            if not exact.any():  # everything was dropped: the most promising first
-                pending = pending[part[pending].argsort()[: cfg.prune_probe]]
-            finish(pending)
+            # the guess was low: what was dropped below the best may beat it (the most promising first)
+            finish(pending if exact.any() else pending[part[pending].argsort()[: cfg.prune_probe]])
         self._gap = (best - float(first.min())) * 1.1
-        return torch.where(exact, part / n_target, torch.inf), ok & exact
+        return loss / n_target, hit & exact
 
     def _target_losses_rerun(self, objective, prompts, cands: Tensor, fulls: list[PrefixCache],
                              chunks: list[Tensor], first_diff: Tensor) -> tuple[Tensor, Tensor]:
@@ -637,10 +706,15 @@ class GCG(Attack):
         n = len(cands)
         part = torch.zeros(len(prompts), n)  # pass-1 cross-entropy sums per prompt
         ok = torch.ones(n, dtype=torch.bool)
+
+        def scored(p, rows: Tensor, pi: int, upto: int) -> tuple[Tensor, Tensor]:
+            h, _ = objective.target_hidden(p, cands[rows], first_diff[rows], fulls[pi], upto)
+            return objective.target_exact(p, h)
+
         for pi, p in enumerate(prompts):
             upto = min(m, len(p.target))
             for idx in chunks:
-                ce, hit, _ = objective.target_ce(p, cands[idx], first_diff[idx], fulls[pi], upto)
+                ce, hit = scored(p, idx, pi, upto)
                 part[pi, idx] = ce.sum(1).float()
                 ok[idx] &= hit.all(1)
         lengths = torch.tensor([len(p.target) for p in prompts], dtype=torch.float)[:, None]
@@ -659,7 +733,7 @@ class GCG(Attack):
                     continue
                 for s in range(0, len(sel), chunk):
                     rows = sel[s:s + chunk]
-                    ce, h, _ = objective.target_ce(p, cands[rows], first_diff[rows], fulls[pi], len(p.target))
+                    ce, h = scored(p, rows, pi, len(p.target))
                     loss[s:s + len(rows)] += ce.sum(1).float() / len(p.target)
                     hit[s:s + len(rows)] &= h.all(1)
             return loss, hit

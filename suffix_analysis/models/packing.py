@@ -45,11 +45,13 @@ class Packed:
 def unembed(cm: ChatModel, hidden: Tensor) -> Tensor:
     """Logits ``[..., vocab]`` from final hidden states ``[..., d_model]`` (final norm applied),
     as the model's own head computes them (Gemma-2/3 soft-cap their logits)."""
-    logits = cm.model.get_output_embeddings()(hidden)
+    return softcap(cm, cm.model.get_output_embeddings()(hidden))
+
+
+def softcap(cm: ChatModel, logits: Tensor) -> Tensor:
+    """The model's final logit soft-capping, if it has one (Gemma-2/3), applied to any logits."""
     cap = getattr(cm.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _assign_rows(lengths: list[int], n_rows: int) -> list[int]:
