@@ -259,7 +259,7 @@ def cmd_attack(args) -> int:
              "suffix_len": args.suffix_len, "objective": args.objective, "seed": args.seed,
              "n_replace": args.n_replace, "buffer_size": args.buffer_size, "batch_size": args.batch_size,
              "checkpoint_every": args.checkpoint_every, "init": args.init, "prune_after": args.prune_after,
-             "prune_every": args.prune_every,
+             "prune_every": args.prune_every, "bound_vocab": args.bound_vocab,
              "progressive": False if args.all_prompts else None, "early_stop": False if args.no_early_stop else None}
     cfg = cls.config_class(**{k: v for k, v in given.items() if v is not None and k in fields})
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
@@ -398,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target tokens scored before a candidate may be rejected early (0: off; exact either way)")
     p.add_argument("--prune-every", type=int,
                    help="after that, survivors are scored this many target tokens at a time (0: to the end)")
+    p.add_argument("--bound-vocab", type=int,
+                   help="early rejection bounds the cross-entropy over the current suffix's this many likeliest "
+                        "tokens per target position (0: full unembedding; exact either way)")
     p.add_argument("--objective", help="target, refusal, direction, attention, or a sum like target+direction")
     p.add_argument("--direction", help="direction run folder (for the direction objective)")
     p.add_argument("--seed", type=int)

@@ -19,7 +19,9 @@ Where the time goes, and what this implementation does about it:
   target token is never run (it predicts nothing the loss uses);
 * exact early rejection: cross-entropy is >= 0 per token, so a candidate's loss on the
   first target tokens bounds its full loss from below; candidates whose bound exceeds the
-  best loss are not run further, in stages (same best candidate as full scoring);
+  best loss are not run further, in stages (same best candidate as full scoring); the
+  bounds use cross-entropy over the current suffix's likeliest tokens (a lower bound too),
+  so only the few candidates that may be the best pay for a full unembedding;
 * the greedy-match check for early stopping reuses the chosen candidate's logits;
 * the allowed-token mask is built once per tokenizer from one batched decode, and the
   retokenization filter encodes all candidates in one batched call.
