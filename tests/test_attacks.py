@@ -312,7 +312,7 @@ def test_subset_bound_is_below_the_exact_cross_entropy_and_close(cm):
         for k in (8, 64, vocab - 1):
             obj = GCGObjective(cm, GCGConfig(suffix_len=4, bound_vocab=k), None, 4)
             obj.narrow(p, logits[0][0])
-            assert p.bound_rows.shape == (len(p.target), k, cm.d_model)
+            assert p.bound_ids.shape == (len(p.target), k)
             h, _ = obj.target_hidden(p, cands, first, p.cache.extended(current.tolist()), len(p.target))
             exact, _ = obj.target_exact(p, h)
             bound = obj.target_bound(p, h)

@@ -89,8 +89,10 @@ class GCGConfig(AttackConfig):
     # candidate is the same as without it. With "Sure, here is ..." targets the first token
     # carries most of every candidate's loss, so the bound only bites a few tokens in, and less
     # as the loss falls: on the organism, about half of the candidates are rejected after 5
-    # tokens in the first steps, 10-15% by steps 6-9.
-    prune_after: int = 5
+    # tokens in the first steps, 10-15% by steps 6-9. 6 covers "Sure, here is" and the first
+    # two words of the rephrased instruction, which carry most of the rest. Scoring seconds
+    # per step, float32, 5 training prompts x 6 steps: 3.72 (4), 3.48 (5), 3.34 (6), 3.33 (7).
+    prune_after: int = 6
     prune_probe: int = 4  # candidates completed first, for the bound the others are held to
     prune_every: int = 4  # after pass 1, survivors are scored this many target tokens at a time (0: to the end)
     # Early rejection bounds each target token's cross-entropy over the current suffix's this
@@ -175,7 +177,8 @@ class _Prompt:
     after: list[int]  # EOI tokens after the suffix
     target: list[int]
     cache: PrefixCache | None = None
-    bound_rows: Tensor | None = None  # [n_target, K, d_model] unembedding rows for GCGObjective.target_bound
+    bound_ids: Tensor | None = None  # [n_target, K] vocabulary subsets for GCGObjective.target_bound
+    bound_rows: Tensor | None = None  # [n_target, K, d_model] their unembedding rows, gathered on first use
 
 
 class _DirectionProbe:
@@ -346,10 +349,12 @@ class GCGObjective:
         organism with 1024 tokens) at ~1/50 of the cost of a full unembedding. Without a
         subset it is the exact value.
         """
-        rows = prompt.bound_rows
-        if rows is None:
+        if prompt.bound_ids is None:
             return self.target_exact(prompt, hidden, frm)[0]
-        rows = rows[frm:frm + hidden.shape[1]]  # [k, K, d_model], column 0: the target token
+        if prompt.bound_rows is None:
+            weight = self.cm.model.get_output_embeddings().weight.detach()
+            prompt.bound_rows = weight[prompt.bound_ids.to(weight.device)]
+        rows = prompt.bound_rows[frm:frm + hidden.shape[1]]  # [k, K, d_model], column 0: the target token
         logits = softcap(self.cm, torch.einsum("nkd,kvd->nkv", hidden, rows)).float()  # [n, k, K]
         return (torch.logsumexp(logits, -1) - logits[..., 0]).cpu()
 
@@ -359,13 +364,12 @@ class GCGObjective:
         tokens, the target token first."""
         k = self.cfg.bound_vocab
         head = self.cm.model.get_output_embeddings()
+        prompt.bound_ids = prompt.bound_rows = None
         if not k or k >= logits.shape[-1] or "target" not in self.terms or head.bias is not None:
-            prompt.bound_rows = None
             return
         tgt = torch.tensor(prompt.target, device=logits.device)
         ranked = logits.detach().float().scatter(1, tgt[:, None], torch.inf)  # the target ranks first
-        idx = ranked.topk(k, dim=-1).indices  # [n_target, K]
-        prompt.bound_rows = head.weight.detach()[idx.to(head.weight.device)]  # [n_target, K, d_model]
+        prompt.bound_ids = ranked.topk(k, dim=-1).indices  # [n_target, K]
 
     def refusal_score(self, prompt: _Prompt, suffix: Tensor) -> Tensor:
         """Refusal score at the response start for suffixes ``[batch, suffix_len]``: ``[batch]``."""
