@@ -347,7 +347,9 @@ class GCGObjective:
         current suffix puts its probability; candidates differ from it in one or a few
         tokens, so the bound is tight (about 2e-3 per token below the exact value on the
         organism with 1024 tokens) at ~1/50 of the cost of a full unembedding. Without a
-        subset it is the exact value.
+        subset it is the exact value. (In bfloat16/float16 the bound and the exact value come
+        from different kernels and can differ by rounding, so candidates within rounding of
+        the best may be ranked differently than by full scoring.)
         """
         if prompt.bound_ids is None:
             return self.target_exact(prompt, hidden, frm)[0]
