@@ -132,6 +132,8 @@ def test_resume_refuses_other_model_or_config(cm, tmp_path):
         GCG(cfg).run(tiny_chat_model("llama", seed=9), INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
     with pytest.raises(UserError, match="another config"):
         GCG(GCGConfig(**{**cfg.__dict__, "topk": 4})).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
+    faster = {**cfg.__dict__, "num_steps": 2, "prune_after": 2, "bound_vocab": 0, "batch_size": 3}
+    assert GCG(GCGConfig(**faster)).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True).extra["steps"] == 2
     with pytest.raises(UserError, match="nothing to resume"):
         GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path / "empty", resume=True)
 

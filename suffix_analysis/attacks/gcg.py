@@ -59,6 +59,10 @@ from .base import Attack, AttackConfig, AttackResult, register_attack
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("target", "refusal", "direction", "attention")
+# Settings that change how fast a step runs (or how long a run is), not what it chooses:
+# a checkpoint resumes under other values of these.
+SPEED_ONLY = ("num_steps", "batch_size", "reuse_groups", "prune_after", "prune_probe", "prune_every",
+              "bound_vocab", "row_tokens", "checkpoint_every")
 
 
 @dataclass
@@ -453,7 +457,7 @@ class GCG(Attack):
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        meta = {"fingerprint": cm.fingerprint(), "config": {k: v for k, v in asdict(cfg).items() if k != "num_steps"},
+        meta = {"fingerprint": cm.fingerprint(), "config": {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY},
                 "data": _fingerprint([instructions, targets])}
         state = {"step": 0, "buffer": [], "best": (float("inf"), []), "losses": [], "suffixes": [],
                  "step_seconds": [], "n_active": 1}
@@ -796,7 +800,8 @@ class GCG(Attack):
             raise UserError(f"checkpoint {path} is from another model; resume with the model it was made with")
         if ck.get("config") != meta["config"] or ck.get("data") != meta["data"]:
             raise UserError(f"checkpoint {path} was made with another config or other instructions/targets; "
-                            "resume with the same settings (only --steps may change)")
+                            "resume with the same settings (only --steps and speed settings such as "
+                            "--prune-after or --batch-size may change)")
         gen.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
         state = {k: ck[k] for k in ("step", "buffer", "best", "losses", "suffixes", "step_seconds", "n_active")}
         state["buffer"] = [tuple(b) for b in state["buffer"]]
