@@ -560,7 +560,7 @@ class GCG(Attack):
         loss = sum(objective.loss(p, suffix_embeds=emb, kv_out=caches, logits_out=logits)[0].sum() for p in prompts)
         (g,) = torch.autograd.grad(loss, one_hot)
         for p, lg in zip(prompts, logits):
-            if lg is not None and "target" in objective.terms:
+            if lg is not None:
                 objective.narrow(p, lg[0])
         fulls = [None if c is None else PrefixCache.from_cache(cm, c, p.cache.length + len(ids))
                  for p, c in zip(prompts, caches)]
@@ -574,7 +574,8 @@ class GCG(Attack):
         CUDA out-of-memory. ``fulls``: per prompt the cache of the prompt and ``current``,
         where already known.
         """
-        if objective.terms == ["target"] or self.config.reuse_groups > 1:  # else no cache of `current` is read
+        packed = objective.terms == ["target"]
+        if packed or self.config.reuse_groups > 1:  # else no cache of `current` is read
             fulls = [f if f is not None else p.cache.extended(current.tolist())
                      for p, f in zip(prompts, fulls or [None] * len(prompts))]
         else:
@@ -584,7 +585,7 @@ class GCG(Attack):
         size = batch_size or len(cands)
         while True:
             try:
-                if objective.terms == ["target"]:
+                if packed:
                     chunks = [torch.arange(s, min(s + size, len(cands))) for s in range(0, len(cands), size)]
                     return (*self._target_losses(objective, prompts, cands, fulls, chunks, first_diff), fit)
                 return self._grouped(objective, prompts, cands, fulls, size, first_diff), None, fit
@@ -595,17 +596,17 @@ class GCG(Attack):
                 torch.cuda.empty_cache()
                 log.info("out of memory: candidate batch size now %d", size)
 
-    def _grouped(self, objective, prompts, cands: Tensor, fulls: list[PrefixCache], size: int,
+    def _grouped(self, objective, prompts, cands: Tensor, fulls: list[PrefixCache | None], size: int,
                  first_diff: Tensor) -> Tensor:
         """Any objective: candidates sorted by the first suffix position they change and run in
-        ``reuse_groups`` groups, each from the current suffix's cache cropped at its first change."""
+        ``reuse_groups`` groups, each from the current suffix's cache cropped at its first change
+        (``fulls`` None: from the prompt's cache, whole suffixes)."""
         order = first_diff.argsort(stable=True)
         groups = max(1, min(self.config.reuse_groups, len(cands)))
         size = min(size, -(-len(cands) // groups))
         chunks = [order[s:s + size] for s in range(0, len(order), size)]
         total = torch.zeros(len(cands))
         for p, full in zip(prompts, fulls):
-            full = full if self.config.reuse_groups > 1 else None
             for idx in chunks:
                 if full is None:
                     loss, _ = objective.loss(p, cands[idx])
