@@ -265,7 +265,6 @@ def cmd_attack(args) -> int:
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
     instructions = [x.instruction for x in items]
     targets = load_targets(args.targets, len(instructions)) if args.targets else [default_target(i) for i in instructions]
-    out = ensure_dir(args.out)
     cm = _load(args)
     kwargs = {}
     if args.direction:
@@ -275,7 +274,8 @@ def cmd_attack(args) -> int:
         kwargs["direction"] = (vec, info["layer"])
     elif "direction" in (args.objective or ""):
         raise UserError("--objective direction needs --direction RUN")
-    attack = cls(cfg, **kwargs)
+    attack = cls(cfg, **kwargs)  # validates the config
+    out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
     _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.INFO)
     result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
     record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),

@@ -158,3 +158,7 @@ def test_attack_command_writes_suffix_json(capsys, tmp_path, tiny_folder):
                        str(out), "--suffix-len", "0")
     assert code == 2
     one_line_error(err, "suffix length must be at least 1")
+    code, _, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", str(f), "--out",
+                       str(tmp_path / "never"), "--search-width", "2", "--buffer-size", "4")
+    assert code == 2 and not (tmp_path / "never").exists()  # refused before any folder is made
+    one_line_error(err, "smaller than the candidate buffer")
