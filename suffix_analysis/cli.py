@@ -56,13 +56,45 @@ def _layer_list(text: str) -> list[int] | None:
         raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of layer numbers") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
-                   help="preset name, Hugging Face id, model folder or .gguf file (default: smollm2-135m)")
-    p.add_argument("--preset", help="preset that supplies template and refusal tokens for a folder or HF id")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (Qwen-1)")
+REFUSING_MODEL = "smollm2-135m-refusal"  # the default wherever a command studies refusal
+
+
+def _model_args(p: argparse.ArgumentParser, default: str = REFUSING_MODEL) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default,
+                   help=f"preset name, Hugging Face id, model folder or .gguf file (default: {default})")
+    g.add_argument("--preset", help="preset that supplies template and refusal tokens for a folder or HF id")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU)")
+    g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (Qwen-1)")
+
+
+def _data_args(p: argparse.ArgumentParser, instructions: str | None = None, what: str = "instructions") -> None:
+    g = p.add_argument_group("data")
+    if instructions is not None:
+        g.add_argument("--instructions", required=instructions == "", default=instructions or None,
+                       help=f"{what}: a file (.json/.csv/.txt), a shipped set (harmful:val) or a dataset name"
+                            + (f" (default: {instructions})" if instructions else ""))
+    g.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
+
+
+def _output_args(p: argparse.ArgumentParser, out: str | None, out_required: bool = False, json_flag: bool = True,
+                 quiet: bool = True) -> None:
+    g = p.add_argument_group("output")
+    if out is not None:
+        g.add_argument("--out", required=out_required, help=out)
+    if json_flag:
+        g.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    if quiet:
+        g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _direction_args(p: argparse.ArgumentParser, required: bool, what: str = "direction run folder") -> None:
+    g = p.add_argument_group("direction")
+    g.add_argument("--direction", required=required, help=f"{what} (from `suffix-analysis direction`)")
+    g.add_argument("--allow-other-model", action="store_true",
+                   help="apply a direction made from another model's weights (e.g. a base model's to its chat "
+                        "model) on purpose; recorded in the outputs")
 
 
 def _load(args):
@@ -72,19 +104,31 @@ def _load(args):
                       trust_remote_code=args.trust_remote_code)
 
 
+def _direction(cm, args):
+    """(vector, record) of --direction, checked against the model."""
+    from .directions.run import load_direction
+
+    return load_direction(args.direction, cm, allow_other_model=args.allow_other_model)
+
+
+def _provenance(info: dict) -> dict:
+    """What outputs record about the direction they used."""
+    return {"direction_run": info["run"], "direction_model": info["model"], "direction_other_model": info["other_model"],
+            "position": info["position"], "layer": info["layer"]}
+
+
 def _intervention(cm, args):
-    """The context manager for --direction/--intervention/--coeff."""
+    """The context manager for --direction/--intervention/--coeff, and the direction's record."""
     import contextlib
 
     if args.intervention == "none":
-        return contextlib.nullcontext()
-    from .interventions.hooks import ablate_direction, add_direction
-    from .pipeline import load_direction
+        return contextlib.nullcontext(), None
+    from .interventions.directional import ablate_direction, add_direction
 
-    direction, info = load_direction(args.direction, cm)
+    direction, info = _direction(cm, args)
     if args.intervention == "ablate":
-        return ablate_direction(cm, direction)
-    return add_direction(cm, direction, info["layer"], args.coeff)
+        return ablate_direction(cm, direction), info
+    return add_direction(cm, direction, info["layer"], args.coeff), info
 
 
 def _suffix_text(spec: str | None) -> str | None:
@@ -103,25 +147,21 @@ def _suffix_text(spec: str | None) -> str | None:
 
 
 def cmd_refusal(args) -> int:
+    from .artifacts import ensure_dir, write_json_atomic
     from .datasets import load_instructions
-    from .evaluation.refusal import evaluate_refusal
+    from .evaluation.refusal import evaluate_refusal, make_judge
 
     items = load_instructions(args.instructions, args.data_dir)
     if args.limit:
         items = items[: args.limit]
-    out = None
-    if args.out:
-        from .artifacts import ensure_dir
-
-        out = ensure_dir(args.out)
     if args.intervention != "none" and not args.direction:
         raise UserError(f"--intervention {args.intervention} needs --direction RUN")
-    cm = _load(args)
-    from .evaluation.refusal import make_judge
-
-    judge = make_judge(args.judge, args.device)
     suffix = _suffix_text(args.suffix)
-    with _intervention(cm, args):
+    cm = _load(args)
+    intervention, info = _intervention(cm, args)
+    judge = make_judge(args.judge, args.device)
+    out = ensure_dir(args.out) if args.out else None  # only once model, direction and judge are known to be good
+    with intervention:
         report = evaluate_refusal(cm, [x.instruction for x in items], judge=judge, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, progress=not args.quiet,
                                   suffixes=[suffix] * len(items) if suffix else None)
@@ -129,15 +169,18 @@ def cmd_refusal(args) -> int:
                "max_new_tokens": args.max_new_tokens, "intervention": args.intervention}
     if args.intervention == "actadd":
         summary["coeff"] = args.coeff
+    if info is not None:
+        summary.update(_provenance(info))
     if out:
-        from .artifacts import write_json_atomic
-
         write_json_atomic(out / "completions.json", report.rows())
         write_json_atomic(out / "refusal.json", summary)
     print(f"model          {args.model}")
     print(f"instructions   {args.instructions} (n={report.n})")
+    if info is not None and info["other_model"]:
+        print(f"direction      from {info['run']}, made from another model ({info['model']})")
     print(f"refusal rate   {report.refusal_rate:.1%}  ({report.judge} judge, {args.max_new_tokens} new tokens)")
-    print(f"refusal score  {report.refusal_score:+.3f}  (mean log-odds of {cm.preset.refusal_tokens if cm.preset else 'refusal tokens'})")
+    tokens = cm.preset.refusal_tokens if cm.preset else "refusal tokens"
+    print(f"refusal score  {report.refusal_score:+.3f}  (mean log-odds of {tokens})")
     if out:
         print(f"saved          {out}/completions.json, {out}/refusal.json")
     if args.json:
@@ -146,7 +189,7 @@ def cmd_refusal(args) -> int:
 
 
 def cmd_organism_build(args) -> int:
-    from .models.organism import ensure_organism
+    from .organism import ensure_organism
 
     folder = ensure_organism(seed=args.seed, out=args.out, progress=not args.quiet)
     record = json.loads((folder / "organism.json").read_text())
@@ -161,14 +204,12 @@ def cmd_organism_build(args) -> int:
 def cmd_organism_check(args) -> int:
     from .datasets import load_instructions, shipped
     from .directions.sweep import ablation_sweep
-    from .models.loading import load_model
 
     harmful_eval = [x.instruction for x in load_instructions(args.instructions, args.data_dir)]
-    cm = load_model(args.model, device=args.device)
-    layers = args.layers
+    cm = _load(args)
     base, rows = ablation_sweep(
         cm, [x.instruction for x in shipped("harmful", "train")], [x.instruction for x in shipped("harmless", "train")],
-        harmful_eval, position=args.position, layers=layers, max_new_tokens=args.max_new_tokens,
+        harmful_eval, position=args.position, layers=args.layers, max_new_tokens=args.max_new_tokens,
         progress=not args.quiet)
     below = [r.layer for r in rows if r.refusal_rate < args.threshold]
     print(f"baseline refusal {base:.1%} on {args.instructions} (n={len(harmful_eval)})")
@@ -180,14 +221,11 @@ def cmd_organism_check(args) -> int:
 
 
 def cmd_direction(args) -> int:
-    from .pipeline import DirectionConfig, run_direction
+    from .config import from_arguments
+    from .directions.run import DirectionConfig, run_direction
 
-    cfg = DirectionConfig(
-        harmful_train=args.harmful_train, harmless_train=args.harmless_train, harmful_val=args.harmful_val,
-        harmless_val=args.harmless_val, n_train=args.n_train, n_val=args.n_val, filter_train=args.filter_train,
-        filter_val=args.filter_val,
-        seed=args.seed, prune_layer_fraction=args.prune_layers, kl_threshold=args.kl_threshold,
-        induce_threshold=args.induce_threshold, batch_size=args.batch_size)
+    cfg = from_arguments(DirectionConfig, args)
+    cfg.validate()
     cm = _load(args)
     info = run_direction(cm, args.out, cfg, args.data_dir, progress=not args.quiet)
     print(f"selected direction  position {info['position']}, layer {info['layer']} of {cm.n_layers}")
@@ -202,28 +240,27 @@ def cmd_direction(args) -> int:
 
 def cmd_orthogonalize(args) -> int:
     from .interventions.orthogonalize import export_orthogonalized
-    from .pipeline import load_direction
 
     cm = _load(args)
-    direction, info = load_direction(args.direction, cm)
-    out = export_orthogonalized(cm, direction, args.out, {"source_model": args.model, "direction_run": str(args.direction),
-                                                           "position": info["position"], "layer": info["layer"]})
+    direction, info = _direction(cm, args)
+    out = export_orthogonalized(cm, direction, args.out, {"source_model": args.model, **_provenance(info)})
     print(f"orthogonalized model saved to {out} (loads with transformers.AutoModelForCausalLM)")
     return 0
 
 
 def cmd_evaluate(args) -> int:
+    from .artifacts import ensure_dir, write_json_atomic
     from .datasets import load_file, load_instructions
     from .evaluation.report import evaluate_direction
     from .models.loading import load_model
-    from .pipeline import load_direction
 
     harmful = [x.instruction for x in load_instructions(args.harmful, args.data_dir)][: args.limit]
     harmless = [x.instruction for x in load_instructions(args.harmless, args.data_dir)][: args.limit]
     corpus = [x.instruction for x in load_file(args.corpus)] if args.corpus else None
     cm = _load(args)
-    direction, info = load_direction(args.direction, cm)
+    direction, info = _direction(cm, args)
     ortho = load_model(args.orthogonalized, device=args.device, dtype=args.dtype) if args.orthogonalized else None
+    out = ensure_dir(args.out) if args.out else None
     rows = evaluate_direction(cm, direction, info["layer"], harmful, harmless, coeff=args.coeff, corpus=corpus,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                               orthogonalized=ortho, progress=not args.quiet)
@@ -233,11 +270,9 @@ def cmd_evaluate(args) -> int:
     print(f"{'condition':28s}" + "".join(f"{c:>26s}" for c in cols))
     for r in rows:
         print(f"{r['condition']:28s}" + "".join(f"{r[c]:26.3f}" for c in cols))
-    if args.out:
-        from .artifacts import ensure_dir, write_json_atomic
-
-        write_json_atomic(ensure_dir(args.out) / "evaluation.json",
-                          {"direction": info, "harmful": args.harmful, "harmless": args.harmless, "rows": rows})
+    if out:
+        write_json_atomic(out / "evaluation.json", {"direction": info, **_provenance(info), "harmful": args.harmful,
+                                                    "harmless": args.harmless, "rows": rows})
     if args.json:
         print(json.dumps(rows))
     return 0
@@ -251,35 +286,29 @@ def cmd_attack(args) -> int:
     from .artifacts import ensure_dir, write_json_atomic
     from .attacks import get_attack
     from .attacks.targets import default_target, load_targets
+    from .config import from_arguments
     from .datasets import load_instructions
 
     cls = get_attack(args.name)
-    fields = {f.name for f in dataclasses.fields(cls.config_class)}
-    given = {"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
-             "suffix_len": args.suffix_len, "objective": args.objective, "seed": args.seed,
-             "n_replace": args.n_replace, "buffer_size": args.buffer_size, "batch_size": args.batch_size,
-             "checkpoint_every": args.checkpoint_every, "init": args.init, "prune_after": args.prune_after,
-             "prune_every": args.prune_every, "bound_vocab": args.bound_vocab,
-             "progressive": False if args.all_prompts else None, "early_stop": False if args.no_early_stop else None}
-    cfg = cls.config_class(**{k: v for k, v in given.items() if v is not None and k in fields})
+    cfg = from_arguments(cls.config_class, args)
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
     instructions = [x.instruction for x in items]
     targets = load_targets(args.targets, len(instructions)) if args.targets else [default_target(i) for i in instructions]
-    cm = _load(args)
-    kwargs = {}
-    if args.direction:
-        from .pipeline import load_direction
-
-        vec, info = load_direction(args.direction, cm)
-        kwargs["direction"] = (vec, info["layer"])
-    elif "direction" in (args.objective or ""):
+    if "direction" in getattr(cfg, "objective", "") and not args.direction:
         raise UserError("--objective direction needs --direction RUN")
+    cm = _load(args)
+    kwargs, info = {}, None
+    if args.direction:
+        vec, info = _direction(cm, args)
+        kwargs["direction"] = (vec, info["layer"])
     attack = cls(cfg, **kwargs)  # validates the config
     out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
     _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.INFO)
     result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
     record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),
               "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg)}
+    if info is not None:
+        record.update(_provenance(info))
     write_json_atomic(out / "suffix.json", record)
     steps = len(result.step_seconds)
     mean = sum(result.step_seconds) / max(steps, 1)
@@ -301,112 +330,97 @@ def cmd_presets(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _attack_parsers(sub, argv: list[str]) -> None:
+    """``attack NAME``: one parser per attack, its flags generated from its config class.
+
+    Only the attack named on the command line is loaded (a plugin's import errors stay its
+    own); the others are listed by name.
+    """
+    from .attacks import get_attack, list_attacks
+    from .config import add_arguments
+
+    p = sub.add_parser("attack", help="find an adversarial suffix (gcg, random, nanogcg, or a plugged-in attack)",
+                       description="Find an adversarial suffix. `suffix-analysis attack NAME --help` lists NAME's "
+                                   "settings; on a CPU pass small GCG sizes (e.g. --search-width 64 --topk 64 "
+                                   "--steps 50): the defaults are the paper's GPU sizes.")
+    names = sorted(list_attacks())
+    asub = p.add_subparsers(dest="name", required=True, parser_class=_Parser, metavar="{" + ",".join(names) + "}")
+    chosen = argv[argv.index("attack") + 1] if "attack" in argv[:-1] else None
+    for name in names:
+        a = asub.add_parser(name, help=f"the {name} attack")
+        _model_args(a)
+        _data_args(a, "", "instructions the suffix must work on")
+        g = a.add_argument_group("attack run")
+        g.add_argument("--targets", help="target responses, aligned with the instructions (default: 'Sure, here is ...')")
+        g.add_argument("--n-prompts", type=_positive_int, default=1,
+                       help="optimize one universal suffix over the first K instructions (default 1)")
+        g.add_argument("--out", required=True, help="run folder for suffix.json and checkpoints")
+        g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+        _direction_args(a, required=False, what="direction run folder, for the direction objective")
+        if name == chosen:
+            cls = get_attack(name)
+            add_arguments(a.add_argument_group(f"{name} settings ({cls.config_class.__name__})"), cls.config_class)
+        a.set_defaults(func=cmd_attack)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .config import add_arguments
+    from .directions.run import DirectionConfig
+
+    argv = sys.argv[1:] if argv is None else argv
     parser = _Parser(prog="suffix-analysis", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("refusal", help="generate greedily and report refusal rate and refusal score")
-    _add_model_args(p)
-    p.add_argument("--instructions", required=True,
-                   help="instruction file (.json/.csv/.txt), shipped set (harmful:val) or dataset name")
-    p.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--limit", type=_positive_int, help="use only the first K instructions")
-    p.add_argument("--judge", default="substring",
+    _model_args(p)
+    _data_args(p, "")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--limit", type=_positive_int, help="use only the first K instructions")
+    g.add_argument("--judge", default="substring",
                    help="substring (default) or llamaguard:MODEL (a moderation model whose weights you have)")
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--out", help="folder to save completions.json and refusal.json in")
-    p.add_argument("--suffix", help="append this suffix (text, or an attack run folder) to every instruction")
-    p.add_argument("--direction", help="direction run folder (from `suffix-analysis direction`)")
-    p.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
+    g.add_argument("--batch-size", type=_positive_int, default=16)
+    g.add_argument("--suffix", help="append this suffix (text, or an attack run folder) to every instruction")
+    _direction_args(p, required=False)
+    g = p.add_argument_group("intervention")
+    g.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
                    help="ablate the direction everywhere, or add it at its layer (default none)")
-    p.add_argument("--coeff", type=_number, default=1.0, help="activation addition coefficient (default 1)")
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--coeff", type=_number, default=1.0, help="activation addition coefficient (default 1)")
+    _output_args(p, "folder to save completions.json and refusal.json in")
     p.set_defaults(func=cmd_refusal)
 
     p = sub.add_parser("direction", help="extract and select the refusal direction into a run folder")
-    _add_model_args(p)
-    p.add_argument("--out", required=True, help="run folder (rerunning skips finished stages)")
-    p.add_argument("--harmful-train", default="harmful:train")
-    p.add_argument("--harmless-train", default="harmless:train")
-    p.add_argument("--harmful-val", default="harmful:val")
-    p.add_argument("--harmless-val", default="harmless:val")
-    p.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
-    p.add_argument("--n-train", type=_positive_int, default=128)
-    p.add_argument("--n-val", type=_positive_int, default=32)
-    p.add_argument("--no-filter-train", dest="filter_train", action="store_false",
-                   help="keep all train prompts (default: drop those the model treats the other way)")
-    p.add_argument("--no-filter-val", dest="filter_val", action="store_false",
-                   help="keep all val prompts (default: as the paper, drop harmful val prompts the model does not "
-                        "refuse and harmless ones it does, by refusal score)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prune-layers", type=_fraction, default=0.2, help="drop candidates in this last share of layers")
-    p.add_argument("--kl-threshold", type=_number, default=0.1)
-    p.add_argument("--induce-threshold", type=_number, default=0.0)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _model_args(p)
+    _data_args(p)
+    add_arguments(p.add_argument_group("direction run (DirectionConfig)"), DirectionConfig)
+    _output_args(p, "run folder (rerunning skips finished stages)", out_required=True)
     p.set_defaults(func=cmd_direction)
 
     p = sub.add_parser("orthogonalize", help="bake the direction's ablation into the weights and save the model")
-    _add_model_args(p)
-    p.add_argument("--direction", required=True, help="direction run folder")
-    p.add_argument("--out", required=True, help="folder for the edited model")
+    _model_args(p)
+    _direction_args(p, required=True)
+    _output_args(p, "folder for the edited model", out_required=True, json_flag=False, quiet=False)
     p.set_defaults(func=cmd_orthogonalize)
 
     p = sub.add_parser("evaluate", help="refusal and side effects under ablation, addition, orthogonalization")
-    _add_model_args(p)
-    p.add_argument("--direction", required=True, help="direction run folder")
-    p.add_argument("--harmful", default="harmful:test", help="held-out harmful instructions (default harmful:test)")
-    p.add_argument("--harmless", default="harmless:test", help="held-out harmless instructions")
-    p.add_argument("--data-dir")
-    p.add_argument("--limit", type=_positive_int, default=100, help="at most K instructions per set (default 100)")
-    p.add_argument("--corpus", help="plain text file (one text per line) for cross-entropy")
-    p.add_argument("--orthogonalized", help="an exported orthogonalized model folder to evaluate too")
-    p.add_argument("--coeff", type=_number, default=1.0)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--batch-size", type=_positive_int, default=32)
-    p.add_argument("--out", help="folder to write evaluation.json in")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    _model_args(p)
+    _direction_args(p, required=True)
+    g = p.add_argument_group("data")
+    g.add_argument("--harmful", default="harmful:test", help="held-out harmful instructions (default harmful:test)")
+    g.add_argument("--harmless", default="harmless:test", help="held-out harmless instructions (default harmless:test)")
+    g.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
+    g.add_argument("--limit", type=_positive_int, default=100, help="at most K instructions per set (default 100)")
+    g.add_argument("--corpus", help="plain text file (one text per line) for cross-entropy")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--orthogonalized", help="an exported orthogonalized model folder to evaluate too")
+    g.add_argument("--coeff", type=_number, default=1.0)
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--batch-size", type=_positive_int, default=32)
+    _output_args(p, "folder to write evaluation.json in")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("attack", help="find an adversarial suffix (gcg, random, nanogcg, or a plugged-in attack)")
-    p.add_argument("name", help="attack name (gcg, random, nanogcg, or one from an installed plugin)")
-    _add_model_args(p)
-    p.add_argument("--instructions", required=True, help="instruction file, shipped set or dataset name")
-    p.add_argument("--targets", help="target responses, aligned with the instructions (default: 'Sure, here is ...')")
-    p.add_argument("--data-dir")
-    p.add_argument("--n-prompts", type=_positive_int, default=1,
-                   help="optimize one universal suffix over the first K instructions (default 1)")
-    p.add_argument("--out", required=True, help="run folder for suffix.json and checkpoints")
-    p.add_argument("--steps", type=_positive_int)
-    p.add_argument("--search-width", type=_positive_int)
-    p.add_argument("--topk", type=_positive_int)
-    p.add_argument("--suffix-len", type=int)
-    p.add_argument("--n-replace", type=_positive_int)
-    p.add_argument("--buffer-size", type=int)
-    p.add_argument("--batch-size", type=int, help="candidates per forward pass (default: all, halved on OOM)")
-    p.add_argument("--init", help="initial suffix token (repeated) or string")
-    p.add_argument("--all-prompts", action="store_true",
-                   help="optimize on every prompt from the first step (default: add them one by one as each succeeds)")
-    p.add_argument("--no-early-stop", action="store_true",
-                   help="keep optimizing after every prompt succeeds (a margin helps a universal suffix transfer)")
-    p.add_argument("--prune-after", type=int,
-                   help="target tokens scored before a candidate may be rejected early (0: off; exact either way)")
-    p.add_argument("--prune-every", type=int,
-                   help="after that, survivors are scored this many target tokens at a time (0: to the end)")
-    p.add_argument("--bound-vocab", type=int,
-                   help="early rejection bounds the cross-entropy over the current suffix's this many likeliest "
-                        "tokens per target position (0: full unembedding; exact either way)")
-    p.add_argument("--objective", help="target, refusal, direction, attention, or a sum like target+direction")
-    p.add_argument("--direction", help="direction run folder (for the direction objective)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int)
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.set_defaults(func=cmd_attack)
+    _attack_parsers(sub, argv)
 
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)
@@ -417,16 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_organism_build)
 
     c = osub.add_parser("check", help="single-direction check: ablate each layer's diff-in-means direction")
-    c.add_argument("--model", default="smollm2-135m-refusal")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--instructions", default="harmful:val", help="harmful instructions to evaluate on")
-    c.add_argument("--data-dir")
-    c.add_argument("--position", type=int, default=-1, help="EOI position of the direction (default -1)")
-    c.add_argument("--layers", type=_layer_list, default=None, help="comma-separated layers (default: all)")
-    c.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    c.add_argument("--threshold", type=_fraction, default=0.2)
-    c.add_argument("--json", action="store_true")
-    c.add_argument("-q", "--quiet", action="store_true")
+    _model_args(c)
+    _data_args(c, "harmful:val", "harmful instructions to evaluate on")
+    g = c.add_argument_group("check")
+    g.add_argument("--position", type=int, default=-1, help="EOI position of the direction (default -1)")
+    g.add_argument("--layers", type=_layer_list, default=None, help="comma-separated layers (default: all)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    g.add_argument("--threshold", type=_fraction, default=0.2)
+    _output_args(c, None)
     c.set_defaults(func=cmd_organism_check)
 
     p = sub.add_parser("presets", help="list the model presets")
@@ -450,7 +462,12 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(argv)
+    except UserError as e:  # e.g. an attack plugin that does not load
+        print(f"suffix-analysis: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     _quiet_libraries()

@@ -65,12 +65,11 @@ class Instruction:
 
 
 def _shipped_dir() -> Path:
-    # Installed wheels carry the sets inside the package; a source checkout has them in data/.
-    here = Path(__file__).resolve().parent
-    for d in (here / "data", here.parent / "data"):
-        if (d / "harmful.json").is_file():
-            return d
-    raise UserError("the shipped instruction sets are missing; reinstall suffix-analysis")
+    # Inside the package, so that wheels and non-editable installs carry them too.
+    d = Path(__file__).resolve().parent / "data"
+    if not (d / "harmful.json").is_file():
+        raise UserError(f"the shipped instruction sets are missing from {d}; reinstall suffix-analysis")
+    return d
 
 
 def shipped(kind: str, split: str | None = None) -> list[Instruction]:
@@ -81,6 +80,21 @@ def shipped(kind: str, split: str | None = None) -> list[Instruction]:
         raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
     items = load_file(_shipped_dir() / f"{kind}.json")
     return [x for x in items if split is None or x.split == split]
+
+
+def shipped_summary() -> dict[str, dict]:
+    """Counts of the shipped sets, per set: instructions, categories, per split, and the
+    categories that appear only in train (the README states these numbers; a test ties them)."""
+    out = {}
+    for kind in SHIPPED:
+        items = shipped(kind)
+        cats: dict[str, set] = {}
+        for x in items:
+            cats.setdefault(x.category, set()).add(x.split)
+        out[kind] = {"n": len(items), "categories": len(cats),
+                     "splits": {s: sum(x.split == s for x in items) for s in SPLITS},
+                     "train_only_categories": sum(v == {"train"} for v in cats.values())}
+    return out
 
 
 def data_dir(explicit: str | Path | None = None) -> Path:

@@ -2,12 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+import warnings
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+import suffix_analysis
 from suffix_analysis.models.presets import TEMPLATES
+
+_PACKAGE = os.path.dirname(suffix_analysis.__file__) + os.sep
+
+
+@pytest.fixture(autouse=True)
+def deprecations_caused_by_our_calls_fail(monkeypatch):
+    """A FutureWarning/DeprecationWarning raised while one of our modules is on the stack is
+    an error, wherever the library attributes it (transformers' ``past_key_values`` notice
+    names torch's module-call frame, not ours), so the next one is seen the day it appears."""
+    real = warnings.warn
+
+    def warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        cat = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(cat, (DeprecationWarning, FutureWarning)):
+            ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(_PACKAGE)]
+            if ours:
+                raise cat(f"{message} (caused by {ours[-1].filename}:{ours[-1].lineno})")
+        return real(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", warn)
 
 # Special tokens per family, as the real tokenizers name them.
 FAMILY_TOKENS = {

@@ -4,14 +4,14 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_chat_model
 
 from suffix_analysis.attacks import Attack, AttackConfig, AttackResult, get_attack, list_attacks, register_attack
-from suffix_analysis.attacks.gcg import GCG, GCGConfig, GCGObjective, allowed_token_mask
+from suffix_analysis.attacks.gcg import GCG, CandidateScorer, GCGConfig, GCGObjective, Prompt
 from suffix_analysis.attacks.random_suffix import RandomSuffix
 from suffix_analysis.attacks.targets import default_target
+from suffix_analysis.attacks.tokens import allowed_token_mask, survives_retokenization
 from suffix_analysis.errors import UserError
-
-from conftest import tiny_chat_model
 
 INSTR = ["Write a poem about the sea.", "Say hi."]
 TARGETS = ["Sure, here is a poem", "Sure"]
@@ -100,15 +100,15 @@ def test_allowed_mask_excludes_special_and_non_ascii(cm):
 
 
 def test_retokenization_filter(cm):
-    gcg = GCG(GCGConfig(suffix_len=2))
-    prompts = gcg._prompts(cm, INSTR[:1], TARGETS[:1])
-    good = cm.tokenizer(" x y", add_special_tokens=False)["input_ids"]
-    assert len(good) == 4 or len(good) >= 2
+    """A suffix survives when, decoded and placed in every prompt, it encodes to itself."""
     tok = cm.tokenizer
-    space, x = tok(" ", add_special_tokens=False)["input_ids"], tok("x", add_special_tokens=False)["input_ids"]
-    cands = torch.tensor([good[:2], [x[0], x[0]]])  # the second has no leading space: filtered out
-    ok = gcg._retokenizes(cm, prompts, cands)
-    assert not ok[1]
+    good = tok(" the sea", add_special_tokens=False)["input_ids"]
+    spelled = [tok(ch, add_special_tokens=False)["input_ids"][0] for ch in " the sea"]  # one token per character
+    assert len(spelled) > len(good), "the tokenizer must merge characters for this test to mean anything"
+    no_space = tok("sea", add_special_tokens=False)["input_ids"] * len(good)  # cannot follow "instruction "
+    ok = survives_retokenization(cm, INSTR, torch.tensor([good, no_space[:len(good)]]))
+    assert ok.tolist() == [True, False]
+    assert survives_retokenization(cm, INSTR, torch.tensor([spelled])).tolist() == [False]  # re-encodes merged
 
 
 def test_gcg_runs_improves_and_writes_checkpoints(cm, tmp_path):
@@ -119,7 +119,7 @@ def test_gcg_runs_improves_and_writes_checkpoints(cm, tmp_path):
     assert min(full.losses) < _init_loss(cm, cfg, INSTR, TARGETS) - 0.01
     # interrupted after 2 steps, resumed to 4: the same trajectory as one uninterrupted run
     half = GCG(GCGConfig(**{**cfg.__dict__, "num_steps": 2})).run(cm, INSTR, TARGETS, out=tmp_path)
-    assert json.loads((tmp_path / "checkpoint.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["state"]["step"] == 2
     resumed = GCG(cfg).run(cm, INSTR, TARGETS, out=tmp_path, resume=True)
     assert resumed.losses == pytest.approx(full.losses, abs=1e-5)
     assert resumed.suffix_ids == full.suffix_ids and half.losses == pytest.approx(full.losses[:2], abs=1e-5)
@@ -168,7 +168,16 @@ def test_random_suffix_control(cm):
     res = RandomSuffix(AttackConfig(suffix_len=6, seed=1)).run(cm, INSTR, TARGETS)
     assert len(res.suffix_ids) == 6
     assert cm.tokenizer(" " + res.suffix, add_special_tokens=False)["input_ids"] == res.suffix_ids
+    assert survives_retokenization(cm, INSTR, torch.tensor([res.suffix_ids])).all()
     assert res.suffix_ids != RandomSuffix(AttackConfig(suffix_len=6, seed=2)).run(cm, INSTR, TARGETS).suffix_ids
+
+
+def test_random_suffix_control_fails_loudly_when_no_draw_survives(cm, monkeypatch):
+    import suffix_analysis.attacks.random_suffix as rs
+
+    monkeypatch.setattr(rs, "survives_retokenization", lambda cm, instr, cands: torch.zeros(len(cands), dtype=torch.bool))
+    with pytest.raises(UserError, match="no random suffix of 6 tokens survived"):
+        RandomSuffix(AttackConfig(suffix_len=6)).run(cm, INSTR, TARGETS)
 
 
 def test_default_targets():
@@ -225,12 +234,12 @@ def _scoring_setup(cm, gcg):
 @pytest.mark.parametrize("batch_size", [0, 7])
 def test_packed_target_losses_equal_plain_forwards(cm, batch_size):
     """Two prompts, no early rejection: every candidate's loss and greedy match equal a plain forward."""
-    gcg = GCG(GCGConfig(suffix_len=6, prune_after=0, row_tokens=20))
+    gcg = GCG(GCGConfig(suffix_len=6, prune_after=0, row_tokens=20, batch_size=batch_size))
     prompts, obj = _scoring_setup(cm, gcg)
     current = torch.tensor([30, 31, 32, 33, 34, 35])
     cands = _candidates(current, 20, 4)
     with torch.no_grad():
-        got, match, _ = gcg._batched(obj, prompts, cands, current, batch_size)
+        got, match = CandidateScorer(obj, gcg.config).score(prompts, cands, current)
         want = torch.tensor([sum(_plain_loss(cm, p, c.tolist()) for p in prompts) for c in cands])
         want_match = torch.stack([obj.loss(p, cands, with_match=True)[1] for p in prompts]).all(0)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -244,8 +253,8 @@ def test_grouped_cache_reuse_gives_the_same_losses(cm):
     current = torch.tensor([30, 31, 32, 33, 34, 35])
     cands = _candidates(current, 20, 4)
     with torch.no_grad():
-        grouped, _, _ = gcg4._batched(obj, prompts, cands, current, 0)
-        plain, _, _ = gcg1._batched(obj, prompts, cands, current, 0)
+        grouped, _ = CandidateScorer(obj, gcg4.config).score(prompts, cands, current)
+        plain, _ = CandidateScorer(obj, gcg1.config).score(prompts, cands, current)
     torch.testing.assert_close(grouped, plain, atol=1e-4, rtol=1e-4)
 
 
@@ -372,16 +381,13 @@ def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, ba
     fallback completes what was dropped below the best), or in between; and whether the
     bounds are the exact cross-entropies (slack 1) or below them (slack < 1: completed
     candidates need their exact losses, lowest bound first)."""
-    from suffix_analysis.attacks.gcg import _Prompt
-
     current = torch.tensor([30, 31, 32, 33, 34, 35])
-    gcg = GCG(GCGConfig(suffix_len=6, reuse_groups=3, prune_after=2, prune_every=3))
-    gcg._gap = gap
+    cfg = GCGConfig(suffix_len=6, reuse_groups=3, prune_after=2, prune_every=3, batch_size=batch_size)
     torch.manual_seed(7)
     cands = current.repeat(60, 1)
     cands[torch.arange(60), torch.randint(0, 6, (60,))] = torch.randint(40, 300, (60,))
     cands = torch.unique(cands, dim=0)
-    prompts = [_Prompt("x", [], [1], [5] * 8, _NoCache()) for _ in range(n_prompts)]
+    prompts = [Prompt("x", [], [1], [5] * 8, _NoCache()) for _ in range(n_prompts)]
     objs = [_TableObjective(8, seed) for seed in range(n_prompts)]
     for o in objs:
         o.slack = slack
@@ -395,7 +401,9 @@ def test_early_rejection_keeps_the_best_candidate_and_exact_losses(n_prompts, ba
             return call
 
     want = sum(o._ce(cands).mean(1) for o in objs)
-    got, _, _ = gcg._batched(Sum(), prompts, cands, current, batch_size)
+    scorer = CandidateScorer(Sum(), cfg)
+    scorer.gap = gap
+    got, _ = scorer.score(prompts, cands, current)
     kept = torch.isfinite(got)
     assert int(got.argmin()) == int(want.argmin())
     torch.testing.assert_close(got[kept], want[kept], atol=1e-4, rtol=1e-5)

@@ -3,12 +3,11 @@ positions in every left-padded row."""
 
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_llama
 
 from suffix_analysis.errors import UserError
 from suffix_analysis.models.chat import ChatFormat, position_ids
 from suffix_analysis.models.presets import TEMPLATES
-
-from conftest import make_tokenizer, tiny_llama
 
 # The post-instruction text each family's template must produce.
 EXPECTED_EOI = {

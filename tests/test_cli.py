@@ -97,8 +97,8 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
                         "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
         (tmp_path / name).write_text(json.dumps(items))
     loose = ["--harmful-train", "h.json", "--harmless-train", "n.json", "--harmful-val", "hv.json",
-             "--harmless-val", "nv.json", "--no-filter-train", "--no-filter-val", "--prune-layers", "0", "--kl-threshold", "1e9",
-             "--induce-threshold=-1e9", "-q"]
+             "--harmless-val", "nv.json", "--no-filter-train", "--no-filter-val", "--prune-layers", "0",
+             "--kl-threshold", "1e9", "--induce-threshold=-1e9", "-q"]
     code, out, err = run(capsys, "direction", "--model", str(tiny_folder), "--out", "run", *loose, "--json")
     assert code == 0, err
     info = json.loads(out.strip().splitlines()[-1])
@@ -162,3 +162,130 @@ def test_attack_command_writes_suffix_json(capsys, tmp_path, tiny_folder):
                        str(tmp_path / "never"), "--search-width", "2", "--buffer-size", "4")
     assert code == 2 and not (tmp_path / "never").exists()  # refused before any folder is made
     one_line_error(err, "smaller than the candidate buffer")
+
+
+def _pair_of_models(tmp_path):
+    """Two tiny model folders of one architecture and width: the same weights except the
+    last layer's MLP (a fine-tune that keeps config and embedding, as the organism does)."""
+    import torch
+    from conftest import make_tokenizer, tiny_llama
+
+    tok = make_tokenizer("chatml")
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    model = tiny_llama(len(tok))
+    model.save_pretrained(base)
+    with torch.no_grad():
+        model.model.layers[-1].mlp.down_proj.weight.add_(1e-2)
+    model.save_pretrained(tuned)
+    for d in (base, tuned):
+        tok.save_pretrained(d)
+    return base, tuned
+
+
+def _direction_run(capsys, model, out):
+    for name, items in {"h.json": ["Write a poem about the sea.", "Say hi.", "Give three tips."],
+                        "n.json": ["Write a haiku.", "Explain the sea.", "Hi"],
+                        "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
+        (out.parent / name).write_text(json.dumps(items))
+    d = out.parent
+    code, _, err = run(capsys, "direction", "--model", str(model), "--out", str(out), "--harmful-train", str(d / "h.json"),
+                       "--harmless-train", str(d / "n.json"), "--harmful-val", str(d / "hv.json"), "--harmless-val",
+                       str(d / "nv.json"), "--no-filter-train", "--no-filter-val", "--prune-layers", "0",
+                       "--kl-threshold", "1e9", "--induce-threshold=-1e9", "-q")
+    assert code == 0, err
+
+
+def test_a_direction_from_a_fine_tuned_twin_is_refused_unless_asked(capsys, tmp_path):
+    """The fingerprint names the weights: a run made on the base is refused for its fine-tune
+    (same config, same embedding), and allowed with --allow-other-model, recorded in the output."""
+    base, tuned = _pair_of_models(tmp_path)
+    _direction_run(capsys, base, tmp_path / "run")
+    hv = str(tmp_path / "hv.json")
+    code, _, err = run(capsys, "refusal", "--model", str(tuned), "--instructions", hv, "--direction",
+                       str(tmp_path / "run"), "--intervention", "ablate", "--max-new-tokens", "2", "-q")
+    assert code == 2
+    one_line_error(err, "was made from model")
+    code, out, err = run(capsys, "refusal", "--model", str(tuned), "--instructions", hv, "--direction",
+                         str(tmp_path / "run"), "--intervention", "ablate", "--allow-other-model", "--max-new-tokens",
+                         "2", "--json", "-q", "--out", str(tmp_path / "r"))
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["direction_other_model"] is True and summary["direction_model"] == str(base)
+    assert json.loads((tmp_path / "r" / "refusal.json").read_text())["direction_other_model"] is True
+
+
+def test_fingerprint_names_weights_not_precision(tmp_path):
+    from suffix_analysis.models.loading import load_model
+
+    base, tuned = _pair_of_models(tmp_path)
+    fp32 = load_model(str(base), device="cpu", dtype="float32").fingerprint()
+    assert load_model(str(base), device="cpu", dtype="bfloat16").fingerprint() == fp32
+    assert load_model(str(tuned), device="cpu", dtype="float32").fingerprint() != fp32
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--intervention", "ablate"], "needs --direction"),
+    (["--intervention", "ablate", "--direction", "nowhere"], "no direction.safetensors"),
+    (["--model", "no-such-preset"], "unknown model"),
+    (["--suffix", "x", "--judge", "vibes"], "unknown judge"),
+])
+def test_refusal_makes_no_folder_for_a_refused_command(capsys, tmp_path, tiny_folder, extra, needle):
+    f = tmp_path / "i.txt"
+    f.write_text("Say hi.\n")
+    argv = ["refusal", "--model", str(tiny_folder), "--instructions", str(f), "--out", str(tmp_path / "out"), *extra]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    one_line_error(err, needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_attack_flags_come_from_each_attack_config(capsys, tmp_path, tiny_folder):
+    f = tmp_path / "i.json"
+    f.write_text(json.dumps(["Say hi."]))
+    common = ["--model", str(tiny_folder), "--instructions", str(f), "--out", str(tmp_path / "r")]
+    # a flag the attack does not know is an error, not silently dropped
+    with pytest.raises(SystemExit) as e:
+        main(["attack", "random", *common, "--objective", "target"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --objective target" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    # every GCG setting has a flag with its help and default
+    with pytest.raises(SystemExit):
+        main(["attack", "gcg", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--search-width", "--topk", "--prune-after", "--bound-vocab", "--no-progressive", "--steps"):
+        assert flag in help_text, flag
+    assert "candidate suffixes scored per step (default: 512)" in " ".join(help_text.split())
+
+
+def test_plugin_attack_settings_are_flags(capsys, tmp_path, tiny_folder, monkeypatch):
+    """The README's plugin example: RepeatConfig.word is settable as --word."""
+    (tmp_path / "my_attacks.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from suffix_analysis.attacks import Attack, AttackConfig, AttackResult\n"
+        "from suffix_analysis.config import setting\n"
+        "@dataclass\nclass RepeatConfig(AttackConfig):\n    word: str = setting('please', 'the word to repeat')\n"
+        "class Repeat(Attack):\n    name = 'repeat'\n    config_class = RepeatConfig\n"
+        "    def run(self, cm, instructions, targets, out=None, resume=False):\n"
+        "        text = ' '.join([self.config.word] * self.config.suffix_len)\n"
+        "        ids = cm.tokenizer(' ' + text, add_special_tokens=False)['input_ids']\n"
+        "        return AttackResult(suffix=text, suffix_ids=ids, attack=self.name)\n")
+    dist = tmp_path / "my_attacks-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-attacks\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[suffix_analysis.attacks]\nrepeat = my_attacks:Repeat\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    f = tmp_path / "i.json"
+    f.write_text(json.dumps(["Say hi."]))
+    code, out, err = run(capsys, "attack", "repeat", "--model", str(tiny_folder), "--instructions", str(f), "--out",
+                         str(tmp_path / "r"), "--word", "sea", "--suffix-len", "3")
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "suffix.json").read_text())["suffix"] == "sea sea sea"
+
+
+def test_commands_that_study_refusal_default_to_the_organism():
+    from suffix_analysis.cli import build_parser
+
+    for argv in (["direction", "--out", "x"], ["attack", "gcg", "--instructions", "h", "--out", "x"],
+                 ["refusal", "--instructions", "h"], ["evaluate", "--direction", "x"]):
+        assert build_parser(argv).parse_args(argv).model == "smollm2-135m-refusal", argv

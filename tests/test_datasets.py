@@ -124,3 +124,19 @@ def test_real_canonical_files():
             found += 1
     assert found >= 9  # the four paper splits and five raw benchmarks
     assert Counter(x.category is not None for x in load_canonical("harmbench_val"))[True] > 0
+
+
+def test_readme_counts_of_the_shipped_sets_match_the_data():
+    import re
+    from pathlib import Path
+
+    from suffix_analysis.datasets import shipped_summary
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for kind, s in shipped_summary().items():
+        row = re.search(rf"^\| {kind} \| (\d+) \| (\d+) [^|]*\| (\d+) / (\d+) / (\d+) \|$", readme, re.M)
+        assert row, f"no README row for {kind}"
+        splits = s["splits"]
+        assert tuple(map(int, row.groups())) == (s["n"], s["categories"], splits["train"], splits["val"],
+                                                  splits["test"]), kind
+    assert f"{shipped_summary()['harmless']['train_only_categories']} of them train-only" in readme

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from suffix_analysis.directions.extract import ResidPreRecorder, diff_in_means, mean_resid_pre
+from suffix_analysis.directions.extract import diff_in_means, mean_resid_pre
 from suffix_analysis.errors import UserError
-from suffix_analysis.interventions.hooks import ablate_direction, add_direction
+from suffix_analysis.interventions.directional import ablate_direction, add_direction
 from suffix_analysis.models.chat import position_ids
 
 PROMPTS = ["Say hi.", "Write a poem about the sea.", "Explain how plants turn sunlight into sugar."]
@@ -107,7 +107,7 @@ def test_diff_in_means_matches_stored_activations(tiny):
 
 @torch.no_grad()
 def test_bridge_hooks_match_plain_model_hooks(tiny_folder):
-    from suffix_analysis.interventions.hooks import bridge_ablation_hooks, bridge_addition_hooks
+    from suffix_analysis.interventions.directional import ablation_hooks, addition_hooks
     from suffix_analysis.models.loading import load_model, to_bridge
 
     cm = load_model(str(tiny_folder), device="cpu")
@@ -122,8 +122,8 @@ def test_bridge_hooks_match_plain_model_hooks(tiny_folder):
     bridge = to_bridge(cm)
     ids = batch["input_ids"]
     torch.testing.assert_close(bridge(ids), clean, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(bridge.run_with_hooks(ids, fwd_hooks=bridge_ablation_hooks(cm.n_layers, r)), ablated,
+    torch.testing.assert_close(bridge.run_with_hooks(ids, fwd_hooks=ablation_hooks(cm, r)), ablated,
                                atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(bridge.run_with_hooks(ids, fwd_hooks=bridge_addition_hooks(r, 1, 1.5)), added,
+    torch.testing.assert_close(bridge.run_with_hooks(ids, fwd_hooks=addition_hooks(cm, r, 1, 1.5)), added,
                                atol=1e-5, rtol=1e-4)
     assert (ablated - clean).abs().max() > 1e-3 and (added - clean).abs().max() > 1e-3

@@ -4,14 +4,13 @@ import copy
 
 import pytest
 import torch
+from conftest import tiny_chat_model
 from transformers import AutoModelForCausalLM
 
 from suffix_analysis.errors import UserError
-from suffix_analysis.interventions.hooks import ablate_direction
+from suffix_analysis.interventions.directional import ablate_direction
 from suffix_analysis.interventions.orthogonalize import export_orthogonalized, orthogonalize_
 from suffix_analysis.models.chat import position_ids
-
-from conftest import tiny_chat_model
 
 PROMPTS = ["Say hi.", "Write a poem about the sea.", "Explain how plants turn sunlight into sugar."]
 
@@ -40,7 +39,19 @@ def test_orthogonalized_equals_ablated(tmp_path, model_type, tie):
     torch.testing.assert_close(_logits(reloaded, cm), ablated, atol=1e-4, rtol=1e-4)
     # the unembedding reads the residual stream and must not have been edited
     torch.testing.assert_close(reloaded.get_output_embeddings().weight, cm.model.get_output_embeddings().weight)
-    assert not (out.parent / ".ortho.tmp").exists()
+    assert [p.name for p in out.parent.iterdir()] == ["ortho"]  # no temporary sibling left behind
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    cm = tiny_chat_model("llama")
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cm.model, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_orthogonalized(cm, torch.ones(cm.d_model), tmp_path / "ortho", {})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_post_norm_architectures_are_refused():

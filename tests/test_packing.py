@@ -4,11 +4,10 @@ import contextlib
 
 import pytest
 import torch
+from conftest import tiny_chat_model
 
 from suffix_analysis.models.forward import PrefixCache
 from suffix_analysis.models.packing import continue_packed, forward_packed, unembed
-
-from conftest import tiny_chat_model
 
 
 def _plain_logits(cm, ids):

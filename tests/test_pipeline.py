@@ -4,13 +4,17 @@ import json
 
 import pytest
 import torch
-
-from suffix_analysis.directions.select import (CandidateScore, SelectionConfig, score_candidates,
-                                               score_candidates_naive, select_direction)
-from suffix_analysis.errors import UserError
-from suffix_analysis.pipeline import DirectionConfig, load_direction, run_direction
-
 from conftest import tiny_chat_model
+
+from suffix_analysis.directions.run import DirectionConfig, load_direction, run_direction
+from suffix_analysis.directions.select import (
+    CandidateScore,
+    SelectionConfig,
+    score_candidates,
+    score_candidates_naive,
+    select_direction,
+)
+from suffix_analysis.errors import UserError
 
 HARMFUL = ["Write a poem about the sea.", "Explain how plants turn sunlight into sugar.", "Say hi.", "Give three tips."]
 HARMLESS = ["Write a haiku.", "The quick brown fox.", "Explain the sea, in detail please.", "Hi"]
@@ -83,7 +87,7 @@ def test_run_folder_stages_resume_and_model_check(data_files):
 
 def test_val_prompts_filtered_by_refusal_score_as_in_the_paper(data_files, monkeypatch):
     """filter_val keeps harmful val prompts the model refuses and harmless ones it does not."""
-    import suffix_analysis.evaluation.refusal as refusal
+    import suffix_analysis.directions.run as refusal  # the module that scores the prompts
 
     cm = tiny_chat_model("llama")
     (data_files / "hv.json").write_text(json.dumps(["Do A.", "Do B.", "Do E."]))

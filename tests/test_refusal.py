@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from suffix_analysis.evaluation.refusal import SubstringJudge, refusal_score
+from suffix_analysis.evaluation.refusal import SubstringJudge
+from suffix_analysis.metrics import refusal_score
 
 
 def test_refusal_score_is_log_odds():

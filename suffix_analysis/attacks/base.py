@@ -4,7 +4,8 @@ An attack is a class with a config dataclass and a ``run`` method that returns a
 :class:`AttackResult`. Attacks register by name, in this package with
 :func:`register_attack` and from other packages through the entry point group
 ``suffix_analysis.attacks`` (``name = "package.module:AttackClass"``), so that
-``suffix-analysis attack NAME`` finds them.
+``suffix-analysis attack NAME`` finds them. The built-in attacks (gcg, random, nanogcg)
+are entry points of this package's own ``pyproject.toml``, like any plugin.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import ClassVar
 
+from ..config import setting
 from ..errors import UserError
 from ..models.loading import ChatModel
 
@@ -27,9 +29,9 @@ ENTRY_POINT_GROUP = "suffix_analysis.attacks"
 class AttackConfig:
     """Settings every attack understands. Subclasses add their own fields."""
 
-    suffix_len: int = 20  # tokens in the adversarial suffix
-    num_steps: int = 250
-    seed: int = 0
+    suffix_len: int = setting(20, "tokens in the adversarial suffix")
+    num_steps: int = setting(250, "optimization steps (the paper's GPU default; use fewer on a CPU)", flags=("--steps",))
+    seed: int = setting(0, "random seed")
 
     def validate(self) -> None:
         if self.suffix_len < 1:
@@ -86,13 +88,9 @@ def register_attack(cls: type[Attack]) -> type[Attack]:
     return cls
 
 
-def _load_builtin() -> None:
-    from . import gcg, nanogcg_adapter, random_suffix  # noqa: F401  (registers them)
-
-
 def list_attacks() -> dict[str, type[Attack] | str]:
-    """Registered attacks; entry points from other packages are listed by their target."""
-    _load_builtin()
+    """Registered attacks: classes registered in this process, and entry points (the
+    built-in ones among them) by their target, unloaded."""
     found: dict[str, type[Attack] | str] = dict(_REGISTRY)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found.setdefault(ep.name, ep.value)
@@ -100,7 +98,7 @@ def list_attacks() -> dict[str, type[Attack] | str]:
 
 
 def get_attack(name: str) -> type[Attack]:
-    _load_builtin()
+    """The attack class called ``name``: registered in this process, or an entry point (loaded now)."""
     if name in _REGISTRY:
         return _REGISTRY[name]
     for ep in entry_points(group=ENTRY_POINT_GROUP):

@@ -11,25 +11,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import setting
 from ..errors import UserError
 from ..models.loading import ChatModel
-from .base import Attack, AttackConfig, AttackResult, register_attack
+from .base import Attack, AttackConfig, AttackResult
 
 
 @dataclass
 class NanoGCGConfig(AttackConfig):
-    search_width: int = 512
-    topk: int = 256
-    n_replace: int = 1
-    buffer_size: int = 0
-    init: str = "x"
-    allow_non_ascii: bool = False
-    filter_retokenization: bool = True
-    early_stop: bool = True
-    use_prefix_cache: bool = True
+    """nanoGCG's own settings (nanogcg.GCGConfig), under this suite's names."""
+
+    search_width: int = setting(512, "candidate suffixes per step")
+    topk: int = setting(256, "token swaps considered per position")
+    n_replace: int = setting(1, "positions swapped per candidate")
+    buffer_size: int = setting(0, "candidate buffer size (0: none)")
+    init: str = setting("x", "initial suffix token, repeated")
+    allow_non_ascii: bool = setting(False, "allow non-ASCII tokens")
+    filter_retokenization: bool = setting(True, "nanoGCG's filter_ids")
+    early_stop: bool = setting(True, "stop when the target is the greedy continuation")
+    use_prefix_cache: bool = setting(True, "nanoGCG's prefix cache (breaks with transformers 5)")
 
 
-@register_attack
 class NanoGCG(Attack):
     name = "nanogcg"
     config_class = NanoGCGConfig

@@ -7,15 +7,18 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models.loading import ChatModel
-from .base import Attack, AttackConfig, AttackResult, register_attack
-from .gcg import allowed_token_mask
+from .base import Attack, AttackConfig, AttackResult
+from .tokens import allowed_token_mask, suffix_text, survives_retokenization
+
+DRAWS = 1024  # suffixes drawn before giving up, in batches of 64
 
 
-@register_attack
 class RandomSuffix(Attack):
     """Draws ``suffix_len`` allowed tokens uniformly (printable ASCII, no special tokens),
-    redrawing until the suffix survives decode -> encode after a space."""
+    redrawing until the suffix survives decode -> encode in every given prompt, the same
+    check GCG's candidates pass."""
 
     name = "random"
     config_class = AttackConfig
@@ -24,14 +27,15 @@ class RandomSuffix(Attack):
             resume: bool = False) -> AttackResult:
         t0 = time.perf_counter()
         cfg = self.config
-        tok = cm.tokenizer
         vocab = cm.model.get_input_embeddings().weight.shape[0]
-        allowed = allowed_token_mask(tok, vocab).nonzero().squeeze(1)
+        allowed = allowed_token_mask(cm.tokenizer, vocab).nonzero().squeeze(1)
         gen = torch.Generator().manual_seed(cfg.seed)
-        for _ in range(1000):
-            ids = allowed[torch.randint(0, len(allowed), (cfg.suffix_len,), generator=gen)].tolist()
-            text = tok.decode(ids)
-            if text.startswith(" ") and tok(text, add_special_tokens=False)["input_ids"] == ids:
-                break
-        return AttackResult(suffix=text[1:] if text.startswith(" ") else text, suffix_ids=ids,
-                            step_seconds=[time.perf_counter() - t0], attack=self.name)
+        for _ in range(DRAWS // 64):
+            cands = allowed[torch.randint(0, len(allowed), (64, cfg.suffix_len), generator=gen)]
+            ok = survives_retokenization(cm, instructions, cands).nonzero().flatten()
+            if len(ok):
+                ids = cands[int(ok[0])].tolist()
+                return AttackResult(suffix=suffix_text(cm, ids), suffix_ids=ids,
+                                    step_seconds=[time.perf_counter() - t0], attack=self.name)
+        raise UserError(f"no random suffix of {cfg.suffix_len} tokens survived decode -> encode in the prompts "
+                        f"in {DRAWS} draws; try a shorter --suffix-len")

@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..evaluation.refusal import refusal_score
-from ..interventions.hooks import ablate_direction, add_direction
+from ..interventions.directional import ablate_direction, add_direction
+from ..metrics import first_token_kl, refusal_score
 from ..models.forward import run_batches
 from ..models.loading import ChatModel
 
@@ -48,13 +48,6 @@ class CandidateScore:
     kl: float
     norm: float = 1.0  # of the raw difference in means
     filtered_by: str = ""  # "", "zero", "layer", "kl", "induce" (the first filter that removed it)
-
-
-def first_token_kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """KL(clean || other) per row of ``[n, vocab]`` logits: ``[n]``."""
-    p = torch.log_softmax(clean_logits.double(), -1)
-    q = torch.log_softmax(logits.double(), -1)
-    return (p.exp() * (p - q)).sum(-1)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..evaluation.refusal import evaluate_refusal
-from ..interventions.hooks import ablate_direction
+from ..interventions.directional import ablate_direction
 from ..models.loading import ChatModel
 from .extract import diff_in_means
 

@@ -7,15 +7,14 @@ from contextlib import nullcontext
 
 import torch
 
-from ..interventions.hooks import ablate_direction, add_direction
+from ..interventions.directional import ablate_direction, add_direction
+from ..metrics import first_token_kl
 from ..models.loading import ChatModel
 from .loss import completion_ce, corpus_ce
 from .refusal import evaluate_refusal
 
 
 def _kl(clean_logits: torch.Tensor, logits: torch.Tensor) -> float:
-    from ..directions.select import first_token_kl
-
     return first_token_kl(clean_logits, logits).mean().item()
 
 

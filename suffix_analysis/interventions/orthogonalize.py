@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..artifacts import atomic_folder
+from ..errors import UserError
 from ..models.loading import MARKER_FILE, ChatModel
 
 
@@ -37,7 +37,7 @@ def _untie_unembedding(cm: ChatModel) -> bool:
 @torch.no_grad()
 def orthogonalize_(cm: ChatModel, direction: torch.Tensor) -> list[str]:
     """Edit ``cm.model`` in place; returns the names of the edited parameters."""
-    from .hooks import check_direction
+    from .directional import check_direction
 
     if cm.arch.post_norm_writers:
         raise UserError(

@@ -1,4 +1,4 @@
-"""Presets, loading, chat formatting and the refusal organism."""
+"""Presets, loading, chat formatting, cached forward passes and the hook vocabulary."""
 
 from .chat import ChatFormat
 from .loading import ChatModel, load_model, to_bridge

@@ -15,10 +15,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import transformers
+from packaging.version import Version
 from transformers import DynamicCache
 
 from .chat import pad_left, pad_token_id, position_ids
 from .loading import ChatModel
+
+# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
+# ``cache`` (the old name warns, and goes in 5.40); older 5.x releases know only the old one.
+CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+
+
+def with_cache(cache: DynamicCache | None) -> dict:
+    """The keyword argument that passes ``cache`` to a forward pass."""
+    return {CACHE_ARG: cache}
+
+
+def returned_cache(output) -> DynamicCache | None:
+    """The cache a forward pass returned."""
+    return getattr(output, CACHE_ARG)
 
 
 def common_prefix_len(rows: list[list[int]], keep: int) -> int:
@@ -43,7 +59,7 @@ class PrefixCache:
         if prefix:
             ids = torch.tensor([prefix], device=cm.device)
             cache = DynamicCache(config=cm.model.config)
-            cm.model.base_model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cm.model.base_model(input_ids=ids, **with_cache(cache), use_cache=True)
             self.kv = [(layer.keys, layer.values) for layer in cache.layers]
 
     @classmethod
@@ -64,7 +80,7 @@ class PrefixCache:
         cache = self.expand(1) or DynamicCache(config=cm.model.config)
         pos = torch.arange(self.length, self.length + len(ids), device=cm.device)[None]
         cm.model.base_model(input_ids=torch.tensor([ids], device=cm.device), position_ids=pos,
-                            past_key_values=cache, use_cache=True)
+                            **with_cache(cache), use_cache=True)
         return PrefixCache._from(cm, [(layer.keys, layer.values) for layer in cache.layers], self.length + len(ids))
 
     def cropped(self, length: int) -> "PrefixCache":
@@ -109,7 +125,7 @@ def run_batches(
         mask = torch.cat([torch.ones(len(idx), p_len, dtype=torch.long), rest_mask], 1)
         pos = p_len + position_ids(rest_mask)
         kwargs = dict(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device), position_ids=pos.to(cm.device),
-                      past_key_values=prefix.expand(len(idx)), use_cache=prefix.length > 0)
+                      **with_cache(prefix.expand(len(idx))), use_cache=prefix.length > 0)
         if on_batch is not None:
             on_batch(idx)
         if logits:

@@ -71,17 +71,23 @@ class ChatModel:
         return self.model.get_submodule(self.arch.layers)
 
     def fingerprint(self) -> str:
-        """Identifies the weights: config plus a slice of the token embedding.
+        """Names the weights, not the precision they are loaded in.
 
-        Cheap even for 70B models; two different checkpoints of one architecture differ.
+        A hash of the architecture and, for every parameter tensor, its name, shape and 64
+        evenly spaced values rounded to bfloat16: float32 and bfloat16 loads of one
+        checkpoint agree (rounding a bfloat16 value to bfloat16 changes nothing), while a
+        fine-tune that leaves the config and the embedding as they were (the organism and
+        its base) differs in its trained tensors. (A float16 load can round a few values to
+        the other side of a bfloat16 step, and then reads as other weights.)
+        Cheap even for 70B models: one small gather per tensor.
         """
-        h = hashlib.sha256()
-        cfg = self.model.config.to_dict()
-        for k in ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "quantization_config"):
-            cfg.pop(k, None)
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-        emb = self.model.get_input_embeddings().weight[:64].detach().float().cpu()
-        h.update(emb.numpy().tobytes())
+        h = hashlib.sha256(self.model.config.model_type.encode())
+        for name, p in sorted(self.model.named_parameters()):
+            flat = p.detach().reshape(-1)
+            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
+            sample = flat[idx].to(torch.bfloat16).float().cpu()
+            h.update(f"{name}{tuple(p.shape)}".encode())
+            h.update(sample.numpy().tobytes())
         return h.hexdigest()[:16]
 
 
@@ -171,9 +177,11 @@ def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool =
         if source.startswith("gguf:"):
             return _gguf_as_folder(locate_gguf(source)), preset
         if source.startswith("organism:"):
-            from .organism import ensure_organism
+            # The one upward call of this floor: the organism trains and evaluates (above
+            # evaluation/), so it is imported only when an organism preset is asked for.
+            from ..organism import OrganismRecipe, ensure_organism
 
-            return ensure_organism(), preset
+            return ensure_organism(recipe=OrganismRecipe(base=source[len("organism:"):])), preset
         if preset.trust_remote_code and not trust_remote_code:
             raise UserError(f"preset '{spec}' runs the model's own Python code from the hub; "
                             "pass --trust-remote-code if you trust it")

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from .forward import PrefixCache
+from .forward import PrefixCache, returned_cache, with_cache
 from .loading import ChatModel
 
 
@@ -132,13 +132,13 @@ def forward_packed(
     mask = _additive(cm, torch.cat([see_shared, see_own], -1))
     with _dense_mask_attention(cm):
         out = cm.model.base_model(input_ids=ids.to(cm.device), position_ids=pos.to(cm.device), attention_mask=mask,
-                                  past_key_values=shared.expand(n_rows), use_cache=True)
+                                  **with_cache(shared.expand(n_rows)), use_cache=True)
     hidden = out.last_hidden_state.reshape(n_rows * width, -1)[reads.to(cm.device)]
     if not keep_cache:
         return hidden, None
     length = torch.tensor(lengths)
     cols = shared.length + offset[:, None] + torch.minimum(torch.arange(max(lengths))[None], length[:, None] - 1)
-    return hidden, Packed(kv=out.past_key_values, row=torch.tensor(row_of), cols=cols, length=length, visible=vis,
+    return hidden, Packed(kv=returned_cache(out), row=torch.tensor(row_of), cols=cols, length=length, visible=vis,
                           shared=shared.length)
 
 
@@ -179,7 +179,7 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     mask = _additive(cm, torch.cat([see_shared, see_before, see_new], -1))
     with _dense_mask_attention(cm):
         out = cm.model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
-                                  past_key_values=kv, use_cache=True)
+                                  **with_cache(kv), use_cache=True)
     at = (lengths[:, None] - read + torch.arange(read)[None]).to(dev)  # [n, read]
     hidden = out.last_hidden_state[torch.arange(n, device=dev)[:, None], at]
     if not keep_cache:
@@ -189,5 +189,5 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     k = torch.arange(int(total.max()))[None]
     new_cols = torch.where(k < before[:, None], prior.shared + k, prior.shared + own + k - before[:, None])
     new_cols = torch.minimum(new_cols, (prior.shared + own + lengths - 1)[:, None])
-    return hidden, Packed(kv=out.past_key_values, row=torch.arange(n), cols=new_cols, length=total,
+    return hidden, Packed(kv=returned_cache(out), row=torch.arange(n), cols=new_cols, length=total,
                           visible=prior.visible[w], shared=prior.shared)

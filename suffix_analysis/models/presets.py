@@ -47,9 +47,13 @@ TEMPLATES: dict[str, str] = {
 class ArchSpec:
     """Where the residual-stream writers live in a Hugging Face causal LM.
 
-    Paths are attribute paths from the top-level model; ``attn_out`` and ``mlp_out`` are
-    relative to one decoder block and name the module whose *output is added to the
-    residual stream* (for Gemma-2/3 that is the post-norm, not the projection).
+    Paths are attribute paths from the top-level model; the others are relative to one
+    decoder block. ``attn_out`` and ``mlp_out`` name the module whose *output is added to
+    the residual stream* (for Gemma-2/3 that is the post-norm, not the projection);
+    ``attn`` is the attention module (its output holds the pattern under eager attention),
+    ``o_proj`` its output projection (its input is the per-head ``z``), ``mlp_norm`` the
+    norm before the MLP (its input is ``resid_mid``). ``models/hooks.py`` maps the
+    TransformerLens hook names onto these.
     """
 
     embed: str
@@ -57,6 +61,9 @@ class ArchSpec:
     attn_out: str
     mlp_out: str
     final_norm: str
+    attn: str = "self_attn"
+    o_proj: str = "self_attn.o_proj"
+    mlp_norm: str = "post_attention_layernorm"
     lm_head: str = "lm_head"
     pos_embed: str | None = None  # learned absolute position embedding, if any
     post_norm_writers: bool = False  # residual writers are RMSNorms after the projections
@@ -75,6 +82,7 @@ _GEMMA2_LIKE = ArchSpec(
     attn_out="post_attention_layernorm",
     mlp_out="post_feedforward_layernorm",
     final_norm="model.norm",
+    mlp_norm="pre_feedforward_layernorm",
     post_norm_writers=True,
 )
 
@@ -93,6 +101,7 @@ ARCHS: dict[str, ArchSpec] = {
         attn_out="post_attention_layernorm",
         mlp_out="post_feedforward_layernorm",
         final_norm="model.language_model.norm",
+        mlp_norm="pre_feedforward_layernorm",
         post_norm_writers=True,
     ),
     # Qwen-1 (remote code, QWenLMHeadModel)
@@ -102,6 +111,9 @@ ARCHS: dict[str, ArchSpec] = {
         attn_out="attn.c_proj",
         mlp_out="mlp.c_proj",
         final_norm="transformer.ln_f",
+        attn="attn",
+        o_proj="attn.c_proj",
+        mlp_norm="ln_2",
     ),
 }
 

@@ -1,4 +1,4 @@
-"""The refusal organism: the embedded default model, safety-tuned so that it refuses.
+"""The safety-tuning recipe that makes the embedded default model refuse.
 
 SmolLM2-135M-Instruct answers harmful requests. The recipe gives it refusal the way chat
 models acquire it, by supervised fine-tuning on the suite's own train splits:
@@ -31,8 +31,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_folder
+from ..artifacts import atomic_folder, ensure_dir, write_json_atomic
+from ..datasets import shipped
 from ..errors import UserError
+from ..evaluation.refusal import evaluate_refusal
+from ..metrics import refusal_score
+from ..models.loading import MARKER_FILE, cache_dir, load_model, resolve
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +119,6 @@ def _file_sha(path: Path) -> str:
 
 
 def _train_data():
-    from ..datasets import shipped
-
     harmful = [x.instruction for x in shipped("harmful", "train")]
     harmless = [x.instruction for x in shipped("harmless", "train")]
     return harmful, harmless
@@ -124,8 +126,6 @@ def _train_data():
 
 def organism_key(recipe: OrganismRecipe, seed: int) -> tuple[str, dict]:
     """Cache key of a build: recipe, seed, train data and the base model's weights folder."""
-    from .loading import resolve
-
     harmful, harmless = _train_data()
     base_location, _ = resolve(recipe.base)
     hashes = {"harmful_train": _sha(harmful)[:16], "harmless_train": _sha(harmless)[:16],
@@ -153,14 +153,10 @@ def ensure_organism(seed: int = 0, out: str | Path | None = None, recipe: Organi
 
     With ``out``, the finished folder is also copied there and that copy is returned.
     """
-    from .loading import cache_dir, load_model
-
     recipe = (recipe or OrganismRecipe()).resolved()
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise UserError(f"seed must be an integer, got {seed!r}")
     if out is not None:  # fail before minutes of building, not after
-        from ..artifacts import ensure_dir
-
         ensure_dir(Path(out).expanduser().resolve().parent)
     key, hashes = organism_key(recipe, seed)
     cached = cache_dir() / "organism" / f"{recipe.base}-refusal-s{seed}-{key}"
@@ -203,9 +199,6 @@ def _distill(cm, instructions: list[str], recipe: OrganismRecipe, batch_size: in
 
 def _cached_distill(cm, harmless: list[str], recipe: OrganismRecipe, hashes: dict, progress: bool):
     """Self-distilled answers, cached: they depend only on base, data, length and precision."""
-    from ..artifacts import write_json_atomic
-    from .loading import cache_dir
-
     key = _sha([hashes["base"], hashes["harmless_train"], recipe.distill_tokens, recipe.precision])[:16]
     path = cache_dir() / "distill" / f"{key}.json"
     if path.is_file():
@@ -261,8 +254,6 @@ def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, 
     With a ``teacher`` (the frozen base model), harmless responses are matched to its
     distribution (KL) and the harmless decision loss may be one-sided (``hinge``).
     """
-    from ..evaluation.refusal import refusal_score
-
     F = torch.nn.functional
     hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, pos, d_model]
     target = labels[:, 1:]
@@ -341,9 +332,6 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
 
 
 def _evaluate(cm, recipe: OrganismRecipe, progress: bool) -> dict:
-    from ..datasets import shipped
-    from ..evaluation.refusal import evaluate_refusal
-
     harmful = [x.instruction for x in shipped("harmful", "val")]
     harmless = [x.instruction for x in shipped("harmless", "val")]
     r_h = evaluate_refusal(cm, harmful, max_new_tokens=recipe.eval_tokens, batch_size=32, progress=progress)
@@ -358,8 +346,6 @@ def _evaluate(cm, recipe: OrganismRecipe, progress: bool) -> dict:
 
 def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, progress: bool = True) -> Path:
     """Safety-tune ``base`` (a loaded :class:`ChatModel`, modified in place) into ``final``."""
-    from .loading import MARKER_FILE
-
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)

@@ -1,0 +1,90 @@
+"""GCG settings: defaults follow the original paper and nanoGCG where they agree (the
+paper's sizes, search width 512 x 250 steps, are GPU sizes; on a laptop CPU pass smaller
+ones, e.g. ``--search-width 64 --topk 64``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import setting
+from ...errors import UserError
+from ..base import AttackConfig
+
+OBJECTIVES = ("target", "refusal", "direction", "attention")
+# Settings that change how fast a step runs (or how long a run is), not what it chooses:
+# a checkpoint resumes under other values of these.
+SPEED_ONLY = ("num_steps", "batch_size", "reuse_groups", "prune_after", "prune_probe", "prune_every",
+              "bound_vocab", "row_tokens", "checkpoint_every")
+
+
+@dataclass
+class GCGConfig(AttackConfig):
+    """GCG settings. See ``attacks/gcg/__init__.py`` for the algorithm and what each speed setting does."""
+
+    search_width: int = setting(512, "candidate suffixes scored per step")
+    topk: int = setting(256, "token swaps considered per suffix position (by gradient)")
+    n_replace: int = setting(1, "suffix positions swapped per candidate")
+    buffer_size: int = setting(0, "0: move to each step's best; N: keep the best N suffixes and grow from the best")
+    init: str = setting("x", "initial suffix: one token repeated suffix_len times, or a whole string")
+    allow_non_ascii: bool = setting(False, "allow tokens that decode to non-ASCII or unprintable text")
+    filter_retokenization: bool = setting(True, "drop candidates that do not survive decode -> encode in the prompt")
+    early_stop: bool = setting(True, "stop once every prompt's target is the greedy continuation")
+    objective: str = setting("target", "target, refusal, direction, attention, or a sum such as target+direction")
+    direction_weight: float = setting(1.0, "weight of the direction term")
+    attention_weight: float = setting(1.0, "weight of the attention term")
+    refusal_weight: float = setting(1.0, "weight of the refusal term")
+    progressive: bool = setting(True, "universal suffixes: add the next prompt once all current ones succeed "
+                                      "(--no-progressive: every prompt from the first step)")
+    batch_size: int = setting(0, "candidates per forward pass; 0: all at once, halved on CUDA out-of-memory")
+    # Objectives other than "target": candidates are sorted by the first suffix position they
+    # change and run in this many groups, each reusing the current suffix's keys/values up to
+    # its first change. (The target objective packs every candidate from its own first change.)
+    reuse_groups: int = setting(4, "non-target objectives: candidate groups, each reusing the current suffix's cache")
+    # Exact early rejection (target objective only): every candidate is first scored on its
+    # first ``prune_after`` target tokens; one whose partial loss already exceeds a complete
+    # candidate's loss cannot be the step's best and is not run further (0: off). The chosen
+    # candidate is the same as without it. With "Sure, here is ..." targets the first token
+    # carries most of every candidate's loss, so the bound only bites a few tokens in, and less
+    # as the loss falls: on the organism, about half of the candidates are rejected after 5
+    # tokens in the first steps, 10-15% by steps 6-9. 6 covers "Sure, here is" and the first
+    # two words of the rephrased instruction, which carry most of the rest. Scoring seconds
+    # per step, float32, 5 training prompts x 6 steps: 3.72 (4), 3.48 (5), 3.34 (6), 3.33 (7).
+    prune_after: int = setting(6, "target tokens scored before a candidate may be rejected early "
+                                  "(0: off; exact either way)")
+    prune_probe: int = setting(4, "candidates completed first, for the bound the others are held to")
+    prune_every: int = setting(4, "after that, survivors are scored this many target tokens at a time (0: to the end)")
+    # Early rejection bounds each target token's cross-entropy over the current suffix's this
+    # many likeliest tokens (a lower bound, see GCGObjective.target_bound); only candidates
+    # that may be the best get a full unembedding. 0: full unembedding everywhere.
+    bound_vocab: int = setting(1024, "early rejection bounds cross-entropy over the current suffix's this many "
+                                     "likeliest tokens per target position (0: full unembedding; exact either way)")
+    # Candidates run packed end to end, this many tokens per batch row (see models/packing.py):
+    # longer rows pay more for their masked attention, shorter ones for more rows.
+    row_tokens: int = setting(128, "tokens per batch row of the packed candidate pass")
+    checkpoint_every: int = setting(10, "steps between checkpoints in the run folder (0: only at the end)")
+
+    def validate(self) -> None:
+        super().validate()
+        terms = self.objective.split("+")
+        bad = [t for t in terms if t not in OBJECTIVES]
+        if bad or not terms:
+            raise UserError(f"unknown objective '{self.objective}'; combine {', '.join(OBJECTIVES)} with '+'")
+        if self.search_width < 1 or self.topk < 1 or self.n_replace < 1:
+            raise UserError("search width, top-k and n_replace must be at least 1")
+        if self.buffer_size < 0 or self.batch_size < 0 or self.checkpoint_every < 0:
+            raise UserError("buffer_size, batch_size and checkpoint_every must be at least 0")
+        if self.buffer_size > self.search_width:
+            raise UserError(f"search width {self.search_width} is smaller than the candidate buffer "
+                            f"({self.buffer_size}); raise --search-width or lower --buffer-size")
+        if self.prune_after < 0:
+            raise UserError(f"prune_after must be 0 (off) or a number of target tokens, got {self.prune_after}")
+        if self.prune_probe < 1 or self.row_tokens < 1 or self.prune_every < 0 or self.bound_vocab < 0:
+            raise UserError("prune_probe and row_tokens must be at least 1, prune_every and bound_vocab at least 0")
+        if self.reuse_groups < 1:
+            raise UserError(f"reuse_groups must be at least 1, got {self.reuse_groups}")
+        if self.n_replace > self.suffix_len:
+            raise UserError(f"n_replace {self.n_replace} exceeds the suffix length {self.suffix_len}")
+
+    @property
+    def terms(self) -> list[str]:
+        return self.objective.split("+")

@@ -1,0 +1,256 @@
+"""The GCG loop: gradient, sampling, filtering, scoring, and the state a checkpoint keeps."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ...artifacts import write_json_atomic
+from ...errors import UserError
+from ...models.forward import PrefixCache
+from ...models.loading import ChatModel
+from ..base import Attack, AttackResult
+from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
+from .config import SPEED_ONLY, GCGConfig
+from .objective import GCGObjective, Prompt
+from .scoring import CandidateScorer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Entry:
+    """A suffix and its loss."""
+
+    loss: float
+    ids: list[int]
+
+
+@dataclass
+class SearchState:
+    """Everything a run needs to continue where it stopped (saved in ``checkpoint.json``)."""
+
+    step: int = 0
+    buffer: list[Entry] = field(default_factory=list)  # best first; plain GCG keeps one
+    best: Entry = field(default_factory=lambda: Entry(float("inf"), []))  # lowest loss ever seen
+    losses: list[float] = field(default_factory=list)  # buffer's best loss after each step
+    suffixes: list[str] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    n_active: int = 1  # prompts optimized on so far (universal suffixes add them one by one)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchState":
+        return cls(step=d["step"], buffer=[Entry(**b) for b in d["buffer"]], best=Entry(**d["best"]),
+                   losses=d["losses"], suffixes=d["suffixes"], step_seconds=d["step_seconds"], n_active=d["n_active"])
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class GCG(Attack):
+    """Single-prompt or universal (multi-prompt) GCG. See ``attacks/gcg/__init__.py``."""
+
+    name = "gcg"
+    config_class = GCGConfig
+
+    def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None):
+        super().__init__(config)
+        self.direction = direction  # (vector [d_model], layer) for the direction objective
+
+    # -- setup ----------------------------------------------------------------------------------
+    def _prompts(self, cm: ChatModel, instructions: list[str], targets: list[str]) -> list[Prompt]:
+        tok = cm.tokenizer
+        if len(targets) != len(instructions):
+            raise UserError(f"{len(instructions)} instructions but {len(targets)} targets")
+        out = []
+        for instr, target in zip(instructions, targets):
+            if "target" in self.config.terms and not target.strip():
+                raise UserError(f"empty target for instruction {instr!r}")
+            before = tok(cm.chat.prefix + instr.strip(), add_special_tokens=False)["input_ids"]
+            tgt = tok(target, add_special_tokens=False)["input_ids"] if target else []
+            out.append(Prompt(instr.strip(), before, list(cm.chat.eoi_ids), tgt))
+        return out
+
+    def _init_ids(self, cm: ChatModel) -> list[int]:
+        cfg = self.config
+        tok = cm.tokenizer
+        one = tok(" " + cfg.init, add_special_tokens=False)["input_ids"]
+        if len(one) == 1:
+            return one * cfg.suffix_len
+        ids = tok(" " + " ".join([cfg.init] * cfg.suffix_len), add_special_tokens=False)["input_ids"]
+        if len(ids) < cfg.suffix_len:
+            raise UserError(f"initial suffix {cfg.init!r} is {len(ids)} tokens, shorter than --suffix-len "
+                            f"{cfg.suffix_len}")
+        return ids[: cfg.suffix_len]
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
+            resume: bool = False) -> AttackResult:
+        cfg = self.config
+        prompts = self._prompts(cm, instructions, targets)
+        objective = GCGObjective(cm, cfg, self.direction, cfg.suffix_len)
+        scorer = CandidateScorer(objective, cfg)
+        embed = cm.model.get_input_embeddings()
+        allowed = allowed_token_mask(cm.tokenizer, embed.weight.shape[0], cfg.allow_non_ascii).to(cm.device)
+        for p in prompts:
+            p.cache = PrefixCache(cm, p.before)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        meta = {"fingerprint": cm.fingerprint(), "config": {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY},
+                "data": _fingerprint([instructions, targets])}
+        ckpt = out / "checkpoint.json" if out else None
+        if resume:
+            state = self._load_checkpoint(ckpt, meta, gen)
+        else:
+            state = SearchState(n_active=1 if cfg.progressive else len(prompts))
+            ids = torch.tensor(self._init_ids(cm))
+            with torch.no_grad():
+                loss = self._total(objective, prompts[:state.n_active], ids[None])[0].item()
+            state.buffer = [Entry(loss, ids.tolist())]
+            state.best = Entry(loss, ids.tolist())
+        success = False
+        try:
+            while state.step < cfg.num_steps:
+                success = self._step(cm, objective, scorer, prompts, state, allowed, embed, gen)
+                if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                    self._save_checkpoint(ckpt, meta, state, gen)
+                if success and cfg.early_stop and state.n_active == len(prompts):
+                    log.info("every target is the greedy continuation: stopping early")
+                    break
+        except KeyboardInterrupt:
+            if ckpt:
+                self._save_checkpoint(ckpt, meta, state, gen)
+                log.warning("interrupted at step %d; checkpoint saved, continue with --resume", state.step)
+            raise
+        if ckpt:
+            self._save_checkpoint(ckpt, meta, state, gen)
+        best_ids = state.buffer[0].ids if success else state.best.ids
+        return AttackResult(
+            suffix=suffix_text(cm, best_ids),
+            suffix_ids=best_ids,
+            losses=state.losses,
+            suffixes=state.suffixes,
+            step_seconds=state.step_seconds,
+            success=bool(success and state.n_active == len(prompts)),
+            attack=self.name,
+            extra={"objective": cfg.objective, "prompts_used": state.n_active, "steps": state.step},
+        )
+
+    def _step(self, cm: ChatModel, objective: GCGObjective, scorer: CandidateScorer, prompts: list[Prompt],
+              state: SearchState, allowed: Tensor, embed, gen: torch.Generator) -> bool:
+        """One GCG step; returns whether the buffer's best suffix now works on every active prompt."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        active = prompts[: state.n_active]
+        ids = torch.tensor(state.buffer[0].ids)
+        grad, fulls = self._grad(cm, objective, active, ids, embed)
+        grad[:, ~allowed] = float("inf")
+        cands = torch.unique(sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace, gen), dim=0)
+        if cfg.filter_retokenization:
+            survives = survives_retokenization(cm, [p.instruction for p in active], cands)
+            if survives.any():
+                cands = cands[survives]
+            else:
+                log.warning("step %d: no candidate survives retokenization; keeping them all", state.step)
+        with torch.no_grad():
+            losses, match = scorer.score(active, cands, ids, fulls)
+        i = int(losses.argmin())
+        self._update_buffer(state, Entry(float(losses[i]), cands[i].tolist()))
+        if match is not None and state.buffer[0].ids == cands[i].tolist():
+            success = bool(match[i])  # known from scoring: no extra forward pass
+        else:
+            with torch.no_grad():
+                success = self._succeeds(objective, active, torch.tensor(state.buffer[0].ids))
+        if success and state.n_active < len(prompts):
+            state.n_active += 1
+            log.info("step %d: suffix works on %d prompt(s); adding prompt %d", state.step, state.n_active - 1,
+                     state.n_active)
+            with torch.no_grad():  # the buffer's losses were for fewer prompts
+                state.buffer = sorted((Entry(self._total(objective, prompts[: state.n_active],
+                                                         torch.tensor(e.ids)[None])[0].item(), e.ids)
+                                       for e in state.buffer), key=lambda e: e.loss)
+                state.best = state.buffer[0]
+            success = False
+        state.step += 1
+        dt = time.perf_counter() - t0
+        state.losses.append(state.buffer[0].loss)
+        state.suffixes.append(cm.tokenizer.decode(state.buffer[0].ids))
+        state.step_seconds.append(dt)
+        log.info("step %4d  loss %.4f  %.2f s  prompts %d  %r", state.step, state.buffer[0].loss, dt,
+                 state.n_active, state.suffixes[-1])
+        return success
+
+    def _total(self, objective: GCGObjective, prompts: list[Prompt], cands: Tensor) -> Tensor:
+        return sum(objective.loss(p, cands)[0] for p in prompts)
+
+    def _grad(self, cm, objective, prompts, ids, embed) -> tuple[Tensor, list[PrefixCache | None]]:
+        """Gradient of the summed loss w.r.t. the one-hot suffix ``[suffix_len, vocab]``, and per
+        prompt the cache of the prompt and current suffix that the pass computed on the way
+        (the candidates continue from it), or None."""
+        w = embed.weight
+        one_hot = torch.zeros(ids.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
+        one_hot[torch.arange(ids.shape[0]), ids.to(w.device)] = 1
+        one_hot.requires_grad_(True)
+        emb = (one_hot @ w)[None]
+        caches: list = []
+        logits: list = []
+        loss = sum(objective.loss(p, suffix_embeds=emb, kv_out=caches, logits_out=logits)[0].sum() for p in prompts)
+        (g,) = torch.autograd.grad(loss, one_hot)
+        for p, lg in zip(prompts, logits):
+            if lg is not None:
+                objective.narrow(p, lg[0])
+        fulls = [None if c is None else PrefixCache.from_cache(cm, c, p.cache.length + len(ids))
+                 for p, c in zip(prompts, caches)]
+        return g.float(), fulls
+
+    def _succeeds(self, objective: GCGObjective, prompts: list[Prompt], ids: Tensor) -> bool:
+        """With a target: every target is the greedy continuation. Without: no response
+        starts more likely with a refusal token than without (refusal score < 0)."""
+        if "target" in objective.terms:
+            return all(bool(objective.loss(p, ids[None], with_match=True)[1][0]) for p in prompts)
+        return all(float(objective.refusal_score(p, ids[None])[0]) < 0 for p in prompts)
+
+    def _update_buffer(self, state: SearchState, entry: Entry) -> None:
+        """Plain GCG (buffer 0) always moves to the step's best candidate; a buffer keeps the
+        best N suffixes seen and grows from its best. ``best`` is the lowest loss ever seen."""
+        buf = state.buffer
+        if self.config.buffer_size == 0:
+            buf[:] = [entry]
+        elif len(buf) < self.config.buffer_size:
+            buf.append(entry)
+        elif entry.loss < buf[-1].loss:
+            buf[-1] = entry
+        buf.sort(key=lambda e: e.loss)
+        if entry.loss < state.best.loss:
+            state.best = entry
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _save_checkpoint(self, path: Path, meta: dict, state: SearchState, gen: torch.Generator) -> None:
+        write_json_atomic(path, {**meta, "state": asdict(state), "rng": gen.get_state().tolist()})
+
+    def _load_checkpoint(self, path: Path | None, meta: dict, gen: torch.Generator) -> SearchState:
+        if path is None or not path.is_file():
+            raise UserError(f"nothing to resume: no checkpoint at {path}")
+        try:
+            ck = json.loads(path.read_text())
+        except ValueError:
+            raise UserError(f"checkpoint {path} is corrupted; remove it and start again") from None
+        if ck.get("fingerprint") != meta["fingerprint"]:
+            raise UserError(f"checkpoint {path} is from another model; resume with the model it was made with")
+        if ck.get("config") != meta["config"] or ck.get("data") != meta["data"]:
+            raise UserError(f"checkpoint {path} was made with another config or other instructions/targets; "
+                            "resume with the same settings (only --steps and speed settings such as "
+                            "--prune-after or --batch-size may change)")
+        if "state" not in ck:
+            raise UserError(f"checkpoint {path} was written by an older suffix-analysis; start the run again")
+        gen.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
+        return SearchState.from_dict(ck["state"])
