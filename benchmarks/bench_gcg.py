@@ -1,14 +1,12 @@
 """Our GCG against nanoGCG, in one run, same model, prompt, target, initial suffix and config.
 
 nanoGCG 0.3.0 pins transformers<=4.47.1, so it runs in its own environment with its own
-(working) prefix cache; point NANOGCG_PYTHON (or --nanogcg-python) at that environment's
-python. Build one with:
+(working) prefix cache. Let the benchmark make that environment (once, a few minutes):
 
-    python3 -m venv /work/nanogcg-venv && /work/nanogcg-venv/bin/pip install torch==2.13.0 nanogcg==0.3.0
+    python benchmarks/bench_gcg.py --make-env ~/.cache/nanogcg-venv [--steps 10] [--seeds 3] [--dtype float32]
 
-Then:
-
-    python benchmarks/bench_gcg.py [--model smollm2-135m-refusal] [--steps 10] [--seeds 3] [--dtype float32]
+or point --nanogcg-python (or $NANOGCG_PYTHON) at the python of one you made yourself
+(``pip install torch==2.13.0 nanogcg==0.3.0``).
 
 Prints seconds per step for each (median over all steps of all seeds), their ratio, and the
 loss each reached after the same number of steps, per seed and on average: the two engines
@@ -55,6 +53,27 @@ def export_for_transformers_4(cm, folder: Path) -> dict:
                                                    "pad_token": t.pad_token, "unk_token": t.unk_token}.items() if v}}
 
 
+def nanogcg_python(given: str | None, make_env: str | None) -> Path:
+    """The python that runs nanoGCG: made in ``make_env`` if asked, else ``given``; exits with
+    a clear message when there is none, before anything is measured."""
+    if make_env:
+        env = Path(make_env).expanduser()
+        python = env / "bin" / "python"
+        probe = [str(python), "-c", "import nanogcg, transformers; assert nanogcg.__version__ == '0.3.0'"]
+        if not python.exists() or subprocess.run(probe, capture_output=True).returncode != 0:
+            print(f"making the nanoGCG environment in {env} (torch 2.13.0, nanogcg 0.3.0)", flush=True)
+            subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "nanogcg==0.3.0"], check=True)
+        return python
+    if not given:
+        sys.exit("bench_gcg: no nanoGCG environment: pass --make-env DIR (the benchmark makes one) or "
+                 "--nanogcg-python PATH / set NANOGCG_PYTHON to the python of one with nanogcg 0.3.0")
+    python = Path(given).expanduser()
+    if not python.exists():
+        sys.exit(f"bench_gcg: {python} does not exist; pass --make-env DIR to make the nanoGCG environment")
+    return python
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-refusal")
@@ -65,8 +84,12 @@ def main():
     ap.add_argument("--suffix-len", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16, for both engines")
-    ap.add_argument("--nanogcg-python", default=os.environ.get("NANOGCG_PYTHON", "/work/nanogcg-venv/bin/python"))
+    ap.add_argument("--nanogcg-python", default=os.environ.get("NANOGCG_PYTHON"),
+                    help="python of an environment with nanogcg 0.3.0 (default: $NANOGCG_PYTHON)")
+    ap.add_argument("--make-env", metavar="DIR",
+                    help="create (or reuse) a virtual environment with torch 2.13.0 and nanogcg 0.3.0 in DIR and use it")
     args = ap.parse_args()
+    python = nanogcg_python(args.nanogcg_python, args.make_env)
 
     from suffix_analysis.attacks.gcg import GCG, GCGConfig
     from suffix_analysis.attacks.targets import default_target
@@ -88,9 +111,6 @@ def main():
         ours.append({"step_seconds": r.step_seconds, "losses": r.losses, "strings": r.suffixes})
         print(f"ours    seed {seed}: {statistics.median(r.step_seconds):.2f} s/step, loss {r.losses[-1]:.4f}", flush=True)
 
-    if not Path(args.nanogcg_python).exists():
-        print(f"nanoGCG environment not found at {args.nanogcg_python}; see this file's docstring")
-        sys.exit(1)
     work = Path(tempfile.mkdtemp(prefix="bench_gcg_"))
     theirs = []
     try:
@@ -102,7 +122,7 @@ def main():
             spec["config"] = {"num_steps": args.steps, "search_width": args.search_width, "topk": args.topk,
                               "suffix_len": args.suffix_len, "seed": seed}
             (work / "spec.json").write_text(json.dumps(spec))
-            subprocess.run([args.nanogcg_python, str(runner), str(work / "spec.json"), str(work / "out.json")],
+            subprocess.run([str(python), str(runner), str(work / "spec.json"), str(work / "out.json")],
                            check=True)
             r = json.loads((work / "out.json").read_text())
             theirs.append(r)

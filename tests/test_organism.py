@@ -82,3 +82,30 @@ def test_bad_seed_and_unwritable_out(tmp_path):
             org.ensure_organism(out=tmp_path / "file.txt" / "org")  # a file where a folder must go
     finally:
         locked.chmod(0o700)
+
+
+def test_organism_preset_builds_from_its_own_base(monkeypatch, tmp_path):
+    """``organism:<base>`` hands its base to the recipe (it used to build smollm2-135m's whatever the base)."""
+    import suffix_analysis.organism as organism_pkg
+    from suffix_analysis.models import presets
+    from suffix_analysis.models.loading import resolve
+
+    asked = []
+    monkeypatch.setattr(organism_pkg, "ensure_organism", lambda recipe: asked.append(recipe.base) or tmp_path)
+    monkeypatch.setitem(presets.PRESETS, "qwen3-0.6b-refusal",
+                        presets.Preset("qwen3-0.6b-refusal", "organism:qwen3-0.6b", "chatml"))
+    assert resolve("qwen3-0.6b-refusal")[0] == tmp_path
+    assert asked == ["qwen3-0.6b"]
+
+
+def test_organism_and_its_base_have_different_fingerprints(organism, smollm, tmp_path):
+    """The organism keeps its base's config and frozen embedding; the fingerprint still tells
+    them apart, so a direction run made on the base is refused for the organism."""
+    from suffix_analysis.directions.run import check_run_model
+    from suffix_analysis.errors import UserError
+
+    assert organism.fingerprint() != smollm.fingerprint()
+    (tmp_path / "run.json").write_text(json.dumps({"model": "smollm2-135m", "fingerprint": smollm.fingerprint()}))
+    with pytest.raises(UserError, match="was made from model 'smollm2-135m'"):
+        check_run_model(tmp_path, organism)
+    assert check_run_model(tmp_path, organism, allow_other_model=True)["model"] == "smollm2-135m"

@@ -1,0 +1,32 @@
+"""A non-editable install (a wheel) carries the shipped instruction sets and the built-in
+attacks, and the command resolves a shipped split from the installed package."""
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+
+def test_wheel_holds_the_shipped_sets_and_resolves_them(tmp_path, tiny_folder):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), root], check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("suffix_analysis-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"suffix_analysis/data/harmful.json", "suffix_analysis/data/harmless.json"} <= set(names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "gcg = suffix_analysis.attacks.gcg:GCG" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    where = subprocess.run([sys.executable, "-c", "import suffix_analysis.datasets as d; print(d._shipped_dir())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(target)), where  # the installed copy, not this checkout
+    p = subprocess.run([sys.executable, "-m", "suffix_analysis", "refusal", "--model", str(tiny_folder),
+                        "--instructions", "harmful:test", "--limit", "2", "--max-new-tokens", "1", "--json", "-q"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["n"] == 2
