@@ -7,6 +7,7 @@ from suffix_analysis.directions.extract import diff_in_means, mean_resid_pre
 from suffix_analysis.errors import UserError
 from suffix_analysis.interventions.directional import ablate_direction, add_direction
 from suffix_analysis.models.chat import position_ids
+from suffix_analysis.models.hooks import Recorder, hook_names
 
 PROMPTS = ["Say hi.", "Write a poem about the sea.", "Explain how plants turn sunlight into sugar."]
 
@@ -39,29 +40,20 @@ def test_ablation_holds_during_generation(tiny):
     r = torch.randn(tiny.d_model)
     batch = tiny.chat.encode(PROMPTS[:2])
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=tiny.tokenizer.pad_token_id)
-    with ablate_direction(tiny, r):
-        seen = []
-        rec = tiny.layers[1].register_forward_pre_hook(
-            lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+    rec = Recorder(["blocks.1.hook_resid_pre"], positions=[-1])  # registered after the ablation: sees its result
+    with ablate_direction(tiny, r), rec.recording(tiny):
         tiny.model.generate(**batch, **kw)
-        rec.remove()
     unit = r / r.norm()
-    assert len(seen) == 5  # prompt pass + 4 cached decoding steps
-    assert max(float((h[:, -1] @ unit).abs().max()) for h in seen) < 1e-4
+    assert rec.count == 2 * 5  # two rows: prompt pass + 4 cached decoding steps
+    assert float((rec["blocks.1.hook_resid_pre"] @ unit).abs().max()) < 1e-4
 
 
 def _capture_resid_pre(cm, prompts):
     """resid_pre of every layer as the layer sees it (after hooks registered earlier)."""
-    seen = {}
-    handles = [layer.register_forward_pre_hook(
-        lambda m, a, k, l=l: seen.__setitem__(l, (a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
-        for l, layer in enumerate(cm.layers)]
-    try:
+    rec = Recorder(hook_names(cm, ["hook_resid_pre"]))
+    with rec.recording(cm):
         logits = _resid(cm, prompts)[0].logits
-    finally:
-        for h in handles:
-            h.remove()
-    return seen, logits
+    return {l: rec[f"blocks.{l}.hook_resid_pre"] for l in range(cm.n_layers)}, logits
 
 
 def test_addition_shifts_resid_pre_of_its_layer_only(tiny):
