@@ -140,3 +140,14 @@ def tiny_chat_model(model_type: str, seed: int = 0, tie: bool = True):
                 p.add_(0.1 * torch.randn_like(p))
     return ChatModel(model=model, tokenizer=tok, chat=ChatFormat.from_tokenizer(tok), name=f"tiny-{model_type}",
                      preset=None, refusal_ids=refusal_token_ids(tok, ("I",)), arch=arch_for(model_type))
+
+
+def install_plugin(tmp_path, monkeypatch, module: str, source: str, entry_points: str) -> None:
+    """A plugin distribution on sys.path: ``module.py`` with ``source``, announcing
+    ``entry_points`` (``name = module:Class`` lines) in the group ``suffix_analysis.attacks``."""
+    (tmp_path / f"{module}.py").write_text(source)
+    dist = tmp_path / f"{module}-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[suffix_analysis.attacks]\n{entry_points}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_chat_model
+from conftest import install_plugin, tiny_chat_model
 
 from suffix_analysis.attacks import Attack, AttackConfig, AttackResult, get_attack, list_attacks, register_attack
 from suffix_analysis.attacks.gcg import GCG, CandidateScorer, GCGConfig, GCGObjective, Prompt
@@ -199,15 +199,12 @@ def test_registry_and_entry_point_plugins(tmp_path, monkeypatch):
 
     assert get_attack("echo-test") is Echo
     # a plugin package announcing an attack through the entry point group
-    (tmp_path / "myplugin.py").write_text(
-        "from suffix_analysis.attacks import Attack, AttackResult\n"
-        "class Plug(Attack):\n    name = 'plug'\n"
-        "    def run(self, cm, i, t, out=None, resume=False):\n        return AttackResult('p', [1], attack='plug')\n")
-    dist = tmp_path / "myplugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: myplugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[suffix_analysis.attacks]\nplug = myplugin:Plug\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    install_plugin(tmp_path, monkeypatch, "myplugin",
+                   "from suffix_analysis.attacks import Attack, AttackResult\n"
+                   "class Plug(Attack):\n    name = 'plug'\n"
+                   "    def run(self, cm, i, t, out=None, resume=False):\n"
+                   "        return AttackResult('p', [1], attack='plug')\n",
+                   "plug = myplugin:Plug")
     assert list_attacks()["plug"] == "myplugin:Plug"
     assert get_attack("plug").__name__ == "Plug"
     with pytest.raises(UserError, match="unknown attack"):

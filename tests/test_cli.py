@@ -260,21 +260,19 @@ def test_attack_flags_come_from_each_attack_config(capsys, tmp_path, tiny_folder
 
 def test_plugin_attack_settings_are_flags(capsys, tmp_path, tiny_folder, monkeypatch):
     """The README's plugin example: RepeatConfig.word is settable as --word."""
-    (tmp_path / "my_attacks.py").write_text(
-        "from dataclasses import dataclass\n"
-        "from suffix_analysis.attacks import Attack, AttackConfig, AttackResult\n"
-        "from suffix_analysis.config import setting\n"
-        "@dataclass\nclass RepeatConfig(AttackConfig):\n    word: str = setting('please', 'the word to repeat')\n"
-        "class Repeat(Attack):\n    name = 'repeat'\n    config_class = RepeatConfig\n"
-        "    def run(self, cm, instructions, targets, out=None, resume=False):\n"
-        "        text = ' '.join([self.config.word] * self.config.suffix_len)\n"
-        "        ids = cm.tokenizer(' ' + text, add_special_tokens=False)['input_ids']\n"
-        "        return AttackResult(suffix=text, suffix_ids=ids, attack=self.name)\n")
-    dist = tmp_path / "my_attacks-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-attacks\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[suffix_analysis.attacks]\nrepeat = my_attacks:Repeat\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    from conftest import install_plugin
+
+    install_plugin(tmp_path, monkeypatch, "my_attacks",
+                   "from dataclasses import dataclass\n"
+                   "from suffix_analysis.attacks import Attack, AttackConfig, AttackResult\n"
+                   "from suffix_analysis.config import setting\n"
+                   "@dataclass\nclass RepeatConfig(AttackConfig):\n    word: str = setting('please', 'the word to repeat')\n"
+                   "class Repeat(Attack):\n    name = 'repeat'\n    config_class = RepeatConfig\n"
+                   "    def run(self, cm, instructions, targets, out=None, resume=False):\n"
+                   "        text = ' '.join([self.config.word] * self.config.suffix_len)\n"
+                   "        ids = cm.tokenizer(' ' + text, add_special_tokens=False)['input_ids']\n"
+                   "        return AttackResult(suffix=text, suffix_ids=ids, attack=self.name)\n",
+                   "repeat = my_attacks:Repeat")
     f = tmp_path / "i.json"
     f.write_text(json.dumps(["Say hi."]))
     code, out, err = run(capsys, "attack", "repeat", "--model", str(tiny_folder), "--instructions", str(f), "--out",
