@@ -34,7 +34,7 @@ def mean_resid_pre(cm: ChatModel, instructions: list[str], positions: list[int] 
 
     with tqdm(total=len(rows), desc=desc, disable=not progress) as bar, rec.recording(cm):
         # only resid_pre is needed: no unembedding; the EOI positions stay out of the shared prefix
-        run_batches(cm, rows, batch_size, logits=False, keep=-min(positions), on_batch=on_batch)
+        run_batches(cm, rows, batch_size, logits=False, own=-min(positions), on_batch=on_batch)
     return torch.stack([rec.mean(n) for n in names], 1)
 
 

@@ -37,9 +37,9 @@ def returned_cache(output) -> DynamicCache | None:
     return getattr(output, CACHE_ARG)
 
 
-def common_prefix_len(rows: list[list[int]], keep: int) -> int:
-    """Length of the token prefix all rows share, leaving at least ``keep`` tokens per row."""
-    n = min(len(r) for r in rows) - keep
+def common_prefix_len(rows: list[list[int]], own: int) -> int:
+    """Length of the token prefix all rows share, leaving at least ``own`` tokens per row."""
+    n = min(len(r) for r in rows) - own
     first = rows[0]
     for r in rows[1:]:
         i = 0
@@ -100,7 +100,7 @@ def run_batches(
     rows: list[list[int]],
     batch_size: int = 32,
     logits: bool = True,
-    keep: int = 1,
+    own: int = 1,
     on_batch: Callable[[list[int]], None] | None = None,
 ) -> torch.Tensor | None:
     """Forward ``rows`` (token id lists) sharing their common prefix.
@@ -108,12 +108,12 @@ def run_batches(
     Args:
         logits: return next-token logits at the last position, ``[n_rows, vocab]`` float32,
             in the order of ``rows``; otherwise only run the model (for hooks) and return None.
-        keep: tokens every row keeps out of the shared prefix (e.g. the EOI tokens a hook reads
+        own: tokens every row keeps out of the shared prefix (e.g. the EOI tokens a hook reads
             at negative positions).
         on_batch: called with the row indices of each batch before it runs (hooks that
             collect per-row results use it).
     """
-    p_len = common_prefix_len(rows, keep)
+    p_len = common_prefix_len(rows, own)
     prefix = PrefixCache(cm, rows[0][:p_len])
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths, less padding
     out = torch.empty(len(rows), cm.model.config.get_text_config().vocab_size) if logits else None

@@ -5,6 +5,6 @@ calls :func:`ensure_organism` lazily for ``organism:<base>`` presets (the one pl
 lower floor reaches up, listed in the import-linter contract).
 """
 
-from .build import ORGANISM_PRESET, RECORD, OrganismRecipe, build, ensure_organism, organism_key
+from .recipe import ORGANISM_PRESET, RECORD, OrganismRecipe, build, ensure_organism, organism_key
 
 __all__ = ["ORGANISM_PRESET", "RECORD", "OrganismRecipe", "build", "ensure_organism", "organism_key"]
