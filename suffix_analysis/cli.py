@@ -359,7 +359,11 @@ def _attack_parsers(sub, argv: list[str]) -> None:
         _direction_args(a, required=False, what="direction run folder, for the direction objective")
         if name == chosen:
             cls = get_attack(name)
-            add_arguments(a.add_argument_group(f"{name} settings ({cls.config_class.__name__})"), cls.config_class)
+            try:
+                add_arguments(a.add_argument_group(f"{name} settings ({cls.config_class.__name__})"), cls.config_class)
+            except argparse.ArgumentError as e:
+                raise UserError(f"attack '{name}': a setting of {cls.config_class.__name__} clashes with a common "
+                                f"flag ({e}); rename the field") from None
         a.set_defaults(func=cmd_attack)
 
 

@@ -287,3 +287,12 @@ def test_commands_that_study_refusal_default_to_the_organism():
     for argv in (["direction", "--out", "x"], ["attack", "gcg", "--instructions", "h", "--out", "x"],
                  ["refusal", "--instructions", "h"], ["evaluate", "--direction", "x"]):
         assert build_parser(argv).parse_args(argv).model == "smollm2-135m-refusal", argv
+
+
+def test_a_broken_plugin_is_a_one_line_error(capsys, tmp_path, monkeypatch):
+    from conftest import install_plugin
+
+    install_plugin(tmp_path, monkeypatch, "broken_attacks", "import no_such_module\n", "broken = broken_attacks:X")
+    code, _, err = run(capsys, "attack", "broken", "--instructions", "harmful", "--out", str(tmp_path / "r"))
+    assert code == 2
+    one_line_error(err, "attack 'broken' (broken_attacks:X) failed to load: ModuleNotFoundError")

@@ -103,7 +103,10 @@ def get_attack(name: str) -> type[Attack]:
         return _REGISTRY[name]
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name == name:
-            cls = ep.load()
+            try:
+                cls = ep.load()
+            except Exception as e:  # a plugin's own import error, reported as the plugin's
+                raise UserError(f"attack '{name}' ({ep.value}) failed to load: {type(e).__name__}: {e}") from None
             if not (isinstance(cls, type) and issubclass(cls, Attack)):
                 raise UserError(f"entry point '{name}' ({ep.value}) is not an Attack subclass")
             return cls
