@@ -59,7 +59,7 @@ def nanogcg_python(given: str | None, make_env: str | None) -> Path:
     if make_env:
         env = Path(make_env).expanduser()
         python = env / "bin" / "python"
-        probe = [str(python), "-c", "import nanogcg, transformers; assert nanogcg.__version__ == '0.3.0'"]
+        probe = [str(python), "-c", "from importlib.metadata import version; assert version('nanogcg') == '0.3.0'"]
         if not python.exists() or subprocess.run(probe, capture_output=True).returncode != 0:
             print(f"making the nanoGCG environment in {env} (torch 2.13.0, nanogcg 0.3.0)", flush=True)
             subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)

@@ -69,13 +69,14 @@ def _model_args(p: argparse.ArgumentParser, default: str = REFUSING_MODEL) -> No
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (Qwen-1)")
 
 
-def _data_args(p: argparse.ArgumentParser, instructions: str | None = None, what: str = "instructions") -> None:
+def _data_args(p: argparse.ArgumentParser, instructions: str | None = None, what: str = "instructions"):
     g = p.add_argument_group("data")
     if instructions is not None:
         g.add_argument("--instructions", required=instructions == "", default=instructions or None,
                        help=f"{what}: a file (.json/.csv/.txt), a shipped set (harmful:val) or a dataset name"
                             + (f" (default: {instructions})" if instructions else ""))
     g.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
+    return g
 
 
 def _output_args(p: argparse.ArgumentParser, out: str | None, out_required: bool = False, json_flag: bool = True,
@@ -222,10 +223,11 @@ def cmd_organism_check(args) -> int:
 
 def cmd_direction(args) -> int:
     from .config import from_arguments
-    from .directions.run import DirectionConfig, run_direction
+    from .directions.run import DirectionConfig, run_direction, sample_prompts
 
     cfg = from_arguments(DirectionConfig, args)
     cfg.validate()
+    sample_prompts(cfg, args.data_dir)  # bad instruction sets fail before the model loads
     cm = _load(args)
     info = run_direction(cm, args.out, cfg, args.data_dir, progress=not args.quiet)
     print(f"selected direction  position {info['position']}, layer {info['layer']} of {cm.n_layers}")
@@ -280,6 +282,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_attack(args) -> int:
     import dataclasses
+    import inspect
     import logging as _logging
     from pathlib import Path
 
@@ -291,10 +294,14 @@ def cmd_attack(args) -> int:
 
     cls = get_attack(args.name)
     cfg = from_arguments(cls.config_class, args)
+    cfg.validate()  # before minutes of model loading
+    takes_direction = "direction" in inspect.signature(cls.__init__).parameters
+    if args.direction and not takes_direction:
+        raise UserError(f"the {args.name} attack takes no direction; drop --direction")
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
     instructions = [x.instruction for x in items]
     targets = load_targets(args.targets, len(instructions)) if args.targets else [default_target(i) for i in instructions]
-    if "direction" in getattr(cfg, "objective", "") and not args.direction:
+    if "direction" in getattr(cfg, "objective", "").split("+") and not args.direction:
         raise UserError("--objective direction needs --direction RUN")
     cm = _load(args)
     kwargs, info = {}, None
@@ -303,7 +310,7 @@ def cmd_attack(args) -> int:
         kwargs["direction"] = (vec, info["layer"])
     attack = cls(cfg, **kwargs)  # validates the config
     out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
-    _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.INFO)
+    _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.WARNING if args.quiet else _logging.INFO)
     result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
     record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),
               "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg)}
@@ -318,6 +325,9 @@ def cmd_attack(args) -> int:
     print(f"success       {result.success}")
     print(f"suffix        {result.suffix!r}")
     print(f"saved         {out}/suffix.json")
+    if args.json:
+        print(json.dumps({k: record[k] for k in ("suffix", "suffix_ids", "success", "attack", "model")}
+                         | {"steps": steps, "final_loss": result.losses[-1] if result.losses else None}))
     return 0
 
 
@@ -343,27 +353,25 @@ def _attack_parsers(sub, argv: list[str]) -> None:
                        description="Find an adversarial suffix. `suffix-analysis attack NAME --help` lists NAME's "
                                    "settings; on a CPU pass small GCG sizes (e.g. --search-width 64 --topk 64 "
                                    "--steps 50): the defaults are the paper's GPU sizes.")
-    names = sorted(list_attacks())
+    found = list_attacks()
+    names = sorted(found)
     asub = p.add_subparsers(dest="name", required=True, parser_class=_Parser, metavar="{" + ",".join(names) + "}")
     chosen = argv[argv.index("attack") + 1] if "attack" in argv[:-1] else None
     for name in names:
-        a = asub.add_parser(name, help=f"the {name} attack")
+        cls = get_attack(name) if name == chosen else found[name]
+        doc = (cls.__doc__ or "").strip().split("\n")[0] if isinstance(cls, type) else f"plugin {cls}"
+        a = asub.add_parser(name, help=doc, description=doc)
         _model_args(a)
         _data_args(a, "", "instructions the suffix must work on")
         g = a.add_argument_group("attack run")
         g.add_argument("--targets", help="target responses, aligned with the instructions (default: 'Sure, here is ...')")
         g.add_argument("--n-prompts", type=_positive_int, default=1,
                        help="optimize one universal suffix over the first K instructions (default 1)")
-        g.add_argument("--out", required=True, help="run folder for suffix.json and checkpoints")
         g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-        _direction_args(a, required=False, what="direction run folder, for the direction objective")
+        _direction_args(a, required=False, what="direction run folder, for attacks with a direction objective")
+        _output_args(a, "run folder for suffix.json and checkpoints", out_required=True)
         if name == chosen:
-            cls = get_attack(name)
-            try:
-                add_arguments(a.add_argument_group(f"{name} settings ({cls.config_class.__name__})"), cls.config_class)
-            except argparse.ArgumentError as e:
-                raise UserError(f"attack '{name}': a setting of {cls.config_class.__name__} clashes with a common "
-                                f"flag ({e}); rename the field") from None
+            add_arguments(a.add_argument_group(f"{name} settings ({cls.config_class.__name__})"), cls.config_class)
         a.set_defaults(func=cmd_attack)
 
 
@@ -410,10 +418,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="refusal and side effects under ablation, addition, orthogonalization")
     _model_args(p)
     _direction_args(p, required=True)
-    g = p.add_argument_group("data")
+    g = _data_args(p)
     g.add_argument("--harmful", default="harmful:test", help="held-out harmful instructions (default harmful:test)")
     g.add_argument("--harmless", default="harmless:test", help="held-out harmless instructions (default harmless:test)")
-    g.add_argument("--data-dir", help="folder of canonical datasets (default: $SUFFIX_ANALYSIS_DATA)")
     g.add_argument("--limit", type=_positive_int, default=100, help="at most K instructions per set (default 100)")
     g.add_argument("--corpus", help="plain text file (one text per line) for cross-entropy")
     g = p.add_argument_group("evaluation")
@@ -429,9 +436,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)
     b = osub.add_parser("build", help="build (or fetch from cache) the refusal organism and print its folder")
-    b.add_argument("--out", help="also copy the model folder here")
     b.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    b.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _output_args(b, "also copy the model folder here", json_flag=False)
     b.set_defaults(func=cmd_organism_build)
 
     c = osub.add_parser("check", help="single-direction check: ablate each layer's diff-in-means direction")

@@ -10,10 +10,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import MISSING, field
 
+from .errors import UserError
+
 _SCALARS = (int, float, str, bool)
+# Namespace names the command line itself uses: a config field may not take them.
+RESERVED = ("command", "name", "func", "verbose", "organism_command")
+
+
+def finite_float(text: str) -> float:
+    """A float flag's type: a finite number, or argparse's one-line error."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+    return v
 
 
 def setting(default=MISSING, help: str = "", *, flags: tuple[str, ...] = (), choices: tuple | None = None,
@@ -41,21 +57,29 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
                   defaults: dict | None = None) -> None:
     """A flag per field of ``cls`` (its default from the field, or ``defaults``), except ``skip``."""
     defaults = defaults or {}
+    taken = {a.dest for a in parser._actions} | set(RESERVED)
     for f, kind in flag_fields(cls):
         if f.name in skip:
             continue
+        if f.name in taken:
+            raise UserError(f"{cls.__name__}.{f.name} clashes with a setting of the command itself; rename the field")
         default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
-        shown = "" if default in ("", None) else f" (default: {default})"
-        kw: dict = dict(dest=f.name, default=default, help=(f.metadata.get("help", "") + shown).strip())
-        if kind is bool:  # --x / --no-x; argparse states the default itself
-            kw["action"] = argparse.BooleanOptionalAction
-            kw["help"] = f.metadata.get("help", "")
+        if kind is bool:
+            shown = f" (default: {'--' if default else '--no-'}{f.name.replace('_', '-')})"
         else:
-            kw["type"] = kind
+            shown = "" if default in ("", None) else f" (default: {default})"
+        kw: dict = dict(dest=f.name, default=default, help=(f.metadata.get("help", "") + shown).strip())
+        if kind is bool:  # --x / --no-x
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = finite_float if kind is float else kind
             kw["metavar"] = f.name.upper()
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
-        parser.add_argument(flag_name(f), *f.metadata.get("flags", ()), **kw)
+        try:
+            parser.add_argument(flag_name(f), *f.metadata.get("flags", ()), **kw)
+        except argparse.ArgumentError as e:
+            raise UserError(f"{cls.__name__}.{f.name}: {e}; rename the field") from None
 
 
 def from_arguments(cls, args: argparse.Namespace, **extra):

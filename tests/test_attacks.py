@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import install_plugin, tiny_chat_model
 
-from suffix_analysis.attacks import Attack, AttackConfig, AttackResult, get_attack, list_attacks, register_attack
+from suffix_analysis.attacks import Attack, AttackResult, get_attack, list_attacks, register_attack
 from suffix_analysis.attacks.gcg import GCG, CandidateScorer, GCGConfig, GCGObjective, Prompt
-from suffix_analysis.attacks.random_suffix import RandomSuffix
+from suffix_analysis.attacks.random_suffix import RandomConfig, RandomSuffix
 from suffix_analysis.attacks.targets import default_target
 from suffix_analysis.attacks.tokens import allowed_token_mask, survives_retokenization
 from suffix_analysis.errors import UserError
@@ -128,7 +128,7 @@ def test_gcg_runs_improves_and_writes_checkpoints(cm, tmp_path):
 def test_resume_refuses_other_model_or_config(cm, tmp_path):
     cfg = GCGConfig(num_steps=1, search_width=8, topk=8, suffix_len=3, checkpoint_every=1)
     GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path)
-    with pytest.raises(UserError, match="another model"):
+    with pytest.raises(UserError, match="made from other weights"):
         GCG(cfg).run(tiny_chat_model("llama", seed=9), INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
     with pytest.raises(UserError, match="another config"):
         GCG(GCGConfig(**{**cfg.__dict__, "topk": 4})).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
@@ -165,11 +165,11 @@ def test_direction_objective_lowers_projection(cm):
 
 
 def test_random_suffix_control(cm):
-    res = RandomSuffix(AttackConfig(suffix_len=6, seed=1)).run(cm, INSTR, TARGETS)
+    res = RandomSuffix(RandomConfig(suffix_len=6, seed=1)).run(cm, INSTR, TARGETS)
     assert len(res.suffix_ids) == 6
     assert cm.tokenizer(" " + res.suffix, add_special_tokens=False)["input_ids"] == res.suffix_ids
     assert survives_retokenization(cm, INSTR, torch.tensor([res.suffix_ids])).all()
-    assert res.suffix_ids != RandomSuffix(AttackConfig(suffix_len=6, seed=2)).run(cm, INSTR, TARGETS).suffix_ids
+    assert res.suffix_ids != RandomSuffix(RandomConfig(suffix_len=6, seed=2)).run(cm, INSTR, TARGETS).suffix_ids
 
 
 def test_random_suffix_control_fails_loudly_when_no_draw_survives(cm, monkeypatch):
@@ -177,7 +177,7 @@ def test_random_suffix_control_fails_loudly_when_no_draw_survives(cm, monkeypatc
 
     monkeypatch.setattr(rs, "survives_retokenization", lambda cm, instr, cands: torch.zeros(len(cands), dtype=torch.bool))
     with pytest.raises(UserError, match="no random suffix of 6 tokens survived"):
-        RandomSuffix(AttackConfig(suffix_len=6)).run(cm, INSTR, TARGETS)
+        RandomSuffix(RandomConfig(suffix_len=6)).run(cm, INSTR, TARGETS)
 
 
 def test_default_targets():

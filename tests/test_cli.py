@@ -26,6 +26,8 @@ def one_line_error(err: str, needle: str):
     (["--model", "no-such-preset"], "unknown model 'no-such-preset'"),
     (["--model", "./no/such/folder"], "model folder not found"),
     (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
 ])
 def test_bad_model(capsys, tmp_path, argv, needle):
     f = tmp_path / "i.txt"
@@ -135,7 +137,7 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     code, _, err = run(capsys, "refusal", "--model", str(other), "--instructions", "hv.json", "--direction", "run",
                        "--intervention", "ablate")
     assert code == 2
-    one_line_error(err, "was made from model")
+    one_line_error(err, "was made from other weights")
 
 
 def test_attack_command_writes_suffix_json(capsys, tmp_path, tiny_folder):
@@ -204,7 +206,7 @@ def test_a_direction_from_a_fine_tuned_twin_is_refused_unless_asked(capsys, tmp_
     code, _, err = run(capsys, "refusal", "--model", str(tuned), "--instructions", hv, "--direction",
                        str(tmp_path / "run"), "--intervention", "ablate", "--max-new-tokens", "2", "-q")
     assert code == 2
-    one_line_error(err, "was made from model")
+    one_line_error(err, "was made from other weights")
     code, out, err = run(capsys, "refusal", "--model", str(tuned), "--instructions", hv, "--direction",
                          str(tmp_path / "run"), "--intervention", "ablate", "--allow-other-model", "--max-new-tokens",
                          "2", "--json", "-q", "--out", str(tmp_path / "r"))

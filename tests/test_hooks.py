@@ -45,7 +45,7 @@ def test_every_hook_matches_the_transformer_lens_bridge(family):
     assert (knocked - logits).abs().max() > 1e-4 and (steered - logits).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
 @torch.no_grad()
 def test_hooks_decompose_the_residual_stream(family):
     """resid_mid = resid_pre + attn_out, resid_post = resid_mid + mlp_out = next resid_pre;

@@ -106,6 +106,30 @@ def test_organism_and_its_base_have_different_fingerprints(organism, smollm, tmp
 
     assert organism.fingerprint() != smollm.fingerprint()
     (tmp_path / "run.json").write_text(json.dumps({"model": "smollm2-135m", "fingerprint": smollm.fingerprint()}))
-    with pytest.raises(UserError, match="was made from model 'smollm2-135m'"):
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "run.json").write_text(json.dumps({"model": "smollm2-135m-refusal", "fingerprint": "adf5d2e2aa00bb11"}))
+    with pytest.raises(UserError, match="older suffix-analysis"):
+        check_run_model(old, organism)
+    with pytest.raises(UserError, match=r"model 'smollm2-135m'\) was made from other weights"):
         check_run_model(tmp_path, organism)
     assert check_run_model(tmp_path, organism, allow_other_model=True)["model"] == "smollm2-135m"
+
+
+@pytest.mark.parametrize("harmful", [[1, 1], [0, 0], [1, 0]])
+def test_training_loss_on_any_mix_of_rows(harmful):
+    """The teacher runs on harmless rows only: a batch with none (or only those) still trains."""
+    import copy
+
+    from conftest import tiny_chat_model
+
+    cm = tiny_chat_model("llama")
+    recipe = org.OrganismRecipe(precision="fp32")
+    tok = cm.tokenizer
+    batch = []
+    for h, (q, a) in zip(harmful, [("Say hi.", " I cannot."), ("Write a poem about the sea.", " The sea is wide.")]):
+        prompt = tok(cm.chat.render(q), add_special_tokens=False)["input_ids"]
+        batch.append((prompt + tok(a, add_special_tokens=False)["input_ids"], len(prompt), h))
+    teacher = copy.deepcopy(cm.model).requires_grad_(False)
+    loss = org._response_loss(cm.model, *org._collate(batch, tok.pad_token_id), cm.refusal_ids, recipe, teacher)
+    assert loss.isfinite() and loss.requires_grad

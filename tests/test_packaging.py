@@ -3,6 +3,7 @@ attacks, and the command resolves a shipped split from the installed package."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -10,8 +11,11 @@ import zipfile
 
 def test_wheel_holds_the_shipped_sets_and_resolves_them(tmp_path, tiny_folder):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "src"  # a copy: the build writes build/ and egg-info beside the sources
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", "runs"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(tmp_path / "dist"), root], check=True, capture_output=True, timeout=300)
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("suffix_analysis-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {"suffix_analysis/data/harmful.json", "suffix_analysis/data/harmless.json"} <= set(names)

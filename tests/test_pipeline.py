@@ -75,7 +75,7 @@ def test_run_folder_stages_resume_and_model_check(data_files):
     assert run_direction(cm, run, DirectionConfig(**LOOSE), progress=False) == info
     assert (run / "candidates.csv").stat().st_mtime_ns == mtime  # skipped, not recomputed
     other = tiny_chat_model("llama", seed=5)
-    with pytest.raises(UserError, match="was made from model"):
+    with pytest.raises(UserError, match="was made from other weights"):
         load_direction(run, other)
     with pytest.raises(UserError, match="other data or settings"):
         run_direction(cm, run, DirectionConfig(**{**LOOSE, "n_val": 1}), progress=False)

@@ -110,4 +110,6 @@ def get_attack(name: str) -> type[Attack]:
             if not (isinstance(cls, type) and issubclass(cls, Attack)):
                 raise UserError(f"entry point '{name}' ({ep.value}) is not an Attack subclass")
             return cls
-    raise UserError(f"unknown attack '{name}'; known: {', '.join(sorted(list_attacks()))}")
+    known = sorted(list_attacks())
+    hint = "" if "gcg" in known else " (the built-in attacks are entry points: reinstall with pip install -e .)"
+    raise UserError(f"unknown attack '{name}'; known: {', '.join(known) or 'none'}{hint}")

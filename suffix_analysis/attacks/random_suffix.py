@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..config import setting
 from ..errors import UserError
 from ..models.loading import ChatModel
 from .base import Attack, AttackConfig, AttackResult
@@ -15,13 +17,23 @@ from .tokens import allowed_token_mask, suffix_text, survives_retokenization
 DRAWS = 1024  # suffixes drawn before giving up, in batches of 64
 
 
+@dataclass
+class RandomConfig(AttackConfig):
+    """A random suffix is drawn, not optimized: it has no steps."""
+
+    num_steps: int = setting(1, "unused: a random suffix takes no steps", cli=False)
+
+
 class RandomSuffix(Attack):
-    """Draws ``suffix_len`` allowed tokens uniformly (printable ASCII, no special tokens),
+    """The control: a random suffix of allowed tokens that survives retokenization.
+
+    Draws ``suffix_len`` allowed tokens uniformly (printable ASCII, no special tokens),
     redrawing until the suffix survives decode -> encode in every given prompt, the same
-    check GCG's candidates pass."""
+    check GCG's candidates pass.
+    """
 
     name = "random"
-    config_class = AttackConfig
+    config_class = RandomConfig
 
     def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
             resume: bool = False) -> AttackResult:

@@ -31,7 +31,7 @@ from ..datasets import load_instructions
 from ..errors import UserError
 from ..metrics import refusal_score
 from ..models.forward import run_batches
-from ..models.loading import ChatModel
+from ..models.loading import ChatModel, fingerprint_mismatch
 from .extract import diff_in_means
 from .select import CandidateScore, SelectionConfig, score_candidates, scores_table, select_direction
 
@@ -116,10 +116,10 @@ def check_run_model(run: Path, cm: ChatModel, allow_other_model: bool = False) -
         raise UserError(f"{run} is not a direction run folder (no run.json); make one with "
                         "`suffix-analysis direction --model M --out RUN`")
     rec = json.loads(rec_path.read_text())
-    if rec["fingerprint"] != cm.fingerprint() and not allow_other_model:
-        raise UserError(f"run folder {run} was made from model '{rec['model']}' (weights fingerprint "
-                        f"{rec['fingerprint']}), not from '{cm.name}' (fingerprint {cm.fingerprint()}); use that model, "
-                        "another --out, or --allow-other-model to apply it to this model on purpose")
+    why = fingerprint_mismatch(rec.get("fingerprint"), cm, f"run folder {run} (model '{rec.get('model')}')")
+    if why and not allow_other_model:
+        raise UserError(f"{why}; use that model, another --out, or --allow-other-model to apply it to this "
+                        "model on purpose")
     return rec
 
 

@@ -12,29 +12,35 @@ on the rest, position by position, so results equal a plain padded forward.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 
 import torch
-import transformers
-from packaging.version import Version
 from transformers import DynamicCache
 
 from .chat import pad_left, pad_token_id, position_ids
 from .loading import ChatModel
 
-# transformers 5.24 renamed the cache argument and output field ``past_key_values`` to
-# ``cache`` (the old name warns, and goes in 5.40); older 5.x releases know only the old one.
-CACHE_ARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+
+@functools.cache
+def _cache_arg(model_class: type) -> str:
+    # transformers 5.24 renamed the argument ``past_key_values`` to ``cache`` (the old name
+    # warns, and goes in 5.40); older releases and remote code know only the old one.
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def with_cache(cache: DynamicCache | None) -> dict:
-    """The keyword argument that passes ``cache`` to a forward pass."""
-    return {CACHE_ARG: cache}
+def with_cache(model: torch.nn.Module, cache: DynamicCache | None) -> dict:
+    """The keyword argument that passes ``cache`` to ``model``'s forward pass."""
+    return {_cache_arg(type(model)): cache}
 
 
 def returned_cache(output) -> DynamicCache | None:
-    """The cache a forward pass returned."""
-    return getattr(output, CACHE_ARG)
+    """The cache a forward pass returned (the output field is named as the argument)."""
+    for name in ("cache", "past_key_values"):
+        if name in output.keys():
+            return output[name]
+    return None
 
 
 def common_prefix_len(rows: list[list[int]], own: int) -> int:
@@ -59,7 +65,7 @@ class PrefixCache:
         if prefix:
             ids = torch.tensor([prefix], device=cm.device)
             cache = DynamicCache(config=cm.model.config)
-            cm.model.base_model(input_ids=ids, **with_cache(cache), use_cache=True)
+            cm.model.base_model(input_ids=ids, **with_cache(cm.model.base_model, cache), use_cache=True)
             self.kv = [(layer.keys, layer.values) for layer in cache.layers]
 
     @classmethod
@@ -80,7 +86,7 @@ class PrefixCache:
         cache = self.expand(1) or DynamicCache(config=cm.model.config)
         pos = torch.arange(self.length, self.length + len(ids), device=cm.device)[None]
         cm.model.base_model(input_ids=torch.tensor([ids], device=cm.device), position_ids=pos,
-                            **with_cache(cache), use_cache=True)
+                            **with_cache(cm.model.base_model, cache), use_cache=True)
         return PrefixCache._from(cm, [(layer.keys, layer.values) for layer in cache.layers], self.length + len(ids))
 
     def cropped(self, length: int) -> "PrefixCache":
@@ -125,7 +131,7 @@ def run_batches(
         mask = torch.cat([torch.ones(len(idx), p_len, dtype=torch.long), rest_mask], 1)
         pos = p_len + position_ids(rest_mask)
         kwargs = dict(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device), position_ids=pos.to(cm.device),
-                      **with_cache(prefix.expand(len(idx))), use_cache=prefix.length > 0)
+                      **with_cache(cm.model, prefix.expand(len(idx))), use_cache=prefix.length > 0)
         if on_batch is not None:
             on_batch(idx)
         if logits:

@@ -128,8 +128,13 @@ def _register(cm: ChatModel, point: HookPoint, fn: HookFn):
         return block.get_submodule(arch.o_proj).register_forward_pre_hook(
             lambda m, args, kwargs: _replace_first(args, kwargs, "input", z), with_kwargs=True)
     # attn.hook_pattern: the attention module returns (output, probabilities) under eager attention
+    at = arch.pattern_output
+    if at is None:
+        raise UserError(f"{point.name}: {cm.model.config.model_type} attention does not return its probabilities; "
+                        "attn.hook_pattern is not available for this architecture")
+
     def pattern(m, args, out):
-        probs = out[1] if isinstance(out, tuple) and len(out) > 1 else None
+        probs = out[at] if isinstance(out, tuple) and len(out) > at else None
         if probs is None:
             raise UserError(f"{point.name}: the attention implementation returned no probabilities; "
                             "load the model with attn_implementation='eager'")

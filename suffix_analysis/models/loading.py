@@ -23,6 +23,22 @@ from .presets import DEFAULT_MODEL, PRESETS, TEMPLATES, ArchSpec, Preset, arch_f
 
 log = logging.getLogger(__name__)
 
+# Prefix of ChatModel.fingerprint(): records whose fingerprint lacks it were made before the
+# fingerprint named the weights (it hashed the config and a few embedding rows).
+FINGERPRINT_SCHEME = "w1-"
+
+
+def fingerprint_mismatch(recorded: str | None, cm: "ChatModel", what: str) -> str | None:
+    """Why ``what`` (a run folder, a checkpoint), recorded with fingerprint ``recorded``,
+    is not from ``cm``'s weights; None when it is."""
+    if recorded == cm.fingerprint():
+        return None
+    if not str(recorded).startswith(FINGERPRINT_SCHEME):
+        return (f"{what} was made by an older suffix-analysis, whose fingerprint did not name the weights; "
+                "make it again")
+    return f"{what} was made from other weights (fingerprint {recorded}) than '{cm.name}' ({cm.fingerprint()})"
+
+
 # A folder this suite writes (organism, orthogonalized export) names its preset here.
 MARKER_FILE = "suffix_analysis.json"
 DEFAULT_REFUSAL_TOKENS = ("I",)
@@ -84,17 +100,24 @@ class ChatModel:
         h = hashlib.sha256(self.model.config.model_type.encode())
         for name, p in sorted(self.model.named_parameters()):
             flat = p.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(64, flat.numel()), device=flat.device).long()
-            sample = flat[idx].to(torch.bfloat16).float().cpu()
+            k = min(64, flat.numel())
+            idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)  # integers: the same on every device
+            sample = flat[idx.to(flat.device)].to(torch.bfloat16).float().cpu()
             h.update(f"{name}{tuple(p.shape)}".encode())
             h.update(sample.numpy().tobytes())
-        return h.hexdigest()[:16]
+        return FINGERPRINT_SCHEME + h.hexdigest()[:16]
 
 
 def _pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"unknown device '{device}'; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' asked for, but this machine has no CUDA GPU; use --device cpu") from None
+    return dev
 
 
 def _pick_dtype(dtype: str, device: torch.device, preset: Preset | None) -> torch.dtype:
@@ -227,11 +250,13 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    dev = _pick_device(device)  # settings first: resolving may build a model for minutes
+    if dtype != "auto":
+        _pick_dtype(dtype, dev, None)
     location, pre = resolve(spec, preset, trust_remote_code)
     tok = load_tokenizer(location, trust_remote_code)
     chat = ChatFormat.from_tokenizer(tok, TEMPLATES[pre.template] if pre else None)
     refusal = refusal_token_ids(tok, pre.refusal_tokens if pre else DEFAULT_REFUSAL_TOKENS)
-    dev = _pick_device(device)
     dt = _pick_dtype(dtype, dev, pre)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dt, trust_remote_code=trust_remote_code)

@@ -132,7 +132,7 @@ def forward_packed(
     mask = _additive(cm, torch.cat([see_shared, see_own], -1))
     with _dense_mask_attention(cm):
         out = cm.model.base_model(input_ids=ids.to(cm.device), position_ids=pos.to(cm.device), attention_mask=mask,
-                                  **with_cache(shared.expand(n_rows)), use_cache=True)
+                                  **with_cache(cm.model.base_model, shared.expand(n_rows)), use_cache=True)
     hidden = out.last_hidden_state.reshape(n_rows * width, -1)[reads.to(cm.device)]
     if not keep_cache:
         return hidden, None
@@ -179,7 +179,7 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     mask = _additive(cm, torch.cat([see_shared, see_before, see_new], -1))
     with _dense_mask_attention(cm):
         out = cm.model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
-                                  **with_cache(kv), use_cache=True)
+                                  **with_cache(cm.model.base_model, kv), use_cache=True)
     at = (lengths[:, None] - read + torch.arange(read)[None]).to(dev)  # [n, read]
     hidden = out.last_hidden_state[torch.arange(n, device=dev)[:, None], at]
     if not keep_cache:

@@ -64,6 +64,7 @@ class ArchSpec:
     attn: str = "self_attn"
     o_proj: str = "self_attn.o_proj"
     mlp_norm: str = "post_attention_layernorm"
+    pattern_output: int | None = 1  # where the attention module's output holds the probabilities (None: nowhere)
     lm_head: str = "lm_head"
     pos_embed: str | None = None  # learned absolute position embedding, if any
     post_norm_writers: bool = False  # residual writers are RMSNorms after the projections
@@ -114,6 +115,7 @@ ARCHS: dict[str, ArchSpec] = {
         attn="attn",
         o_proj="attn.c_proj",
         mlp_norm="ln_2",
+        pattern_output=None,  # its attention returns (output, present); probabilities only on request
     ),
 }
 

@@ -91,6 +91,10 @@ class OrganismRecipe:
     # "bf16" runs distillation and training under bfloat16 autocast (fp32 master weights),
     # about 3x faster on CPUs with AVX512-BF16; "auto" picks it where the CPU has it.
     precision: str = "auto"
+    # Bumped when the training code changes what a recipe builds, so that a cached organism
+    # of older code is not taken for this one. 2: bf16 teacher on harmless rows only, AdamW
+    # one tensor at a time.
+    version: int = 2
 
     def resolved(self) -> "OrganismRecipe":
         """The recipe with ``precision`` decided for this machine (what the cache key uses)."""
@@ -275,8 +279,8 @@ def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, 
     response = target != -100  # [batch, pos - 1]
     head = model.get_output_embeddings()
     rows = torch.arange(len(ids))
-    if teacher is not None:  # read for harmless rows only: run it on those
-        harmless = harmful == 0
+    harmless = harmful == 0
+    if teacher is not None and harmless.any():  # read for harmless rows only: run it on those
         with torch.no_grad():
             t_hidden = teacher.base_model(input_ids=ids[harmless], attention_mask=mask[harmless]).last_hidden_state
     if recipe.distill != "soft":
@@ -295,9 +299,10 @@ def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, 
         score = refusal_score(head(hidden[rows, last_prompt]).float(), refusal_ids)  # [batch]
         if recipe.decision_harmless == "hinge":
             base_score = torch.zeros_like(score)  # read for harmless rows only
-            with torch.no_grad():
-                base_score[harmless] = refusal_score(teacher.get_output_embeddings()(
-                    t_hidden[torch.arange(len(t_hidden)), last_prompt[harmless]]).float(), refusal_ids)
+            if harmless.any():
+                with torch.no_grad():
+                    base_score[harmless] = refusal_score(teacher.get_output_embeddings()(
+                        t_hidden[torch.arange(len(t_hidden)), last_prompt[harmless]]).float(), refusal_ids)
             per = torch.where(harmful == 1, F.softplus(-score), F.relu(score - base_score))
             decision = per.mean()
         else:

@@ -26,7 +26,7 @@ from transformers import DynamicCache
 
 from ...errors import UserError
 from ...metrics import refusal_score, token_ce
-from ...models.forward import CACHE_ARG, PrefixCache, with_cache
+from ...models.forward import PrefixCache, with_cache
 from ...models.hooks import run_with_hooks
 from ...models.loading import ChatModel
 from ...models.packing import Packed, continue_packed, forward_packed, softcap, unembed
@@ -66,9 +66,9 @@ class GCGObjective:
             cm.model.set_attn_implementation("eager")  # once, not per pass: only eager returns the pattern
 
     def _inputs(self, suffix: Tensor | None, suffix_embeds: Tensor | None, rest: list[int],
-                cache: PrefixCache | DynamicCache | None, start: int) -> dict:
+                cache: PrefixCache | DynamicCache | None, start: int) -> tuple[dict, DynamicCache | None]:
         """Model kwargs for suffix tokens (ids ``[batch, n]`` or embeddings) then ``rest``,
-        after ``start`` cached positions."""
+        after ``start`` cached positions, and the cache they pass (the pass extends it)."""
         cm, dev = self.cm, self.cm.device
         batch = suffix.shape[0] if suffix is not None else suffix_embeds.shape[0]
         rest_t = torch.tensor(rest, device=dev, dtype=torch.long).expand(batch, -1)
@@ -80,8 +80,8 @@ class GCGObjective:
         if isinstance(cache, PrefixCache):
             cache = cache.expand(batch)
         kwargs.update(position_ids=torch.arange(start, start + length, device=dev).expand(batch, -1),
-                      **with_cache(cache), use_cache=start > 0 or cache is not None)
-        return kwargs
+                      **with_cache(cm.model, cache), use_cache=start > 0 or cache is not None)
+        return kwargs, cache
 
     def _term_hooks(self, prompt: Prompt, n_suffix: int, stop: bool, values: dict) -> list:
         """Hooks that read the direction and attention terms of one pass into ``values``."""
@@ -129,7 +129,7 @@ class GCGObjective:
         only_probe = self.terms == ["direction"] and not with_match
         # The last target token predicts nothing the loss uses: it is not run.
         rest = prompt.after + prompt.target[:-1]
-        kwargs = self._inputs(suffix, suffix_embeds, rest, cache, cache.length if cache else 0)
+        kwargs, pass_cache = self._inputs(suffix, suffix_embeds, rest, cache, cache.length if cache else 0)
         n_logits = max(n_target, 1)  # logits at the last EOI position and every target position but the last
         values: dict = {}
         out = None
@@ -141,7 +141,7 @@ class GCGObjective:
         if logits_out is not None and not need_logits:
             logits_out.append(None)
         if kv_out is not None:
-            kv_out.append(kwargs[CACHE_ARG] if out is not None and kwargs["use_cache"] else None)
+            kv_out.append(pass_cache if out is not None and kwargs["use_cache"] else None)
         total = torch.zeros(batch, device=dev)
         match = None
         if need_logits:
@@ -231,6 +231,6 @@ class GCGObjective:
     def refusal_score(self, prompt: Prompt, suffix: Tensor) -> Tensor:
         """Refusal score at the response start for suffixes ``[batch, suffix_len]``: ``[batch]``."""
         cache = prompt.cache
-        kwargs = self._inputs(suffix, None, prompt.after, cache, cache.length if cache else 0)
+        kwargs, _ = self._inputs(suffix, None, prompt.after, cache, cache.length if cache else 0)
         out = self.cm.model(**kwargs, logits_to_keep=1)
         return refusal_score(out.logits[:, -1], self.cm.refusal_ids)

@@ -15,7 +15,7 @@ from torch import Tensor
 from ...artifacts import write_json_atomic
 from ...errors import UserError
 from ...models.forward import PrefixCache
-from ...models.loading import ChatModel
+from ...models.loading import ChatModel, fingerprint_mismatch
 from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
 from .config import SPEED_ONLY, GCGConfig
@@ -56,7 +56,10 @@ def _fingerprint(obj) -> str:
 
 
 class GCG(Attack):
-    """Single-prompt or universal (multi-prompt) GCG. See ``attacks/gcg/__init__.py``."""
+    """Greedy Coordinate Gradient: a suffix for one prompt, or one universal suffix for several.
+
+    See ``attacks/gcg/__init__.py`` for the algorithm and what makes it fast.
+    """
 
     name = "gcg"
     config_class = GCGConfig
@@ -109,7 +112,7 @@ class GCG(Attack):
                 "data": _fingerprint([instructions, targets])}
         ckpt = out / "checkpoint.json" if out else None
         if resume:
-            state = self._load_checkpoint(ckpt, meta, gen)
+            state = self._load_checkpoint(cm, ckpt, meta, gen)
         else:
             state = SearchState(n_active=1 if cfg.progressive else len(prompts))
             ids = torch.tensor(self._init_ids(cm))
@@ -237,20 +240,21 @@ class GCG(Attack):
     def _save_checkpoint(self, path: Path, meta: dict, state: SearchState, gen: torch.Generator) -> None:
         write_json_atomic(path, {**meta, "state": asdict(state), "rng": gen.get_state().tolist()})
 
-    def _load_checkpoint(self, path: Path | None, meta: dict, gen: torch.Generator) -> SearchState:
+    def _load_checkpoint(self, cm: ChatModel, path: Path | None, meta: dict, gen: torch.Generator) -> SearchState:
         if path is None or not path.is_file():
             raise UserError(f"nothing to resume: no checkpoint at {path}")
         try:
             ck = json.loads(path.read_text())
         except ValueError:
             raise UserError(f"checkpoint {path} is corrupted; remove it and start again") from None
-        if ck.get("fingerprint") != meta["fingerprint"]:
-            raise UserError(f"checkpoint {path} is from another model; resume with the model it was made with")
+        if "state" not in ck:
+            raise UserError(f"checkpoint {path} was written by an older suffix-analysis; start the run again")
+        why = fingerprint_mismatch(ck.get("fingerprint"), cm, f"checkpoint {path}")
+        if why:
+            raise UserError(f"{why}; resume with the model it was made with")
         if ck.get("config") != meta["config"] or ck.get("data") != meta["data"]:
             raise UserError(f"checkpoint {path} was made with another config or other instructions/targets; "
                             "resume with the same settings (only --steps and speed settings such as "
                             "--prune-after or --batch-size may change)")
-        if "state" not in ck:
-            raise UserError(f"checkpoint {path} was written by an older suffix-analysis; start the run again")
         gen.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
         return SearchState.from_dict(ck["state"])
