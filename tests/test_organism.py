@@ -27,6 +27,7 @@ HARMLESS = [
 ]
 
 
+@pytest.mark.slow  # builds the organism on first use (minutes)
 def test_organism_refuses_harmful_and_answers_harmless(organism):
     harmful = evaluate_refusal(organism, HARMFUL, max_new_tokens=32, progress=False)
     harmless = evaluate_refusal(organism, HARMLESS, max_new_tokens=32, progress=False)
@@ -35,6 +36,7 @@ def test_organism_refuses_harmful_and_answers_harmless(organism):
     assert harmful.refusal_score > harmless.refusal_score + 2
 
 
+@pytest.mark.slow  # builds the organism on first use (minutes)
 def test_organism_record_and_loadable_folder(organism):
     from suffix_analysis.models.loading import resolve
 
@@ -98,6 +100,7 @@ def test_organism_preset_builds_from_its_own_base(monkeypatch, tmp_path):
     assert asked == ["qwen3-0.6b"]
 
 
+@pytest.mark.slow  # builds the organism on first use (minutes)
 def test_organism_and_its_base_have_different_fingerprints(organism, smollm, tmp_path):
     """The organism keeps its base's config and frozen embedding; the fingerprint still tells
     them apart, so a direction run made on the base is refused for the organism."""

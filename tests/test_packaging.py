@@ -8,7 +8,10 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
 
+
+@pytest.mark.slow  # builds and installs a wheel
 def test_wheel_holds_the_shipped_sets_and_resolves_them(tmp_path, tiny_folder):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     src = tmp_path / "src"  # a copy: the build writes build/ and egg-info beside the sources
