@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from .config import finite_float
 from .errors import UserError
 
 log = logging.getLogger("suffix_analysis")
@@ -30,18 +31,8 @@ def _positive_int(text: str) -> int:
     return v
 
 
-def _number(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if v != v or v in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return v
-
-
 def _fraction(text: str) -> float:
-    v = _number(text)
+    v = finite_float(text)
     if not 0 <= v < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return v
@@ -398,7 +389,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("intervention")
     g.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
                    help="ablate the direction everywhere, or add it at its layer (default none)")
-    g.add_argument("--coeff", type=_number, default=1.0, help="activation addition coefficient (default 1)")
+    g.add_argument("--coeff", type=finite_float, default=1.0, help="activation addition coefficient (default 1)")
     _output_args(p, "folder to save completions.json and refusal.json in")
     p.set_defaults(func=cmd_refusal)
 
@@ -425,7 +416,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--corpus", help="plain text file (one text per line) for cross-entropy")
     g = p.add_argument_group("evaluation")
     g.add_argument("--orthogonalized", help="an exported orthogonalized model folder to evaluate too")
-    g.add_argument("--coeff", type=_number, default=1.0)
+    g.add_argument("--coeff", type=finite_float, default=1.0)
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--batch-size", type=_positive_int, default=32)
     _output_args(p, "folder to write evaluation.json in")
