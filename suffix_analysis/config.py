@@ -32,11 +32,11 @@ def finite_float(text: str) -> float:
     return v
 
 
-def setting(default=MISSING, help: str = "", *, flags: tuple[str, ...] = (), choices: tuple | None = None,
-            default_factory=MISSING, cli: bool = True):
+def setting(default=MISSING, help: str = "", *, flags: tuple[str, ...] = (), default_factory=MISSING,
+            cli: bool = True):
     """A dataclass field with its command-line help; ``flags`` are extra spellings
     (``--steps`` for ``num_steps``); ``cli=False`` keeps it off the command line."""
-    meta = {"help": help, "flags": tuple(flags), "choices": choices, "cli": cli}
+    meta = {"help": help, "flags": tuple(flags), "cli": cli}
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -53,17 +53,13 @@ def flag_name(f: dataclasses.Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, skip: tuple[str, ...] = (),
-                  defaults: dict | None = None) -> None:
-    """A flag per field of ``cls`` (its default from the field, or ``defaults``), except ``skip``."""
-    defaults = defaults or {}
+def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls) -> None:
+    """A flag per field of config class ``cls``, with the field's default and help."""
     taken = {a.dest for a in parser._actions} | set(RESERVED)
     for f, kind in flag_fields(cls):
-        if f.name in skip:
-            continue
         if f.name in taken:
             raise UserError(f"{cls.__name__}.{f.name} clashes with a setting of the command itself; rename the field")
-        default = defaults.get(f.name, f.default if f.default is not MISSING else f.default_factory())
+        default = f.default if f.default is not MISSING else f.default_factory()
         if kind is bool:
             shown = f" (default: {'--' if default else '--no-'}{f.name.replace('_', '-')})"
         else:
@@ -74,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         else:
             kw["type"] = finite_float if kind is float else kind
             kw["metavar"] = f.name.upper()
-            if f.metadata.get("choices"):
-                kw["choices"] = f.metadata["choices"]
         try:
             parser.add_argument(flag_name(f), *f.metadata.get("flags", ()), **kw)
         except argparse.ArgumentError as e:
