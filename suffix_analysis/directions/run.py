@@ -110,7 +110,7 @@ def _stage_settings(config: dict) -> dict:
 def check_run_model(run: Path, cm: ChatModel, allow_other_model: bool = False) -> dict:
     """The run's record, if it was made from ``cm``'s weights; a clear error if from other
     weights, unless ``allow_other_model`` (applying one model's direction to another, e.g. a
-    base and its chat model, on purpose)."""
+    base and its chat model, on purpose). ``other_model`` in the returned record says which."""
     rec_path = run / "run.json"
     if not rec_path.is_file():
         raise UserError(f"{run} is not a direction run folder (no run.json); make one with "
@@ -120,7 +120,7 @@ def check_run_model(run: Path, cm: ChatModel, allow_other_model: bool = False) -
     if why and not allow_other_model:
         raise UserError(f"{why}; use that model, another --out, or --allow-other-model to apply it to this "
                         "model on purpose")
-    return rec
+    return {**rec, "other_model": why is not None}
 
 
 def load_direction(run: str | Path, cm: ChatModel, allow_other_model: bool = False) -> tuple[torch.Tensor, dict]:
@@ -138,7 +138,7 @@ def load_direction(run: str | Path, cm: ChatModel, allow_other_model: bool = Fal
     if direction.shape != (cm.d_model,):
         raise UserError(f"direction in {run} has width {tuple(direction.shape)}, the model {cm.d_model}")
     info["run"] = str(run)
-    info["other_model"] = rec["fingerprint"] != cm.fingerprint()
+    info["other_model"] = rec["other_model"]
     if info["other_model"]:
         log.warning("applying the direction of %s (made from '%s') to '%s', as asked", run, rec["model"], cm.name)
     return direction, info

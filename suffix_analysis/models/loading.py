@@ -31,12 +31,13 @@ FINGERPRINT_SCHEME = "w1-"
 def fingerprint_mismatch(recorded: str | None, cm: "ChatModel", what: str) -> str | None:
     """Why ``what`` (a run folder, a checkpoint), recorded with fingerprint ``recorded``,
     is not from ``cm``'s weights; None when it is."""
-    if recorded == cm.fingerprint():
+    current = cm.fingerprint()
+    if recorded == current:
         return None
     if not str(recorded).startswith(FINGERPRINT_SCHEME):
         return (f"{what} was made by an older suffix-analysis, whose fingerprint did not name the weights; "
                 "make it again")
-    return f"{what} was made from other weights (fingerprint {recorded}) than '{cm.name}' ({cm.fingerprint()})"
+    return f"{what} was made from other weights (fingerprint {recorded}) than '{cm.name}' ({current})"
 
 
 # A folder this suite writes (organism, orthogonalized export) names its preset here.
