@@ -81,6 +81,19 @@ def _output_args(p: argparse.ArgumentParser, out: str | None, out_required: bool
         g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _judge_args(p: argparse.ArgumentParser) -> None:
+    from .config import add_arguments
+    from .evaluation.compliance import ComplianceConfig
+
+    g = p.add_argument_group("judges (ComplianceConfig)")
+    g.add_argument("--judge", default=None,
+                   help="comma-separated: a refusal judge, substring or llamaguard:MODEL, and compliance[:MODEL] "
+                        "(default: substring,compliance; compliance only where its reference model is available "
+                        "offline). Refused / complied / derailed: refused by the refusal judge; not refused and "
+                        "answering the instruction by the compliance judge; neither")
+    add_arguments(g, ComplianceConfig)
+
+
 def _direction_args(p: argparse.ArgumentParser, required: bool, what: str = "direction run folder") -> None:
     g = p.add_argument_group("direction")
     g.add_argument("--direction", required=required, help=f"{what} (from `suffix-analysis direction`)")
@@ -138,10 +151,56 @@ def _suffix_text(spec: str | None) -> str | None:
     return spec
 
 
+def _judges(args):
+    """(refusal judge, compliance judge or None) of --judge and the compliance flags; prints
+    why the default compliance judge is off, if it is."""
+    from .config import from_arguments
+    from .evaluation.compliance import ComplianceConfig
+    from .evaluation.refusal import make_judges
+
+    cfg = from_arguments(ComplianceConfig, args)
+    cfg.validate()
+    judge, compliance, note = make_judges(args.judge, cfg, args.device)
+    if note:
+        log.warning(note)
+    return judge, compliance
+
+
+def _suffix_record(spec: str | None) -> dict | None:
+    """The attack record of --suffix when it names a run folder."""
+    from pathlib import Path
+
+    if spec and Path(spec).expanduser().is_dir():
+        return json.loads((Path(spec).expanduser() / "suffix.json").read_text())
+    return None
+
+
+def _eval_targets(args, instructions: list[str]) -> list[str] | None:
+    """--targets for the exact-match rate: a file, ``default`` ("Sure, here is ..."), or, for a
+    suffix run made with the default targets, those targets for these instructions."""
+    from .attacks.targets import default_target, load_targets
+
+    if args.targets == "default":
+        return [default_target(i) for i in instructions]
+    if args.targets:
+        return load_targets(args.targets, len(instructions))
+    rec = _suffix_record(args.suffix)
+    if rec and rec.get("targets") and rec["targets"] == [default_target(i) for i in rec.get("instructions", [])]:
+        return [default_target(i) for i in instructions]
+    return None
+
+
+def _rates_line(summary: dict) -> str:
+    if "complied_rate" not in summary:
+        return ""
+    return (f"refused {summary['refused_rate']:.1%}  complied {summary['complied_rate']:.1%}  "
+            f"derailed {summary['derailed_rate']:.1%}")
+
+
 def cmd_refusal(args) -> int:
     from .artifacts import ensure_dir, write_json_atomic
     from .datasets import load_instructions
-    from .evaluation.refusal import evaluate_refusal, make_judge
+    from .evaluation.refusal import evaluate_refusal
 
     items = load_instructions(args.instructions, args.data_dir)
     if args.limit:
@@ -149,16 +208,21 @@ def cmd_refusal(args) -> int:
     if args.intervention != "none" and not args.direction:
         raise UserError(f"--intervention {args.intervention} needs --direction RUN")
     suffix = _suffix_text(args.suffix)
+    instructions = [x.instruction for x in items]
+    targets = _eval_targets(args, instructions)
     cm = _load(args)
     intervention, info = _intervention(cm, args)
-    judge = make_judge(args.judge, args.device)
+    judge, compliance = _judges(args)
     out = ensure_dir(args.out) if args.out else None  # only once model, direction and judge are known to be good
     with intervention:
-        report = evaluate_refusal(cm, [x.instruction for x in items], judge=judge, max_new_tokens=args.max_new_tokens,
+        report = evaluate_refusal(cm, instructions, judge=judge, max_new_tokens=args.max_new_tokens,
                                   batch_size=args.batch_size, progress=not args.quiet,
-                                  suffixes=[suffix] * len(items) if suffix else None)
+                                  suffixes=[suffix] * len(items) if suffix else None,
+                                  compliance=compliance, targets=targets)
     summary = {"model": args.model, "instructions": args.instructions, **report.summary(),
                "max_new_tokens": args.max_new_tokens, "intervention": args.intervention}
+    if suffix:
+        summary["suffix"] = suffix
     if args.intervention == "actadd":
         summary["coeff"] = args.coeff
     if info is not None:
@@ -171,6 +235,14 @@ def cmd_refusal(args) -> int:
     if info is not None and info["other_model"]:
         print(f"direction      from {info['run']}, made from another model ({info['model']})")
     print(f"refusal rate   {report.refusal_rate:.1%}  ({report.judge} judge, {args.max_new_tokens} new tokens)")
+    if report.compliance is not None:
+        cal = report.compliance.calibration
+        print(f"three rates    {_rates_line(summary)}  (compliance judge: reference {cal.reference}, "
+              f"PMI > {cal.threshold:+.3f} per token)")
+        if report.compliance.not_judged:
+            print(f"not judged     {report.compliance.not_judged} empty completion(s), counted as derailed")
+    if report.target_match is not None:
+        print(f"target match   {report.target_match_rate:.1%}  (completions that start with the attack's target)")
     tokens = cm.preset.refusal_tokens if cm.preset else "refusal tokens"
     print(f"refusal score  {report.refusal_score:+.3f}  (mean log-odds of {tokens})")
     if out:
@@ -253,16 +325,19 @@ def cmd_evaluate(args) -> int:
     cm = _load(args)
     direction, info = _direction(cm, args)
     ortho = load_model(args.orthogonalized, device=args.device, dtype=args.dtype) if args.orthogonalized else None
+    judge, compliance = _judges(args)
     out = ensure_dir(args.out) if args.out else None
     rows = evaluate_direction(cm, direction, info["layer"], harmful, harmless, coeff=args.coeff, corpus=corpus,
                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                              orthogonalized=ortho, progress=not args.quiet)
+                              orthogonalized=ortho, progress=not args.quiet, judge=judge, compliance=compliance)
+    judges = judge.name + ("+compliance" if compliance else "")
     print(f"direction: position {info['position']}, layer {info['layer']}; harmful = {args.harmful} (n={len(harmful)}), "
-          f"harmless = {args.harmless} (n={len(harmless)}), substring judge, {args.max_new_tokens} new tokens")
+          f"harmless = {args.harmless} (n={len(harmless)}), {judges} judge, {args.max_new_tokens} new tokens")
     cols = [k for k in rows[0] if k != "condition"]
-    print(f"{'condition':28s}" + "".join(f"{c:>26s}" for c in cols))
+    width = max(len(c) for c in cols) + 2
+    print(f"{'condition':28s}" + "".join(f"{c:>{width}s}" for c in cols))
     for r in rows:
-        print(f"{r['condition']:28s}" + "".join(f"{r[c]:26.3f}" for c in cols))
+        print(f"{r['condition']:28s}" + "".join(f"{r[c]:{width}.3f}" for c in cols))
     if out:
         write_json_atomic(out / "evaluation.json", {"direction": info, **_provenance(info), "harmful": args.harmful,
                                                     "harmless": args.harmless, "rows": rows})
@@ -280,12 +355,17 @@ def cmd_attack(args) -> int:
     from .artifacts import ensure_dir, write_json_atomic
     from .attacks import get_attack
     from .attacks.targets import default_target, load_targets
-    from .config import from_arguments
+    from .config import from_arguments, profile_defaults
     from .datasets import load_instructions
 
     cls = get_attack(args.name)
-    cfg = from_arguments(cls.config_class, args)
+    profile = _profile(args)
+    cfg = from_arguments(cls.config_class, args, profile=profile)
     cfg.validate()  # before minutes of model loading
+    picked = profile_defaults(cls.config_class, profile)
+    if picked:
+        log.info("%s profile: %s (the paper's GPU sizes: --profile gpu)", profile.upper(),
+                 ", ".join(f"{k}={getattr(cfg, k)}" for k in picked))
     takes_direction = "direction" in inspect.signature(cls.__init__).parameters
     if args.direction and not takes_direction:
         raise UserError(f"the {args.name} attack takes no direction; drop --direction")
@@ -320,6 +400,16 @@ def cmd_attack(args) -> int:
         print(json.dumps({k: record[k] for k in ("suffix", "suffix_ids", "success", "attack", "model")}
                          | {"steps": steps, "final_loss": result.losses[-1] if result.losses else None}))
     return 0
+
+
+def _profile(args) -> str:
+    """--profile: 'gpu' (the paper's sizes) or 'cpu'; 'auto' follows --device."""
+    if args.profile != "auto":
+        return args.profile
+    import torch
+
+    dev = args.device
+    return "gpu" if (dev == "auto" and torch.cuda.is_available()) or dev.startswith("cuda") else "cpu"
 
 
 def cmd_presets(args) -> int:
@@ -359,6 +449,9 @@ def _attack_parsers(sub, argv: list[str]) -> None:
         g.add_argument("--n-prompts", type=_positive_int, default=1,
                        help="optimize one universal suffix over the first K instructions (default 1)")
         g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+        g.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
+                       help="defaults of the settings marked 'CPU profile': the paper's GPU sizes, or sizes that "
+                            "finish in minutes on a laptop CPU (default auto: cpu unless the model runs on CUDA)")
         _direction_args(a, required=False, what="direction run folder, for attacks with a direction objective")
         _output_args(a, "run folder for suffix.json and checkpoints", out_required=True)
         if name == chosen:
@@ -381,10 +474,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--limit", type=_positive_int, help="use only the first K instructions")
-    g.add_argument("--judge", default="substring",
-                   help="substring (default) or llamaguard:MODEL (a moderation model whose weights you have)")
     g.add_argument("--batch-size", type=_positive_int, default=16)
     g.add_argument("--suffix", help="append this suffix (text, or an attack run folder) to every instruction")
+    g.add_argument("--targets", help="target strings for the exact-match rate: a file aligned with the instructions, "
+                                     "or 'default' ('Sure, here is ...'; automatic for a suffix run made with them)")
+    _judge_args(p)
     _direction_args(p, required=False)
     g = p.add_argument_group("intervention")
     g.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
@@ -419,6 +513,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--coeff", type=finite_float, default=1.0)
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--batch-size", type=_positive_int, default=32)
+    _judge_args(p)
     _output_args(p, "folder to write evaluation.json in")
     p.set_defaults(func=cmd_evaluate)
 

@@ -18,7 +18,7 @@ from .errors import UserError
 
 _SCALARS = (int, float, str, bool)
 # Namespace names the command line itself uses: a config field may not take them.
-RESERVED = ("command", "name", "func", "verbose", "organism_command")
+RESERVED = ("command", "name", "func", "verbose", "organism_command", "profile")
 
 
 def finite_float(text: str) -> float:
@@ -32,11 +32,20 @@ def finite_float(text: str) -> float:
     return v
 
 
+PROFILES = ("gpu", "cpu")
+
+
 def setting(default=MISSING, help: str = "", *, flags: tuple[str, ...] = (), default_factory=MISSING,
-            cli: bool = True):
+            cli: bool = True, cpu=MISSING):
     """A dataclass field with its command-line help; ``flags`` are extra spellings
-    (``--steps`` for ``num_steps``); ``cli=False`` keeps it off the command line."""
+    (``--steps`` for ``num_steps``); ``cli=False`` keeps it off the command line.
+
+    ``cpu``: the field's default in the CPU profile, where the paper's GPU size (``default``)
+    would take hours (see :func:`profile_defaults`).
+    """
     meta = {"help": help, "flags": tuple(flags), "cli": cli}
+    if cpu is not MISSING:
+        meta["cpu"] = cpu
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -47,6 +56,21 @@ def flag_fields(cls) -> list[tuple[dataclasses.Field, type]]:
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)
             if f.metadata.get("cli", True) and hints.get(f.name) in _SCALARS]
+
+
+def profile_defaults(cls, profile: str) -> dict:
+    """The defaults of config class ``cls`` that differ in ``profile`` ('gpu': the declared
+    defaults; 'cpu': each field's ``cpu`` value)."""
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile '{profile}'; use {', '.join(PROFILES)}")
+    if profile == "gpu":
+        return {}
+    return {f.name: f.metadata["cpu"] for f in dataclasses.fields(cls) if "cpu" in f.metadata}
+
+
+def for_profile(cls, profile: str, **given):
+    """An instance of ``cls`` with ``profile``'s defaults, overridden by ``given``."""
+    return cls(**{**profile_defaults(cls, profile), **given})
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -64,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             shown = f" (default: {'--' if default else '--no-'}{f.name.replace('_', '-')})"
         else:
             shown = "" if default in ("", None) else f" (default: {default})"
+        if "cpu" in f.metadata:  # None on the command line: the profile decides
+            shown = f" (default: {default}; CPU profile: {f.metadata['cpu']})"
+            default = None
         kw: dict = dict(dest=f.name, default=default, help=(f.metadata.get("help", "") + shown).strip())
         if kind is bool:  # --x / --no-x
             kw["action"] = argparse.BooleanOptionalAction
@@ -76,7 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             raise UserError(f"{cls.__name__}.{f.name}: {e}; rename the field") from None
 
 
-def from_arguments(cls, args: argparse.Namespace, **extra):
-    """An instance of ``cls`` from the flags :func:`add_arguments` made (plus ``extra`` fields)."""
-    given = {f.name: getattr(args, f.name) for f, _ in flag_fields(cls) if hasattr(args, f.name)}
-    return cls(**{**given, **extra})
+def from_arguments(cls, args: argparse.Namespace, profile: str = "gpu", **extra):
+    """An instance of ``cls`` from the flags :func:`add_arguments` made (plus ``extra`` fields);
+    a profiled setting not given on the command line takes ``profile``'s default."""
+    given = {f.name: getattr(args, f.name) for f, _ in flag_fields(cls)
+             if hasattr(args, f.name) and getattr(args, f.name) is not None}
+    return for_profile(cls, profile, **{**given, **extra})

@@ -73,13 +73,16 @@ def _shipped_dir() -> Path:
 
 
 def shipped(kind: str, split: str | None = None) -> list[Instruction]:
-    """The suite's own hand-written set ``kind`` ('harmful'/'harmless'), optionally one split."""
+    """The suite's own hand-written set ``kind`` ('harmful'/'harmless'), optionally one split
+    or several joined by ``+`` (``val+test``: everything held out from training)."""
     if kind not in SHIPPED:
         raise UserError(f"unknown shipped set '{kind}'; choose one of {', '.join(SHIPPED)}")
-    if split is not None and split not in SPLITS:
-        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    wanted = split.split("+") if split else list(SPLITS)
+    bad = [w for w in wanted if w not in SPLITS]
+    if bad:
+        raise UserError(f"unknown split '{bad[0]}'; choose one of {', '.join(SPLITS)} (or join them with '+')")
     items = load_file(_shipped_dir() / f"{kind}.json")
-    return [x for x in items if split is None or x.split == split]
+    return items if split is None else [x for w in wanted for x in items if x.split == w]
 
 
 def shipped_summary() -> dict[str, dict]:

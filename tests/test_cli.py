@@ -82,7 +82,7 @@ def test_refusal_on_tiny_model_writes_artifacts(capsys, tmp_path, tiny_folder):
                              {"instruction": "Never used."}]))
     out = tmp_path / "out"
     code, stdout, _ = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", str(f),
-                          "--limit", "2", "--max-new-tokens", "4", "--json", "--out", str(out), "-q")
+                          "--limit", "2", "--max-new-tokens", "4", "--json", "--out", str(out), "-q", "--judge", "substring")
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["n"] == 2 and 0.0 <= summary["refusal_rate"] <= 1.0
@@ -106,7 +106,7 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     info = json.loads(out.strip().splitlines()[-1])
     assert {"position", "layer", "bypass", "induce", "kl", "fingerprint"} <= set(info)
 
-    code, out, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", "hv.json", "--direction", "run",
+    code, out, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tiny_folder), "--instructions", "hv.json", "--direction", "run",
                          "--intervention", "actadd", "--coeff", "2", "--max-new-tokens", "3", "--json", "-q")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["coeff"] == 2.0
@@ -116,7 +116,7 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     assert (tmp_path / "ortho" / "model.safetensors").is_file()
 
     (tmp_path / "corpus.txt").write_text("The sea is wide and deep.\nPlants make sugar from light.\n")
-    code, out, err = run(capsys, "evaluate", "--model", str(tiny_folder), "--direction", "run", "--harmful", "hv.json",
+    code, out, err = run(capsys, "evaluate", "--judge", "substring", "--model", str(tiny_folder), "--direction", "run", "--harmful", "hv.json",
                          "--harmless", "nv.json", "--corpus", "corpus.txt", "--orthogonalized", "ortho",
                          "--max-new-tokens", "3", "--json", "-q")
     assert code == 0, err
@@ -153,7 +153,7 @@ def test_attack_command_writes_suffix_json(capsys, tmp_path, tiny_folder):
     assert len(rec["suffix_ids"]) == 4 and len(rec["losses"]) == len(rec["step_seconds"]) >= 1
     assert rec["targets"][0] == "Sure, here is a poem about the sea"
     # the suffix then goes into the refusal command
-    code, stdout, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", str(f), "--suffix",
+    code, stdout, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tiny_folder), "--instructions", str(f), "--suffix",
                             str(out), "--max-new-tokens", "2", "--json", "-q")
     assert code == 0, err
     code, _, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", str(f), "--out",
@@ -203,11 +203,11 @@ def test_a_direction_from_a_fine_tuned_twin_is_refused_unless_asked(capsys, tmp_
     base, tuned = _pair_of_models(tmp_path)
     _direction_run(capsys, base, tmp_path / "run")
     hv = str(tmp_path / "hv.json")
-    code, _, err = run(capsys, "refusal", "--model", str(tuned), "--instructions", hv, "--direction",
+    code, _, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tuned), "--instructions", hv, "--direction",
                        str(tmp_path / "run"), "--intervention", "ablate", "--max-new-tokens", "2", "-q")
     assert code == 2
     one_line_error(err, "was made from other weights")
-    code, out, err = run(capsys, "refusal", "--model", str(tuned), "--instructions", hv, "--direction",
+    code, out, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tuned), "--instructions", hv, "--direction",
                          str(tmp_path / "run"), "--intervention", "ablate", "--allow-other-model", "--max-new-tokens",
                          "2", "--json", "-q", "--out", str(tmp_path / "r"))
     assert code == 0, err
@@ -257,7 +257,7 @@ def test_attack_flags_come_from_each_attack_config(capsys, tmp_path, tiny_folder
     help_text = capsys.readouterr().out
     for flag in ("--search-width", "--topk", "--prune-after", "--bound-vocab", "--no-progressive", "--steps"):
         assert flag in help_text, flag
-    assert "candidate suffixes scored per step (default: 512)" in " ".join(help_text.split())
+    assert "candidate suffixes scored per step (default: 512; CPU profile: 64)" in " ".join(help_text.split())
 
 
 def test_plugin_attack_settings_are_flags(capsys, tmp_path, tiny_folder, monkeypatch):
@@ -298,3 +298,40 @@ def test_a_broken_plugin_is_a_one_line_error(capsys, tmp_path, monkeypatch):
     code, _, err = run(capsys, "attack", "broken", "--instructions", "harmful", "--out", str(tmp_path / "r"))
     assert code == 2
     one_line_error(err, "attack 'broken' (broken_attacks:X) failed to load: ModuleNotFoundError")
+
+
+def test_refusal_reports_three_rates_and_target_match(capsys, tmp_path, tiny_folder, monkeypatch):
+    from suffix_analysis.evaluation.compliance import ComplianceJudge
+
+    monkeypatch.setenv("SUFFIX_ANALYSIS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ComplianceJudge, "reference_answers",
+                        lambda self, ins, progress=False: [f"About {i.split()[1]}: here." for i in ins])
+    f = tmp_path / "i.txt"
+    f.write_text("Write a poem about the sea.\nSay hi.\nGive three tips.\nExplain the sun.\n")
+    code, out, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", str(f), "--judge",
+                         f"substring,compliance:{tiny_folder}", "--judge-tokens", "4", "--targets", "default",
+                         "--max-new-tokens", "4", "--json", "-q", "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["refused_rate"] + s["complied_rate"] + s["derailed_rate"] == pytest.approx(1.0)
+    assert s["refusal_rate"] == s["refused_rate"] and s["judge"] == "substring+compliance"
+    # the random model answers only newlines: nothing to judge, said so, and derailed
+    assert s["not_judged"] == 4 and s["derailed_rate"] == 1.0 and "4 empty completion(s)" in out
+    assert s["target_match_rate"] == 0.0 and "threshold" in s["compliance_calibration"]
+    rows = json.loads((tmp_path / "o" / "completions.json").read_text())
+    assert {r["verdict"] for r in rows} == {"derailed"} and rows[0]["target"] == "Sure, here is a poem about the sea"
+
+
+def test_attack_profile_decides_unset_sizes_only():
+    from suffix_analysis.attacks.gcg import GCGConfig
+    from suffix_analysis.cli import build_parser
+    from suffix_analysis.config import for_profile, from_arguments
+
+    base = ["attack", "gcg", "--instructions", "h", "--out", "x"]
+    args = build_parser(base).parse_args(base)
+    assert args.search_width is None  # not given: the profile decides
+    assert from_arguments(GCGConfig, args, profile="gpu").search_width == 512
+    cpu = from_arguments(GCGConfig, args, profile="cpu")
+    assert (cpu.search_width, cpu.topk) == (64, 64) and cpu.num_steps == for_profile(GCGConfig, "cpu").num_steps
+    argv = base + ["--search-width", "512"]
+    assert from_arguments(GCGConfig, build_parser(argv).parse_args(argv), profile="cpu").search_width == 512

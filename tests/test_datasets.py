@@ -140,3 +140,12 @@ def test_readme_counts_of_the_shipped_sets_match_the_data():
         assert tuple(map(int, row.groups())) == (s["n"], s["categories"], splits["train"], splits["val"],
                                                   splits["test"]), kind
     assert f"{shipped_summary()['harmless']['train_only_categories']} of them train-only" in readme
+
+
+def test_shipped_splits_join_with_plus():
+    from suffix_analysis.datasets import load_instructions, shipped
+
+    both = load_instructions("harmful:val+test")
+    assert both == shipped("harmful", "val") + shipped("harmful", "test")
+    with pytest.raises(UserError, match="unknown split 'tset'"):
+        shipped("harmful", "val+tset")

@@ -30,7 +30,7 @@ class AttackConfig:
     """Settings every attack understands. Subclasses add their own fields."""
 
     suffix_len: int = setting(20, "tokens in the adversarial suffix")
-    num_steps: int = setting(250, "optimization steps (the paper's GPU default; use fewer on a CPU)", flags=("--steps",))
+    num_steps: int = setting(250, "optimization steps", flags=("--steps",), cpu=60)
     seed: int = setting(0, "random seed")
 
     def validate(self) -> None:

@@ -30,13 +30,17 @@ def evaluate_direction(
     batch_size: int = 32,
     orthogonalized: ChatModel | None = None,
     progress: bool = False,
+    judge=None,
+    compliance=None,
 ) -> list[dict]:
     """One row per condition: baseline, ablation, activation addition (and the orthogonalized model).
 
-    Columns: refusal rate/score on ``harmful`` and on ``harmless``, first-token KL on harmless
-    against the baseline, CE of the baseline's own harmless completions, CE on ``corpus``.
+    Columns: refusal rate/score on ``harmful`` and on ``harmless`` (and, with a compliance
+    judge, the complied and derailed rates of each), first-token KL on harmless against the
+    baseline, CE of the baseline's own harmless completions, CE on ``corpus``.
     """
-    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, judge=judge,
+              compliance=compliance)
     conditions = [("baseline", cm, nullcontext()), ("ablation", cm, ablate_direction(cm, direction)),
                   (f"actadd (x{coeff:g}, layer {layer})", cm, add_direction(cm, direction, layer, coeff))]
     if orthogonalized is not None:
@@ -54,6 +58,9 @@ def evaluate_direction(
                 "harmful_refusal_score": h.refusal_score,
                 "harmless_refusal_rate": n.refusal_rate,
                 "harmless_refusal_score": n.refusal_score,
+                **({"harmful_complied_rate": h.complied_rate, "harmful_derailed_rate": h.derailed_rate,
+                    "harmless_complied_rate": n.complied_rate, "harmless_derailed_rate": n.derailed_rate}
+                   if compliance is not None else {}),
                 "kl_harmless": _kl(clean.first_logits, n.first_logits),
                 "ce_harmless_completions": completion_ce(model, harmless, clean.completions),
             }

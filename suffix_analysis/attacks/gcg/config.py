@@ -21,8 +21,8 @@ SPEED_ONLY = ("num_steps", "batch_size", "reuse_groups", "prune_after", "prune_p
 class GCGConfig(AttackConfig):
     """GCG settings. See ``attacks/gcg/__init__.py`` for the algorithm and what each speed setting does."""
 
-    search_width: int = setting(512, "candidate suffixes scored per step")
-    topk: int = setting(256, "token swaps considered per suffix position (by gradient)")
+    search_width: int = setting(512, "candidate suffixes scored per step", cpu=64)
+    topk: int = setting(256, "token swaps considered per suffix position (by gradient)", cpu=64)
     n_replace: int = setting(1, "suffix positions swapped per candidate")
     buffer_size: int = setting(0, "0: move to each step's best; N: keep the best N suffixes and grow from the best")
     init: str = setting("x", "initial suffix: one token repeated suffix_len times, or a whole string")
