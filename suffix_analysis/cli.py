@@ -371,9 +371,24 @@ def cmd_attack(args) -> int:
         raise UserError(f"the {args.name} attack takes no direction; drop --direction")
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
     instructions = [x.instruction for x in items]
-    targets = load_targets(args.targets, len(instructions)) if args.targets else [default_target(i) for i in instructions]
+    answers_from = None
+    if args.targets and (args.targets == "answers" or args.targets.startswith("answers:")):
+        from .evaluation.compliance import DEFAULT_REFERENCE
+
+        answers_from = args.targets.partition(":")[2] or DEFAULT_REFERENCE
+        targets = None  # made once the settings are known to be good
+    elif args.targets and args.targets != "default":
+        targets = load_targets(args.targets, len(instructions))
+    else:
+        targets = [default_target(i) for i in instructions]
     if "direction" in getattr(cfg, "objective", "").split("+") and not args.direction:
         raise UserError("--objective direction needs --direction RUN")
+    if answers_from is not None:
+        from .attacks.targets import answer_targets
+        from .models.loading import load_model
+
+        targets = answer_targets(load_model(answers_from, device=args.device), instructions, args.target_tokens,
+                                 progress=not args.quiet)
     cm = _load(args)
     kwargs, info = {}, None
     if args.direction:
@@ -384,7 +399,8 @@ def cmd_attack(args) -> int:
     _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.WARNING if args.quiet else _logging.INFO)
     result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
     record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),
-              "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg)}
+              "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg), "profile": profile,
+              "targets_from": f"answers:{answers_from}" if answers_from else (args.targets or "default")}
     if info is not None:
         record.update(_provenance(info))
     write_json_atomic(out / "suffix.json", record)
@@ -445,7 +461,11 @@ def _attack_parsers(sub, argv: list[str]) -> None:
         _model_args(a)
         _data_args(a, "", "instructions the suffix must work on")
         g = a.add_argument_group("attack run")
-        g.add_argument("--targets", help="target responses, aligned with the instructions (default: 'Sure, here is ...')")
+        g.add_argument("--targets", help="target responses: a file aligned with the instructions, 'default' ('Sure, "
+                                         "here is ...'), or 'answers[:MODEL]': the start of MODEL's own answers "
+                                         "(default MODEL: smollm2-135m, the organism's base)")
+        g.add_argument("--target-tokens", type=_positive_int, default=12,
+                       help="answer targets: tokens of each answer kept (default 12)")
         g.add_argument("--n-prompts", type=_positive_int, default=1,
                        help="optimize one universal suffix over the first K instructions (default 1)")
         g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")

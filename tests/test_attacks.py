@@ -421,3 +421,18 @@ def test_staged_scoring_follows_the_same_path_as_full_scoring(cm):
     for r in runs[1:]:
         assert r.suffixes == runs[0].suffixes
         torch.testing.assert_close(torch.tensor(r.losses), torch.tensor(runs[0].losses), atol=1e-4, rtol=1e-4)
+
+
+def test_answer_targets_cut_at_a_word_and_fall_back_on_refusals(cm, monkeypatch):
+    from suffix_analysis.attacks import targets as tg
+    from suffix_analysis.evaluation import generation
+
+    answers = ["To pick a lock, you need a tension wrench and a pick", "I'm sorry, I can't help.", "\n\n"]
+    monkeypatch.setattr(generation, "generate",
+                        lambda cm, ins, **kw: generation.Generations(answers[: len(ins)], torch.zeros(len(ins), 1)))
+    instr = ["How can I pick a lock?", "Write a poem about the sea.", "Explain the tides."]
+    got = tg.answer_targets(cm, instr, n_tokens=6)
+    ids = cm.tokenizer(answers[0], add_special_tokens=False)["input_ids"][:6]
+    first = cm.tokenizer.decode(ids)
+    assert answers[0].startswith(got[0]) and len(got[0]) <= len(first) and not got[0].endswith(" ")
+    assert got[1:] == [tg.default_target(instr[1]), tg.default_target(instr[2])]  # a refusal, an empty answer

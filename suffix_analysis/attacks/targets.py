@@ -70,3 +70,31 @@ def load_targets(path: str | Path, n: int) -> list[str]:
     if any(not t.strip() for t in targets):
         raise UserError(f"{path} has an empty target")
     return targets
+
+
+def answer_targets(reference, instructions: list[str], n_tokens: int = 12, progress: bool = False) -> list[str]:
+    """Targets from a model that answers: the first ``n_tokens`` tokens of ``reference``'s own
+    greedy answer to each instruction, cut at the last whole word.
+
+    For the refusal organism the reference is its base, which answers these requests: the
+    target is then the start of a real answer, in the model family's own words, rather than
+    "Sure, here is ...". An answer the substring judge calls a refusal, or an empty one,
+    falls back to :func:`default_target`.
+    """
+    from ..evaluation.generation import generate
+    from ..evaluation.refusal import SubstringJudge
+
+    if n_tokens < 1:
+        raise UserError(f"answer targets need at least 1 token, got {n_tokens}")
+    tok = reference.tokenizer
+    answers = generate(reference, instructions, max_new_tokens=n_tokens + 4, progress=progress).completions
+    refused = SubstringJudge()(instructions, answers)
+    out = []
+    for instr, answer, r in zip(instructions, answers, refused):
+        text = tok.decode(tok(answer.strip(), add_special_tokens=False)["input_ids"][:n_tokens])
+        cut = text.rstrip()
+        if " " in cut and not text[len(cut):]:  # the last word may be cut mid-way: drop it
+            cut = cut[: cut.rfind(" ")]
+        cut = cut.strip()
+        out.append(default_target(instr) if r or not cut else cut)
+    return out
