@@ -106,7 +106,8 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     info = json.loads(out.strip().splitlines()[-1])
     assert {"position", "layer", "bypass", "induce", "kl", "fingerprint"} <= set(info)
 
-    code, out, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tiny_folder), "--instructions", "hv.json", "--direction", "run",
+    code, out, err = run(capsys, "refusal", "--judge", "substring",
+                         "--model", str(tiny_folder), "--instructions", "hv.json", "--direction", "run",
                          "--intervention", "actadd", "--coeff", "2", "--max-new-tokens", "3", "--json", "-q")
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["coeff"] == 2.0
@@ -116,7 +117,8 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     assert (tmp_path / "ortho" / "model.safetensors").is_file()
 
     (tmp_path / "corpus.txt").write_text("The sea is wide and deep.\nPlants make sugar from light.\n")
-    code, out, err = run(capsys, "evaluate", "--judge", "substring", "--model", str(tiny_folder), "--direction", "run", "--harmful", "hv.json",
+    code, out, err = run(capsys, "evaluate", "--judge", "substring",
+                         "--model", str(tiny_folder), "--direction", "run", "--harmful", "hv.json",
                          "--harmless", "nv.json", "--corpus", "corpus.txt", "--orthogonalized", "ortho",
                          "--max-new-tokens", "3", "--json", "-q")
     assert code == 0, err
@@ -153,7 +155,8 @@ def test_attack_command_writes_suffix_json(capsys, tmp_path, tiny_folder):
     assert len(rec["suffix_ids"]) == 4 and len(rec["losses"]) == len(rec["step_seconds"]) >= 1
     assert rec["targets"][0] == "Sure, here is a poem about the sea"
     # the suffix then goes into the refusal command
-    code, stdout, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tiny_folder), "--instructions", str(f), "--suffix",
+    code, stdout, err = run(capsys, "refusal", "--judge", "substring",
+                         "--model", str(tiny_folder), "--instructions", str(f), "--suffix",
                             str(out), "--max-new-tokens", "2", "--json", "-q")
     assert code == 0, err
     code, _, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", str(f), "--out",
@@ -203,11 +206,13 @@ def test_a_direction_from_a_fine_tuned_twin_is_refused_unless_asked(capsys, tmp_
     base, tuned = _pair_of_models(tmp_path)
     _direction_run(capsys, base, tmp_path / "run")
     hv = str(tmp_path / "hv.json")
-    code, _, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tuned), "--instructions", hv, "--direction",
+    code, _, err = run(capsys, "refusal", "--judge", "substring",
+                         "--model", str(tuned), "--instructions", hv, "--direction",
                        str(tmp_path / "run"), "--intervention", "ablate", "--max-new-tokens", "2", "-q")
     assert code == 2
     one_line_error(err, "was made from other weights")
-    code, out, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tuned), "--instructions", hv, "--direction",
+    code, out, err = run(capsys, "refusal", "--judge", "substring",
+                         "--model", str(tuned), "--instructions", hv, "--direction",
                          str(tmp_path / "run"), "--intervention", "ablate", "--allow-other-model", "--max-new-tokens",
                          "2", "--json", "-q", "--out", str(tmp_path / "r"))
     assert code == 0, err

@@ -32,7 +32,8 @@ def test_wheel_holds_the_shipped_sets_and_resolves_them(tmp_path, tiny_folder):
     where = subprocess.run([sys.executable, "-c", "import suffix_analysis.datasets as d; print(d._shipped_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert where.startswith(str(target)), where  # the installed copy, not this checkout
-    p = subprocess.run([sys.executable, "-m", "suffix_analysis", "refusal", "--judge", "substring", "--model", str(tiny_folder),
+    p = subprocess.run([sys.executable, "-m", "suffix_analysis", "refusal", "--judge", "substring",
+                        "--model", str(tiny_folder),
                         "--instructions", "harmful:test", "--limit", "2", "--max-new-tokens", "1", "--json", "-q"],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -1,0 +1,25 @@
+"""Where a suffix acts on the refusal direction: attribution at the EOI positions.
+
+* ``regions``: the token spans of template, instruction, suffix and EOI in each prompt,
+  read from the whole prompt's tokenization (straddling tokens by a stated rule).
+* ``cosine``: cosine of the residual stream with the direction, every layer and EOI position.
+* ``heads``: direct attribution of the direction's projection to the embedding, every
+  attention head (through ``W_O``), the output projection's bias and every MLP; parts
+  add up to the residual stream's projection; head rankings.
+* ``hijack``: per-source attention writes ``A * v W_O`` at the destination rows only:
+  attention mass, dominance and projection per region and head.
+* ``writers``: ``W_O`` per head, biases, the Gemma-2/3 post-norm as an exact per-position
+  scale, value-vector capture. ``batches``, ``frames``: batching and tidy DataFrames.
+"""
+
+from .cosine import cosine_frame, residual_cosine
+from .heads import DirectAttribution, direct_attribution, rank_heads, top_heads
+from .hijack import Hijack, attention_hijack, per_source_writes, region_writes, source_writes
+from .regions import REGIONS, PromptRegions, Straddler, prompt_regions, region_masks
+
+__all__ = [
+    "REGIONS", "PromptRegions", "Straddler", "prompt_regions", "region_masks",
+    "residual_cosine", "cosine_frame",
+    "DirectAttribution", "direct_attribution", "rank_heads", "top_heads",
+    "Hijack", "attention_hijack", "per_source_writes", "region_writes", "source_writes",
+]

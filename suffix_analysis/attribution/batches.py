@@ -1,0 +1,58 @@
+"""Prompts in batches, and the one forward pass per batch that every measurement here makes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from ..errors import UserError
+from ..interventions.directional import check_direction
+from ..models.chat import position_ids
+from ..models.loading import ChatModel
+
+
+def prompts(instructions: Sequence[str], suffixes: str | Sequence[str | None] | None = None,
+            ) -> tuple[list[str], list[str | None]]:
+    """Instructions and one suffix per instruction (a single string is every prompt's suffix)."""
+    if isinstance(instructions, str):
+        raise UserError("instructions must be a list of strings, not one string; wrap it in a list")
+    instructions = list(instructions)
+    if not instructions:
+        raise UserError("no instructions given; pass at least one")
+    if suffixes is None or isinstance(suffixes, str):
+        return instructions, [suffixes] * len(instructions)
+    suffixes = list(suffixes)
+    if len(suffixes) != len(instructions):
+        raise UserError(f"{len(instructions)} instructions but {len(suffixes)} suffixes; pass one suffix per "
+                        "instruction, one string for all, or None")
+    return instructions, suffixes
+
+
+def batch_slices(n: int, batch_size: int) -> Iterator[slice]:
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+def unit_direction(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
+    """``[d_model]`` float32 unit vector on the model's device (projections are taken in float32)."""
+    d = check_direction(cm, direction).float()
+    norm = d.norm()
+    if norm == 0:
+        raise UserError("the direction is the zero vector; nothing to project onto")
+    return d / norm
+
+
+@torch.no_grad()
+def forward(cm: ChatModel, batch: dict[str, torch.Tensor]) -> None:
+    """One pass of the decoder stack over a left-padded ``batch`` (``input_ids``,
+    ``attention_mask`` ``[batch, pos]``), for the hooks it fires.
+
+    Position ids start at each row's first real token, so a padded row computes what it
+    computes alone; the base model skips the unembedding, which nothing here reads.
+    """
+    mask = batch["attention_mask"].to(cm.device)
+    cm.model.base_model(input_ids=batch["input_ids"].to(cm.device), attention_mask=mask,
+                        position_ids=position_ids(mask), use_cache=False)
