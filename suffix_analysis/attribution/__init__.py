@@ -10,16 +10,37 @@
   attention mass, dominance and projection per region and head.
 * ``writers``: ``W_O`` per head, biases, the Gemma-2/3 post-norm as an exact per-position
   scale, value-vector capture. ``batches``, ``frames``: batching and tidy DataFrames.
+* ``suffix_tokens``: per suffix token, the change in the direction's projection when it is
+  replaced by a neutral token or blocked from later positions, its gradient x input, and
+  their rank agreement.
+* ``causal``: activation patching of heads' ``attn.hook_z`` at the EOI positions (share
+  restored, top-k heads), and EOI -> suffix attention knockout in all layers, a band or
+  given heads (also during ``generate``), built on ``masks``: attention-mask edits.
 """
 
+from .causal import (
+    knockout_scores,
+    last_position_run,
+    patch_heads,
+    patch_top_heads,
+    patch_z_hooks,
+    share_restored,
+    suffix_cut,
+    suffix_knockout,
+)
 from .cosine import cosine_frame, residual_cosine
 from .heads import DirectAttribution, direct_attribution, rank_heads, top_heads
 from .hijack import Hijack, attention_hijack, per_source_writes, region_writes, source_writes
+from .masks import AttentionCut, cut_attention
 from .regions import REGIONS, PromptRegions, Straddler, prompt_regions, region_masks
+from .suffix_tokens import spearman, suffix_token_effects, token_agreement
 
 __all__ = [
     "REGIONS", "PromptRegions", "Straddler", "prompt_regions", "region_masks",
     "residual_cosine", "cosine_frame",
     "DirectAttribution", "direct_attribution", "rank_heads", "top_heads",
     "Hijack", "attention_hijack", "per_source_writes", "region_writes", "source_writes",
+    "suffix_token_effects", "token_agreement", "spearman",
+    "patch_heads", "patch_top_heads", "patch_z_hooks", "last_position_run", "share_restored",
+    "suffix_knockout", "suffix_cut", "knockout_scores", "AttentionCut", "cut_attention",
 ]
