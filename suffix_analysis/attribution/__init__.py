@@ -16,6 +16,9 @@
 * ``causal``: activation patching of heads' ``attn.hook_z`` at the EOI positions (share
   restored, top-k heads), and EOI -> suffix attention knockout in all layers, a band or
   given heads (also during ``generate``), built on ``masks``: attention-mask edits.
+* ``run``: all of it in order as resumable stages writing tidy tables into a run folder,
+  with the random-suffix control (``controls``), atomic tables (``tables``) and
+  ``summary.json`` (:func:`run_attribution`, :class:`AttributionConfig`, :func:`summary_table`).
 """
 
 from .causal import (
@@ -33,6 +36,7 @@ from .heads import DirectAttribution, direct_attribution, rank_heads, top_heads
 from .hijack import Hijack, attention_hijack, per_source_writes, region_writes, source_writes
 from .masks import AttentionCut, cut_attention
 from .regions import REGIONS, PromptRegions, Straddler, prompt_regions, region_masks
+from .run import AttributionConfig, run_attribution, summary_table
 from .suffix_tokens import spearman, suffix_token_effects, token_agreement
 
 __all__ = [
@@ -43,4 +47,5 @@ __all__ = [
     "suffix_token_effects", "token_agreement", "spearman",
     "patch_heads", "patch_top_heads", "patch_z_hooks", "last_position_run", "share_restored",
     "suffix_knockout", "suffix_cut", "knockout_scores", "AttentionCut", "cut_attention",
+    "AttributionConfig", "run_attribution", "summary_table",
 ]

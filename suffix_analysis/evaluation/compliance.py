@@ -43,7 +43,9 @@ from ..artifacts import write_json_atomic
 from ..config import setting
 from ..errors import UserError
 from ..models.chat import pad_token_id
+from ..models.forward import PrefixCache, common_prefix_len, with_cache
 from ..models.loading import ChatModel, cache_dir
+from ..models.packing import unembed
 
 log = logging.getLogger(__name__)
 
@@ -104,26 +106,37 @@ def response_logprobs(cm: ChatModel, prompts: list[list[int]], responses: list[l
                       batch_size: int = 32) -> list[torch.Tensor]:
     """Per-token log-probabilities ``[len(response)]`` of each response after its prompt.
 
-    Rows are right-padded and run in batches of similar length.
+    The prefix every prompt shares (the chat template's system prompt and role header) is
+    run once and its key/value cache broadcast; the rest is right-padded in batches of
+    similar length, and only the response positions are unembedded.
     """
     pad = pad_token_id(cm.tokenizer)
     out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
+    if not prompts:
+        return out
+    p_len = common_prefix_len(prompts, 1)  # each prompt keeps its last token: it predicts the first response token
+    prefix = PrefixCache(cm, prompts[0][:p_len])
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        rows = [prompts[i] + responses[i] for i in idx]
+        rows = [prompts[i][p_len:] + responses[i] for i in idx]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
+        mask = torch.zeros((len(rows), p_len + width), dtype=torch.long)
+        mask[:, :p_len] = 1
         for j, r in enumerate(rows):
             ids[j, :len(r)] = torch.tensor(r)
-            mask[j, :len(r)] = 1
-        logits = cm.model(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device)).logits
-        logp = torch.log_softmax(logits.float(), -1)
+            mask[j, p_len:p_len + len(r)] = 1
+        pos = torch.arange(p_len, p_len + width).expand(len(rows), -1)
+        hidden = cm.model.base_model(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device),
+                                     position_ids=pos.to(cm.device), **with_cache(cm.model.base_model,
+                                                                                 prefix.expand(len(rows))),
+                                     use_cache=prefix.length > 0).last_hidden_state
         for j, i in enumerate(idx):
-            p, n = len(prompts[i]), len(responses[i])
+            start, n = len(prompts[i]) - p_len - 1, len(responses[i])  # hidden states that predict the response
+            logp = torch.log_softmax(unembed(cm, hidden[j, start:start + n]).float(), -1)
             tgt = torch.tensor(responses[i], device=logp.device)
-            out[i] = logp[j, p - 1:p - 1 + n].gather(-1, tgt[:, None])[:, 0].cpu()
+            out[i] = logp.gather(-1, tgt[:, None])[:, 0].cpu()
     return out
 
 
