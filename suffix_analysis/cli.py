@@ -418,6 +418,34 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_attribute(args) -> int:
+    from .attribution.run import AttributionConfig, run_attribution, summary_table
+    from .config import from_arguments
+    from .datasets import load_instructions
+    from .evaluation.refusal import SubstringJudge
+    from .models.loading import fingerprint_mismatch
+
+    cfg = from_arguments(AttributionConfig, args)
+    cfg.validate()
+    harmful = [x.instruction for x in load_instructions(args.instructions, args.data_dir)]
+    harmless = [x.instruction for x in load_instructions(args.harmless, args.data_dir)]
+    suffix = _suffix_text(args.suffix)
+    record = _suffix_record(args.suffix)
+    cm = _load(args)
+    if record is not None and not args.allow_other_model:
+        why = fingerprint_mismatch(record.get("fingerprint"), cm, f"suffix run {args.suffix}")
+        if why:
+            raise UserError(f"{why}; pass --allow-other-model to dissect it on this model anyway")
+    direction, info = _direction(cm, args)
+    summary = run_attribution(cm, direction, info["layer"], info["position"], harmful, harmless, suffix, args.out,
+                              config=cfg, judge=SubstringJudge(), progress=not args.quiet)
+    print(summary_table(summary))
+    print(f"saved         {args.out}/summary.json and the stage tables beside it")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
 def _profile(args) -> str:
     """--profile: 'gpu' (the paper's sizes) or 'cpu'; 'auto' follows --device."""
     if args.profile != "auto":
@@ -480,6 +508,7 @@ def _attack_parsers(sub, argv: list[str]) -> None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .attribution.run import AttributionConfig
     from .config import add_arguments
     from .directions.run import DirectionConfig
 
@@ -538,6 +567,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     _attack_parsers(sub, argv)
+
+    p = sub.add_parser("attribute", help="trace how a suffix suppresses the refusal direction: cosine, heads, "
+                                         "attention hijacking, suffix tokens, patching, knockout")
+    _model_args(p)
+    _direction_args(p, required=True)
+    g = _data_args(p, "harmful:val+test", "harmful instructions the suffix is appended to")
+    g.add_argument("--harmless", default="harmless:val+test", help="harmless instructions (default harmless:val+test)")
+    g.add_argument("--suffix", required=True, help="the adversarial suffix: an attack run folder or the text itself")
+    add_arguments(p.add_argument_group("attribution run (AttributionConfig)"), AttributionConfig)
+    _output_args(p, "run folder for the tables and summary.json (rerunning skips finished stages)", out_required=True)
+    p.set_defaults(func=cmd_attribute)
 
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)

@@ -340,3 +340,25 @@ def test_attack_profile_decides_unset_sizes_only():
     assert (cpu.search_width, cpu.topk) == (64, 64) and cpu.num_steps == for_profile(GCGConfig, "cpu").num_steps
     argv = base + ["--search-width", "512"]
     assert from_arguments(GCGConfig, build_parser(argv).parse_args(argv), profile="cpu").search_width == 512
+
+
+def test_attribute_command_writes_summary_and_refuses_another_models_suffix(capsys, tmp_path):
+    base, tuned = _pair_of_models(tmp_path)
+    _direction_run(capsys, base, tmp_path / "run")
+    h, n = tmp_path / "h.json", tmp_path / "n.json"
+    common = ["--model", str(base), "--direction", str(tmp_path / "run"), "--instructions", str(h), "--harmless", str(n),
+              "--n-random", "1", "--bands", "1", "--patch-ks", "1", "--max-new-tokens", "2", "-q"]
+    code, out, err = run(capsys, "attribute", *common, "--suffix", "sea sea poem", "--out", str(tmp_path / "a"), "--json")
+    assert code == 0, err
+    s = json.loads(out.strip().splitlines()[-1])
+    assert {"layer", "position", "cosine", "cosine_drop_adversarial", "cosine_drop_random", "top_heads",
+            "top8_projection", "top8_attention", "knockout_restored", "patch_restored"} <= set(s)
+    assert (tmp_path / "a" / "summary.json").is_file()
+    # a suffix run made on other weights is refused before anything is written
+    atk = tmp_path / "atk"
+    atk.mkdir()
+    (atk / "suffix.json").write_text(json.dumps({"suffix": "sea sea", "fingerprint": "w1-0000000000000000"}))
+    code, _, err = run(capsys, "attribute", *common, "--suffix", str(atk), "--out", str(tmp_path / "b"))
+    assert code == 2
+    one_line_error(err, "suffix run")
+    assert not (tmp_path / "b").exists()
