@@ -105,3 +105,21 @@ def test_val_prompts_filtered_by_refusal_score_as_in_the_paper(data_files, monke
     monkeypatch.setattr(refusal, "refusal_score", lambda logits, ids: torch.full((len(logits),), -1.0))
     with pytest.raises(UserError, match="filtering val prompts by refusal score left 0 harmful"):
         run_direction(cm, data_files / "run2", cfg, progress=False)
+
+
+def test_last_positions_scores_candidates_at_the_last_eoi_positions_only(data_files):
+    from safetensors.torch import load_file
+
+    cm = tiny_chat_model("llama")
+    run = data_files / "run_last"
+    full = data_files / "run_full"
+    info = run_direction(cm, run, DirectionConfig(**LOOSE, last_positions=2), progress=False)
+    cands = load_file(str(run / "candidates.safetensors"))["candidates"]
+    assert cands.shape == (2, cm.n_layers, cm.d_model) and info["position"] in (-2, -1)
+    rows = (run / "candidates.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2 * cm.n_layers and {int(r.split(",")[0]) for r in rows} == {-2, -1}
+    run_direction(cm, full, DirectionConfig(**LOOSE), progress=False)
+    every = load_file(str(full / "candidates.safetensors"))["candidates"]
+    assert torch.allclose(cands, every[-2:], atol=1e-5)  # the same candidates as the full run's last two
+    with pytest.raises(UserError, match="last_positions"):
+        DirectionConfig(last_positions=-1).validate()

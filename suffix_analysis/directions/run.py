@@ -59,10 +59,16 @@ class DirectionConfig:
     kl_threshold: float = setting(0.1, "drop candidates whose first-token KL on harmless val exceeds this")
     induce_threshold: float = setting(0.0, "drop candidates whose induce score is below this")
     batch_size: int = setting(32, "prompts per forward pass")
+    # Scoring is one ablated and one added pass per candidate: on a CPU, fewer positions
+    # is the cheap way to a direction (the paper scores every EOI position).
+    last_positions: int = setting(0, "candidates at the last N EOI positions only (0: every EOI position, as in "
+                                     "the paper)")
 
     def validate(self) -> None:
         if self.n_train < 1 or self.n_val < 1 or self.batch_size < 1:
             raise UserError("n_train, n_val and batch_size must be at least 1")
+        if self.last_positions < 0:
+            raise UserError(f"last_positions must be 0 (all) or a number of EOI positions, got {self.last_positions}")
         if not 0 <= self.prune_layer_fraction < 1:
             raise UserError(f"prune_layer_fraction must be in [0, 1), got {self.prune_layer_fraction}")
 
@@ -221,8 +227,9 @@ def extract_candidates(cm: ChatModel, run: Path, cfg: DirectionConfig, prompts: 
     """Stage 2: difference-in-means candidates ``[n_positions, n_layers, d_model]``."""
     path = run / "candidates.safetensors"
     if not path.is_file():
-        cands = diff_in_means(cm, prompts.harmful_train, prompts.harmless_train, batch_size=cfg.batch_size,
-                              progress=progress)
+        positions = cm.chat.eoi_positions[-cfg.last_positions:] if cfg.last_positions else None
+        cands = diff_in_means(cm, prompts.harmful_train, prompts.harmless_train, positions=positions,
+                              batch_size=cfg.batch_size, progress=progress)
         _save_tensor(path, "candidates", cands.float(), {"fingerprint": fingerprint})
     return load_file(str(path))["candidates"]
 
