@@ -136,19 +136,23 @@ def _intervention(cm, args):
     return add_direction(cm, direction, info["layer"], args.coeff), info
 
 
-def _suffix_text(spec: str | None) -> str | None:
-    """--suffix: an attack run folder (its suffix.json) or the suffix text itself."""
-    if not spec:
-        return None
+def _suffix_record(spec: str | None) -> dict | None:
+    """The attack record (suffix.json) of --suffix when it names a run folder, else None."""
     from pathlib import Path
 
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        f = p / "suffix.json"
-        if not f.is_file():
-            raise UserError(f"{p} has no suffix.json; run `suffix-analysis attack ... --out {p}` first")
-        return json.loads(f.read_text())["suffix"]
-    return spec
+    p = Path(spec).expanduser() if spec else None
+    if p is None or not p.is_dir():
+        return None
+    f = p / "suffix.json"
+    if not f.is_file():
+        raise UserError(f"{p} has no suffix.json; run `suffix-analysis attack ... --out {p}` first")
+    return json.loads(f.read_text())
+
+
+def _suffix_text(spec: str | None) -> str | None:
+    """--suffix: an attack run folder (its suffix.json) or the suffix text itself."""
+    record = _suffix_record(spec)
+    return record["suffix"] if record is not None else (spec or None)
 
 
 def _judges(args):
@@ -164,15 +168,6 @@ def _judges(args):
     if note:
         log.warning(note)
     return judge, compliance
-
-
-def _suffix_record(spec: str | None) -> dict | None:
-    """The attack record of --suffix when it names a run folder."""
-    from pathlib import Path
-
-    if spec and Path(spec).expanduser().is_dir():
-        return json.loads((Path(spec).expanduser() / "suffix.json").read_text())
-    return None
 
 
 def _eval_targets(args, instructions: list[str]) -> list[str] | None:
@@ -191,8 +186,6 @@ def _eval_targets(args, instructions: list[str]) -> list[str] | None:
 
 
 def _rates_line(summary: dict) -> str:
-    if "complied_rate" not in summary:
-        return ""
     return (f"refused {summary['refused_rate']:.1%}  complied {summary['complied_rate']:.1%}  "
             f"derailed {summary['derailed_rate']:.1%}")
 

@@ -154,3 +154,23 @@ def test_judge_targets_on_the_organism(organism, tmp_path):
     paired = [s != t for s, t in zip(shuffled, test)]
     wrong = [v for v, p in zip(mismatched.verdicts, paired) if p]
     assert sum(v == "complied" for v in wrong) / len(wrong) <= 0.05
+
+
+def test_completion_and_corpus_ce_rest_on_response_logprobs(tiny):
+    """The cross-entropy checks read the same per-token log-probabilities: equal to a plain forward."""
+    from suffix_analysis.evaluation.loss import completion_ce, corpus_ce
+
+    instructions, completions = INSTRUCTIONS[:2], ["Sure, here is a poem.", "Plants use light."]
+    nll, count = 0.0, 0
+    for p, c in zip(tiny.chat.tokenize(instructions), completions):
+        reply = tiny.tokenizer(c, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = tiny.model(torch.tensor([p + reply])).logits[0, len(p) - 1:-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(reply), reduction="sum"))
+        count += len(reply)
+    assert completion_ce(tiny, instructions, completions) == pytest.approx(nll / count, abs=1e-5)
+    ids = tiny.tokenizer([INSTRUCTIONS[4]], add_special_tokens=True)["input_ids"][0]
+    with torch.no_grad():
+        logits = tiny.model(torch.tensor([ids])).logits[0, :-1].float()
+    want = float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])))
+    assert corpus_ce(tiny, [INSTRUCTIONS[4]]) == pytest.approx(want, abs=1e-5)

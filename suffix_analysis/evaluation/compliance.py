@@ -42,10 +42,8 @@ import torch
 from ..artifacts import write_json_atomic
 from ..config import setting
 from ..errors import UserError
-from ..models.chat import pad_token_id
-from ..models.forward import PrefixCache, common_prefix_len, with_cache
 from ..models.loading import ChatModel, cache_dir
-from ..models.packing import unembed
+from .loss import response_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -100,45 +98,6 @@ def copied_mask(completion: list[str], instruction: list[str], n: int) -> list[b
             for i, _ in comp[k:k + n]:
                 mask[i] = True
     return mask
-
-
-@torch.no_grad()
-def response_logprobs(cm: ChatModel, prompts: list[list[int]], responses: list[list[int]],
-                      batch_size: int = 32) -> list[torch.Tensor]:
-    """Per-token log-probabilities ``[len(response)]`` of each response after its prompt.
-
-    The prefix every prompt shares (the chat template's system prompt and role header) is
-    run once and its key/value cache broadcast; the rest is right-padded in batches of
-    similar length, and only the response positions are unembedded.
-    """
-    pad = pad_token_id(cm.tokenizer)
-    out: list[torch.Tensor] = [torch.empty(0)] * len(prompts)
-    if not prompts:
-        return out
-    p_len = common_prefix_len(prompts, 1)  # each prompt keeps its last token: it predicts the first response token
-    prefix = PrefixCache(cm, prompts[0][:p_len])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        rows = [prompts[i][p_len:] + responses[i] for i in idx]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), p_len + width), dtype=torch.long)
-        mask[:, :p_len] = 1
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r)
-            mask[j, p_len:p_len + len(r)] = 1
-        pos = torch.arange(p_len, p_len + width).expand(len(rows), -1)
-        hidden = cm.model.base_model(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device),
-                                     position_ids=pos.to(cm.device), **with_cache(cm.model.base_model,
-                                                                                 prefix.expand(len(rows))),
-                                     use_cache=prefix.length > 0).last_hidden_state
-        for j, i in enumerate(idx):
-            start, n = len(prompts[i]) - p_len - 1, len(responses[i])  # hidden states that predict the response
-            logp = torch.log_softmax(unembed(cm, hidden[j, start:start + n]).float(), -1)
-            tgt = torch.tensor(responses[i], device=logp.device)
-            out[i] = logp.gather(-1, tgt[:, None])[:, 0].cpu()
-    return out
 
 
 @dataclass
@@ -266,7 +225,8 @@ class ComplianceJudge:
         instructions = sorted(set(instructions))
         sha = hashlib.sha256(json.dumps(instructions).encode()).hexdigest()[:16]
         settings = {k: v for k, v in asdict(cfg).items() if k != "reference"} | {"method": CALIBRATION_METHOD}
-        key = hashlib.sha256(json.dumps([ref.fingerprint(), sha, settings], sort_keys=True).encode()).hexdigest()[:16]
+        fingerprint = ref.fingerprint()
+        key = hashlib.sha256(json.dumps([fingerprint, sha, settings], sort_keys=True).encode()).hexdigest()[:16]
         if key in self._calibrations:
             return self._calibrations[key]
         path = cache_dir() / "compliance" / f"{key}.json"
@@ -316,7 +276,7 @@ class ComplianceJudge:
             own_positive_rate=sum(x > threshold for x in o) / len(o),
             own_pmi_mean=sum(o) / len(o), shuffled_pmi_mean=sum(s) / len(s),
             shuffled_pmi_quantiles={str(p): q(p) for p in (0.5, 0.9, 0.95, 0.99)},
-            reference=ref.name, reference_fingerprint=ref.fingerprint(), instructions_sha=sha, config=asdict(cfg))
+            reference=ref.name, reference_fingerprint=fingerprint, instructions_sha=sha, config=asdict(cfg))
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, asdict(cal))
