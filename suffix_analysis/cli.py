@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .config import finite_float
 from .errors import UserError
@@ -387,6 +388,10 @@ def cmd_attack(args) -> int:
     if args.direction:
         vec, info = _direction(cm, args)
         kwargs["direction"] = (vec, info["layer"])
+        if "direction" in cfg.terms and getattr(cfg, "direction_floor", False):
+            from .attacks.gcg.search import harmless_floor
+
+            kwargs["direction_floor"] = harmless_floor(cm, vec, info["layer"], args.data_dir)
     attack = cls(cfg, **kwargs)  # validates the config
     out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
     _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.WARNING if args.quiet else _logging.INFO)
@@ -437,6 +442,57 @@ def cmd_attribute(args) -> int:
     if args.json:
         print(json.dumps(summary))
     return 0
+
+
+def _reproduce_profile(args) -> str:
+    """--quick / --profile: 'quick' on a CPU unless told otherwise (the paper's sizes take hours there)."""
+    if args.quick:
+        return "quick"
+    if args.profile != "auto":
+        return args.profile
+    return "paper" if _profile(args) == "gpu" else "quick"
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import load_config, reproduce
+    from .reproduce.run import summary_lines
+
+    profile = _reproduce_profile(args)
+    if not args.quick and args.profile == "auto":
+        log.info("profile %s (%s; --profile paper|quick to choose)", profile,
+                 "a GPU: the paper's sizes" if profile == "paper" else "no GPU: sized for 2 CPU cores")
+    cfg = load_config(args.config, profile)
+    out = args.out or f"runs/{args.model.replace('/', '_')}"
+    redo = [r.strip() for r in (args.redo or "").split(",") if r.strip()]
+    summary = reproduce(args.model, out, cfg, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
+                        progress=not args.quiet, redo=redo, figures=not args.no_figures)
+    times = json.loads((Path(out) / "stages.json").read_text())
+    print(summary_lines(summary, times))
+    print(f"saved         {out}/summary.json, stages.json, report.md, figures/")
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def cmd_figures(args) -> int:
+    from .figures import draw_all
+
+    run = Path(args.run).expanduser()
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run}")
+    made = draw_all(run, args.out)
+    if not made:
+        raise UserError(f"{run} holds none of the tables the figures are drawn from; is it a reproduce run folder?")
+    for path in made:
+        print(path)
+    return 0
+
+
+def _figures_parser(sub) -> None:
+    p = sub.add_parser("figures", help="redraw every figure of a reproduce run from its tables (no model is loaded)")
+    p.add_argument("run", help="a reproduce run folder")
+    p.add_argument("--out", help="where the figures go (default RUN/figures)")
+    p.set_defaults(func=cmd_figures, loads_model=False)
 
 
 def _profile(args) -> str:
@@ -590,6 +646,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _output_args(c, None)
     c.set_defaults(func=cmd_organism_check)
 
+    p = sub.add_parser("reproduce", help="every stage of the paper in order, cached and resumable, then the "
+                                         "figures, summary.json and report.md")
+    _model_args(p)
+    g = _data_args(p)
+    g.add_argument("--config", help="TOML file of stage settings (see configs/reproduce.toml)")
+    g.add_argument("--quick", action="store_true", help="the profile for 2 CPU cores (same as --profile quick)")
+    g.add_argument("--profile", choices=["auto", "paper", "quick"], default="auto",
+                   help="stage sizes: the paper's, or quick for a CPU (default auto: paper on a GPU, else quick)")
+    g.add_argument("--redo", help="comma-separated stages to compute again, with every stage after them")
+    g.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
+    _output_args(p, "run folder (default runs/MODEL)")
+    p.set_defaults(func=cmd_reproduce)
+
+    _figures_parser(sub)
+
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
     return parser
@@ -610,16 +681,26 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _light_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="suffix-analysis", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _figures_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
     try:
-        parser = build_parser(argv)
+        # figures loads no model: its parser alone, so that torch is never imported
+        parser = _light_parser() if first == "figures" else build_parser(argv)
     except UserError as e:  # e.g. an attack plugin that does not load
         print(f"suffix-analysis: error: {e}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    _quiet_libraries()
+    if getattr(args, "loads_model", True):
+        _quiet_libraries()
     try:
         return args.func(args)
     except UserError as e:

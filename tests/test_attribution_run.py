@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import tiny_chat_model
 
-from suffix_analysis.attribution import direct_attribution, rank_heads, residual_cosine, tables
+from suffix_analysis import tables
+from suffix_analysis.attribution import direct_attribution, rank_heads, residual_cosine
 from suffix_analysis.attribution import run as run_mod
 from suffix_analysis.attribution.controls import WORD, random_suffixes, suffix_lengths
 from suffix_analysis.attribution.run import (

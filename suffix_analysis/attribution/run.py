@@ -48,6 +48,7 @@ from ..config import setting
 from ..errors import UserError
 from ..models.chat import pad_token_id
 from ..models.loading import ChatModel, fingerprint_mismatch
+from ..tables import read_table, table_path, write_table
 from .batches import batch_slices, unit_direction
 from .causal import check_layer, knockout_scores, last_position_run, patch_top_heads, share_restored, suffix_knockout
 from .controls import random_suffixes, suffix_lengths
@@ -58,7 +59,6 @@ from .hijack import attention_hijack
 from .masks import check_attention, suffix_regions
 from .regions import REGIONS
 from .suffix_tokens import suffix_token_effects, token_agreement
-from .tables import read_table, table_path, write_table
 from .writers import n_heads
 
 log = logging.getLogger(__name__)

@@ -43,3 +43,14 @@ def diff_in_means(cm: ChatModel, harmful: list[str], harmless: list[str], positi
     """Candidate directions ``[n_positions, n_layers, d_model]`` (float64)."""
     return (mean_resid_pre(cm, harmful, positions, batch_size, progress, "harmful activations")
             - mean_resid_pre(cm, harmless, positions, batch_size, progress, "harmless activations"))
+
+
+@torch.no_grad()
+def mean_projection(cm: ChatModel, instructions: list[str], direction: torch.Tensor, layer: int,
+                    batch_size: int = 32) -> torch.Tensor:
+    """Mean projection of ``blocks.{layer}.hook_resid_pre`` onto the unit ``direction`` at
+    each EOI position: ``[n_eoi]`` float32 (e.g. the harmless level the direction objective
+    of GCG is floored at)."""
+    means = mean_resid_pre(cm, instructions, batch_size=batch_size)[:, layer]  # [n_eoi, d_model]
+    unit = direction.double().cpu() / direction.norm()
+    return (means.cpu() @ unit).float()

@@ -11,6 +11,8 @@ from ...errors import UserError
 from ..base import AttackConfig
 
 OBJECTIVES = ("target", "refusal", "direction", "attention")
+# Where the direction term stops pushing (see direction_floor): the harmless level.
+FLOOR_INSTRUCTIONS, FLOOR_PROMPTS = "harmless:train", 32
 # Settings that change how fast a step runs (or how long a run is), not what it chooses:
 # a checkpoint resumes under other values of these.
 SPEED_ONLY = ("num_steps", "batch_size", "reuse_groups", "prune_after", "prune_probe", "prune_every",
@@ -31,6 +33,10 @@ class GCGConfig(AttackConfig):
     early_stop: bool = setting(True, "stop once every prompt's target is the greedy continuation")
     objective: str = setting("target", "target, refusal, direction, attention, or a sum such as target+direction")
     direction_weight: float = setting(1.0, "weight of the direction term")
+    # Pushing the projection below where harmless prompts sit takes the activations off the
+    # model's manifold: on the organism such suffixes stop refusals by derailing the answer.
+    direction_floor: bool = setting(True, "direction term: count only the projection above the harmless "
+                                          "prompts' mean at each EOI position (--no-direction-floor: as low as it goes)")
     attention_weight: float = setting(1.0, "weight of the attention term")
     refusal_weight: float = setting(1.0, "weight of the refusal term")
     progressive: bool = setting(True, "universal suffixes: add the next prompt once all current ones succeed "

@@ -5,8 +5,9 @@ Terms (``objective``, combined with ``+``):
 * ``target``: mean cross-entropy of the target response (the classic GCG loss);
 * ``refusal``: the refusal score (log-odds of the refusal tokens) at the response start;
 * ``direction``: mean projection of ``blocks.{l}.hook_resid_pre`` at the EOI positions
-  onto the refusal direction of a direction run (the pass stops at layer ``l`` when
-  nothing above it is needed);
+  onto the refusal direction of a direction run, counted only above a floor per position
+  (harmless prompts' mean, when given) (the pass stops at layer ``l`` when nothing above
+  it is needed);
 * ``attention``: minus the share of attention the last prompt token pays to the suffix
   (``attn.hook_pattern``), averaged over heads and layers (eager attention).
 
@@ -53,15 +54,22 @@ class _StopAtProbe(Exception):
 class GCGObjective:
     """Computes the (weighted, summed) objective for batches of suffixes on one prompt."""
 
-    def __init__(self, cm: ChatModel, cfg: GCGConfig, direction: tuple[Tensor, int] | None, suffix_len: int):
+    def __init__(self, cm: ChatModel, cfg: GCGConfig, direction: tuple[Tensor, int] | None, suffix_len: int,
+                 direction_floor: Tensor | None = None):
         self.cm, self.cfg, self.suffix_len = cm, cfg, suffix_len
         self.terms = cfg.terms
         self.direction = None  # (unit vector [d_model] float32, layer)
+        self.floor = None  # [n_eoi] projection floor per EOI position
         if "direction" in self.terms:
             if direction is None:
                 raise UserError("the direction objective needs --direction RUN")
             vec, layer = direction
             self.direction = ((vec / vec.norm()).to(cm.device, torch.float32), layer)
+            if direction_floor is not None:
+                if direction_floor.shape != (len(cm.chat.eoi_ids),):
+                    raise UserError(f"direction floor has shape {tuple(direction_floor.shape)}, expected one value "
+                                    f"per EOI position ({len(cm.chat.eoi_ids)})")
+                self.floor = direction_floor.to(cm.device, torch.float32)
         if "attention" in self.terms and getattr(cm.model.config, "_attn_implementation", "eager") != "eager":
             cm.model.set_attn_implementation("eager")  # once, not per pass: only eager returns the pattern
 
@@ -92,7 +100,10 @@ class GCGObjective:
             eoi = slice(n_suffix, n_suffix + n_after)  # where the EOI tokens sit in the tokens being run
 
             def probe(x: Tensor, hook) -> None:  # x: [batch, run tokens, d_model]
-                values["direction"] = (x[:, eoi].float() @ unit).mean(1)  # [batch]
+                proj = x[:, eoi].float() @ unit  # [batch, n_eoi]
+                if self.floor is not None:
+                    proj = (proj - self.floor).clamp(min=0)
+                values["direction"] = proj.mean(1)  # [batch]
                 if stop:
                     raise _StopAtProbe
 

@@ -18,7 +18,7 @@ from ...models.forward import PrefixCache
 from ...models.loading import ChatModel, fingerprint_mismatch
 from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
-from .config import SPEED_ONLY, GCGConfig
+from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, SPEED_ONLY, GCGConfig
 from .objective import GCGObjective, Prompt
 from .scoring import CandidateScorer
 
@@ -55,6 +55,19 @@ def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def harmless_floor(cm: ChatModel, direction: Tensor, layer: int, data_dir: str | None = None) -> Tensor:
+    """The direction term's floor (``GCGConfig.direction_floor``): the mean projection of
+    ``FLOOR_PROMPTS`` harmless instructions of ``FLOOR_INSTRUCTIONS`` at each EOI position, ``[n_eoi]``."""
+    from ...datasets import load_instructions
+    from ...directions.extract import mean_projection
+
+    harmless = [x.instruction for x in load_instructions(FLOOR_INSTRUCTIONS, data_dir)][:FLOOR_PROMPTS]
+    floor = mean_projection(cm, harmless, direction, layer)
+    log.info("direction term floored at the harmless mean projection (%s, %d prompts): %s", FLOOR_INSTRUCTIONS,
+             len(harmless), " ".join(f"{v:.1f}" for v in floor.tolist()))
+    return floor
+
+
 class GCG(Attack):
     """Greedy Coordinate Gradient: a suffix for one prompt, or one universal suffix for several.
 
@@ -64,9 +77,11 @@ class GCG(Attack):
     name = "gcg"
     config_class = GCGConfig
 
-    def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None):
+    def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None,
+                 direction_floor: Tensor | None = None):
         super().__init__(config)
         self.direction = direction  # (vector [d_model], layer) for the direction objective
+        self.direction_floor = direction_floor  # [n_eoi] (see GCGConfig.direction_floor)
 
     # -- setup ----------------------------------------------------------------------------------
     def _prompts(self, cm: ChatModel, instructions: list[str], targets: list[str]) -> list[Prompt]:
@@ -94,12 +109,27 @@ class GCG(Attack):
                             f"{cfg.suffix_len}")
         return ids[: cfg.suffix_len]
 
+    def _objective(self, cm: ChatModel) -> GCGObjective:
+        cfg = self.config
+        return GCGObjective(cm, cfg, self.direction, cfg.suffix_len, self.direction_floor if cfg.direction_floor else None)
+
+    @torch.no_grad()
+    def loss_of(self, cm: ChatModel, instructions: list[str], targets: list[str], suffix_ids: list[int]) -> float:
+        """This attack's objective, summed over every prompt, for one suffix (token ids): the
+        level a control suffix (e.g. a random one of the same length) sits at."""
+        if len(suffix_ids) != self.config.suffix_len:
+            raise UserError(f"suffix has {len(suffix_ids)} tokens, the attack's suffix_len is {self.config.suffix_len}")
+        prompts = self._prompts(cm, instructions, targets)
+        for p in prompts:
+            p.cache = PrefixCache(cm, p.before)
+        return self._total(self._objective(cm), prompts, torch.tensor(suffix_ids)[None])[0].item()
+
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
             resume: bool = False) -> AttackResult:
         cfg = self.config
         prompts = self._prompts(cm, instructions, targets)
-        objective = GCGObjective(cm, cfg, self.direction, cfg.suffix_len)
+        objective = self._objective(cm)
         scorer = CandidateScorer(objective, cfg)
         embed = cm.model.get_input_embeddings()
         allowed = allowed_token_mask(cm.tokenizer, embed.weight.shape[0], cfg.allow_non_ascii).to(cm.device)

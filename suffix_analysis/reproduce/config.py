@@ -1,0 +1,219 @@
+"""Every setting of ``reproduce``, one TOML section per stage.
+
+Defaults follow the paper (128 train and 32 val instructions per class, greedy decoding,
+100 held-out harmful instructions, a 20-token universal suffix, GCG at search width 512 x
+250 steps). The ``quick`` profile sizes each stage for 2 CPU cores. Precedence, lowest
+first: the dataclass defaults, the profile, the TOML file, the command line.
+
+    [run]          what is evaluated and how it is judged      (RunSettings)
+    [direction]    extraction and selection                     (directions.run.DirectionConfig)
+    [evaluation]   ablation / addition / orthogonalization       (EvaluationSettings)
+    [attack]       the universal suffix and its control          (AttackSettings + attacks.gcg.GCGConfig)
+    [attribution]  how the suffix suppresses the direction       (AttributionSettings + attribution.run.AttributionConfig)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from ..attacks.gcg import GCGConfig
+from ..attribution.run import AttributionConfig
+from ..config import setting
+from ..directions.run import DirectionConfig
+from ..errors import UserError
+
+PROFILES = ("paper", "quick")
+
+
+@dataclass
+class RunSettings:
+    """The evaluation set every stage reports on, and its judges."""
+
+    # Held out from everything: instructions a direction run or the attack used are removed.
+    harmful_eval: str = setting("harmful:val+test", "harmful instructions the rates are measured on (e.g. "
+                                                    "jailbreakbench with --data-dir)")
+    harmless_eval: str = setting("harmless:test", "harmless instructions (false and induced refusals)")
+    n_eval: int = setting(100, "instructions per evaluation set (JailbreakBench's 100)")
+    max_new_tokens: int = setting(64, "greedy tokens per judged completion")
+    judge: str = setting("", "judges, as refusal --judge (empty: substring, plus compliance where its reference "
+                             "model is available offline)")
+    batch_size: int = setting(16, "prompts per generation batch")
+
+
+@dataclass
+class EvaluationSettings:
+    """The paper's interventions, judged on the evaluation set."""
+
+    coeff: float = setting(1.0, "activation addition: multiple of the direction added at its layer")
+    orthogonalize: bool = setting(True, "export the orthogonalized model (weights without the direction) and "
+                                        "evaluate it")
+    corpus: str = setting("", "text file (one document per line) for the cross-entropy column (empty: none)")
+
+
+@dataclass
+class AttackSettings:
+    """What the universal suffix is optimized on (the GCG settings sit beside these)."""
+
+    instructions: str = setting("harmful:train", "instructions the suffix is optimized on")
+    n_prompts: int = setting(20, "the first N of them")
+    targets: str = setting("default", "target responses: 'default' ('Sure, here is ...') or a file")
+    random_seed: int = setting(0, "seed of the random-suffix control (same token length)")
+
+
+@dataclass
+class AttributionSettings:
+    """Attribution runs on the first ``n_prompts`` of each evaluation set."""
+
+    enabled: bool = setting(True, "run the attribution stage")
+
+
+SECTIONS: dict[str, tuple[type, ...]] = {
+    "run": (RunSettings,),
+    "direction": (DirectionConfig,),
+    "evaluation": (EvaluationSettings,),
+    "attack": (AttackSettings, GCGConfig),
+    "attribution": (AttributionSettings, AttributionConfig),
+}
+
+# The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and the README).
+QUICK: dict[str, dict] = {
+    "run": {"n_eval": 32, "max_new_tokens": 32},
+    "direction": {"n_train": 32, "n_val": 8, "last_positions": 1},
+    "attack": {"n_prompts": 5, "search_width": 32, "topk": 32, "num_steps": 15, "progressive": False},
+    "attribution": {"n_prompts": 8, "n_random": 1, "patch_ks": "1,4,8", "bands": 0, "max_new_tokens": 32},
+}
+PROFILE_VALUES = {"paper": {}, "quick": QUICK}
+
+
+@dataclass
+class ReproduceConfig:
+    """One object per TOML section (two where a section feeds two config classes)."""
+
+    run: RunSettings = field(default_factory=RunSettings)
+    direction: DirectionConfig = field(default_factory=DirectionConfig)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    gcg: GCGConfig = field(default_factory=GCGConfig)
+    attribution: AttributionSettings = field(default_factory=AttributionSettings)
+    attribution_config: AttributionConfig = field(default_factory=AttributionConfig)
+    profile: str = "paper"
+
+    def validate(self) -> None:
+        if self.run.n_eval < 1 or self.run.max_new_tokens < 1 or self.run.batch_size < 1:
+            raise UserError("[run] n_eval, max_new_tokens and batch_size must be at least 1")
+        if self.attack.n_prompts < 1:
+            raise UserError("[attack] n_prompts must be at least 1")
+        self.direction.validate()
+        self.gcg.validate()
+        self.attribution_config.validate()
+
+    def sections(self) -> dict[str, dict]:
+        """Every setting by TOML section, as plain values (what ``config.toml`` holds)."""
+        out: dict[str, dict] = {}
+        for name, classes in SECTIONS.items():
+            out[name] = {}
+            for obj in self._objects(name):
+                out[name].update(dataclasses.asdict(obj))
+        return out
+
+    def _objects(self, section: str) -> list:
+        return {"run": [self.run], "direction": [self.direction], "evaluation": [self.evaluation],
+                "attack": [self.attack, self.gcg],
+                "attribution": [self.attribution, self.attribution_config]}[section]
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _coerce(section: str, key: str, value, f: dataclasses.Field, cls) -> object:
+    """A TOML value checked against the field's type (ints are accepted for floats)."""
+    import typing
+
+    kind = typing.get_type_hints(cls)[f.name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"[{section}] {key} must be finite, got {value}")
+    if kind in (int, float, str, bool) and (type(value) is not kind):
+        raise UserError(f"[{section}] {key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def build_config(profile: str = "paper", sections: dict | None = None, source: str = "settings") -> ReproduceConfig:
+    """A validated config: ``profile``'s values, then ``sections`` (``{section: {key: value}}``)."""
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile '{profile}'; use {', '.join(PROFILES)}")
+    merged: dict[str, dict] = {name: dict(PROFILE_VALUES[profile].get(name, {})) for name in SECTIONS}
+    for name, values in (sections or {}).items():
+        if name not in SECTIONS:
+            raise UserError(f"{source}: unknown section [{name}]; sections are {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise UserError(f"{source}: [{name}] must be a table of settings")
+        merged[name].update(values)
+    made: dict[str, list] = {}
+    for name, classes in SECTIONS.items():
+        values = dict(merged[name])
+        objs = []
+        for cls in classes:
+            fields = _fields(cls)
+            mine = {k: _coerce(name, k, values.pop(k), fields[k], cls) for k in list(values) if k in fields}
+            objs.append(cls(**mine))
+        if values:
+            known = sorted(k for cls in classes for k in _fields(cls))
+            raise UserError(f"{source}: unknown key{'s' if len(values) > 1 else ''} "
+                            f"{', '.join(sorted(values))} in [{name}]; known: {', '.join(known)}")
+        made[name] = objs
+    cfg = ReproduceConfig(run=made["run"][0], direction=made["direction"][0], evaluation=made["evaluation"][0],
+                          attack=made["attack"][0], gcg=made["attack"][1], attribution=made["attribution"][0],
+                          attribution_config=made["attribution"][1], profile=profile)
+    cfg.validate()
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML ({e})") from None
+
+
+def load_config(path: str | Path | None = None, profile: str = "paper") -> ReproduceConfig:
+    """The config of ``path`` (a TOML file; none: the defaults) over ``profile``."""
+    return build_config(profile, read_toml(path) if path else None, source=str(path) if path else "settings")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"no TOML form for {v!r}")
+
+
+def _helps(section: str) -> dict[str, str]:
+    return {f.name: f.metadata.get("help", "") for cls in SECTIONS[section] for f in dataclasses.fields(cls)}
+
+
+def to_toml(cfg: ReproduceConfig, comments: bool = False) -> str:
+    """Every setting of ``cfg`` as TOML that :func:`load_config` reads back to the same config
+    (with ``comments``, each setting's help above it: the documented example file)."""
+    lines = [f"# suffix-analysis reproduce settings (profile {cfg.profile}, every value resolved)"]
+    for name, values in cfg.sections().items():
+        helps = _helps(name)
+        lines += ["", f"[{name}]"]
+        for k, v in values.items():
+            if comments and helps.get(k):
+                lines.append(f"# {helps[k]}")
+            lines.append(f"{k} = {_toml_value(v)}")
+    return "\n".join(lines) + "\n"

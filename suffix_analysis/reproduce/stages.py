@@ -1,0 +1,309 @@
+"""The stages of ``reproduce``, in order; each writes its tables into ``RUN/<stage>/``.
+
+Every stage returns its headline numbers (they go into ``RUN/<stage>/stage.json`` and
+``RUN/summary.json``). The tables a stage writes are all the figures read.
+
+    organism     the refusal organism (only when the model is the organism preset)
+    direction    extraction and selection                         direction/candidates.csv, direction.json
+    evaluation   baseline, ablation, addition, orthogonalized      evaluation/evaluation.csv
+    attack       a universal GCG suffix and the random control    attack/suffix.json, losses.csv, random.json
+    transfer     both suffixes on the held-out evaluation set     transfer/transfer.csv, completions_*.json
+    attribution  how the suffix suppresses the direction          attribution/ (its own tables)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..artifacts import write_json_atomic, write_text_atomic
+from ..attacks.gcg import GCG
+from ..attacks.gcg.config import SPEED_ONLY
+from ..attacks.gcg.search import harmless_floor
+from ..attacks.random_suffix import RandomConfig, RandomSuffix
+from ..attacks.targets import default_target, load_targets
+from ..attribution.run import run_attribution
+from ..datasets import load_file, load_instructions
+from ..directions.run import load_direction, run_direction, sample_prompts
+from ..errors import UserError
+from ..evaluation.refusal import evaluate_refusal, make_judges
+from ..evaluation.report import evaluate_direction
+from ..interventions.orthogonalize import export_orthogonalized
+from ..models.loading import ChatModel, load_model
+from .config import ReproduceConfig
+
+log = logging.getLogger(__name__)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """``rows`` as CSV, atomically (columns: the union of the rows' keys, in first-seen order)."""
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+@dataclass
+class Context:
+    """What every stage sees: the run folder, the settings, and the model (loaded once, lazily)."""
+
+    out: Path
+    config: ReproduceConfig
+    model: str
+    device: str = "auto"
+    dtype: str = "auto"
+    data_dir: str | None = None
+    progress: bool = True
+    cm: ChatModel | None = None
+    keys: dict = field(default_factory=dict)  # stage name -> its key (settings and inputs)
+    _judges: tuple | None = None
+    _eval: dict | None = None
+
+    def model_(self) -> ChatModel:
+        if self.cm is None:
+            self.cm = load_model(self.model, device=self.device, dtype=self.dtype)
+        return self.cm
+
+    def judges(self) -> tuple:
+        """(refusal judge, compliance judge or None), as ``refusal --judge`` makes them."""
+        if self._judges is None:
+            spec = self.config.run.judge or None
+            judge, compliance, note = make_judges(spec, device=self.device)
+            if note:
+                log.warning(note)
+            self._judges = (judge, compliance)
+        return self._judges
+
+    def direction(self) -> tuple[torch.Tensor, dict]:
+        return load_direction(self.out / "direction", self.model_())
+
+    def eval_sets(self) -> dict:
+        """The evaluation sets, held out from everything: instructions a direction sample or
+        the attack used are removed, then the first ``n_eval`` are kept."""
+        if self._eval is None:
+            cfg, run = self.config, self.config.run
+            used = sample_prompts(cfg.direction, self.data_dir)
+            attack = {x.instruction for x in load_instructions(cfg.attack.instructions, self.data_dir)
+                      [: cfg.attack.n_prompts]}
+            seen = set(used.harmful_train) | set(used.harmful_val) | set(used.harmless_train) | \
+                set(used.harmless_val) | attack
+            sets = {}
+            for kind, spec in (("harmful", run.harmful_eval), ("harmless", run.harmless_eval)):
+                items = [x.instruction for x in load_instructions(spec, self.data_dir)]
+                kept = [i for i in items if i not in seen]
+                if not kept:
+                    raise UserError(f"[run] {kind}_eval '{spec}': every instruction is also used by the direction "
+                                    "or the attack; evaluate on held-out instructions")
+                if len(kept) < run.n_eval:
+                    log.warning("%s evaluation set %s: %d held-out instructions, fewer than n_eval=%d", kind, spec,
+                                len(kept), run.n_eval)
+                sets[kind] = kept[: run.n_eval]
+                sets[f"{kind}_removed"] = len(items) - len(kept)
+            sets["hash"] = _hash([sets["harmful"], sets["harmless"]])
+            self._eval = sets
+        return self._eval
+
+
+# --- the stages ---------------------------------------------------------------------------------
+
+def stage_organism(ctx: Context, folder: Path) -> dict:
+    from ..organism import RECORD
+
+    cm = ctx.model_()  # loading the preset builds the organism on first use
+    record = json.loads((Path(cm.model.name_or_path) / RECORD).read_text())
+    write_json_atomic(folder / "organism.json", record)
+    ev = record.get("evaluation", {})
+    return {"organism_refusal_harmful_val": ev.get("harmful_val", {}).get("refusal_rate"),
+            "organism_false_refusal_harmless_val": ev.get("harmless_val", {}).get("false_refusal_rate")}
+
+
+def stage_direction(ctx: Context, folder: Path) -> dict:
+    info = run_direction(ctx.model_(), folder, ctx.config.direction, ctx.data_dir, progress=ctx.progress)
+    return {k: info[k] for k in ("position", "layer", "bypass", "induce", "kl", "norm")}
+
+
+def stage_evaluation(ctx: Context, folder: Path) -> dict:
+    cfg = ctx.config
+    cm = ctx.model_()
+    direction, info = ctx.direction()
+    sets = ctx.eval_sets()
+    judge, compliance = ctx.judges()
+    ortho = None
+    if cfg.evaluation.orthogonalize:
+        # a fresh copy: orthogonalization edits the weights in place
+        src = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
+        path = export_orthogonalized(src, direction, folder / "orthogonalized",
+                                     {"source_model": ctx.model, "direction_run": str(ctx.out / "direction")})
+        del src
+        ortho = load_model(str(path), device=ctx.device, dtype=ctx.dtype)
+    corpus = [x.instruction for x in load_file(cfg.evaluation.corpus)] if cfg.evaluation.corpus else None
+    rows = evaluate_direction(cm, direction, info["layer"], sets["harmful"], sets["harmless"],
+                              coeff=cfg.evaluation.coeff, corpus=corpus, max_new_tokens=cfg.run.max_new_tokens,
+                              batch_size=cfg.run.batch_size, orthogonalized=ortho, progress=ctx.progress,
+                              judge=judge, compliance=compliance)
+    for r in rows:
+        r["intervention"] = r["condition"].split(" ")[0]
+        r.update(n_harmful=len(sets["harmful"]), n_harmless=len(sets["harmless"]))
+    write_csv(folder / "evaluation.csv", rows)
+    by = {r["intervention"]: r for r in rows}
+    out = {"refusal_baseline": by["baseline"]["harmful_refusal_rate"],
+           "refusal_ablated": by["ablation"]["harmful_refusal_rate"],
+           "refusal_orthogonalized": by["orthogonalized"]["harmful_refusal_rate"] if ortho else None,
+           "induced_refusal_actadd": by["actadd"]["harmless_refusal_rate"],
+           "false_refusal_baseline": by["baseline"]["harmless_refusal_rate"],
+           "kl_ablated": by["ablation"]["kl_harmless"],
+           "kl_orthogonalized": by["orthogonalized"]["kl_harmless"] if ortho else None}
+    if compliance is not None:
+        out.update(complied_baseline=by["baseline"]["harmful_complied_rate"],
+                   complied_ablated=by["ablation"]["harmful_complied_rate"],
+                   complied_orthogonalized=by["orthogonalized"]["harmful_complied_rate"] if ortho else None)
+    return out
+
+
+def _attack_targets(ctx: Context, instructions: list[str]) -> list[str]:
+    spec = ctx.config.attack.targets
+    if spec == "default":
+        return [default_target(i) for i in instructions]
+    return load_targets(spec, len(instructions))
+
+
+def _attack_inputs(ctx: Context) -> tuple[list[str], list[str]]:
+    a = ctx.config.attack
+    instructions = [x.instruction for x in load_instructions(a.instructions, ctx.data_dir)][: a.n_prompts]
+    return instructions, _attack_targets(ctx, instructions)
+
+
+def _gcg(ctx: Context) -> GCG:
+    cfg = ctx.config.gcg
+    if "direction" not in cfg.terms:
+        return GCG(cfg)
+    direction, info = ctx.direction()
+    floor = harmless_floor(ctx.model_(), direction, info["layer"], ctx.data_dir) if cfg.direction_floor else None
+    return GCG(cfg, direction=(direction, info["layer"]), direction_floor=floor)
+
+
+def stage_attack(ctx: Context, folder: Path) -> dict:
+    cm = ctx.model_()
+    cfg = ctx.config.gcg
+    instructions, targets = _attack_inputs(ctx)
+    gcg = _gcg(ctx)
+    resume = (folder / "checkpoint.json").is_file()
+    if resume:
+        log.info("attack: resuming from %s", folder / "checkpoint.json")
+    result = gcg.run(cm, instructions, targets, out=folder, resume=resume)
+    control = RandomSuffix(RandomConfig(suffix_len=cfg.suffix_len, seed=ctx.config.attack.random_seed)).run(
+        cm, instructions, targets)
+    control_loss = gcg.loss_of(cm, instructions, targets, control.suffix_ids)
+    base = {"model": ctx.model, "fingerprint": cm.fingerprint(), "instructions": instructions, "targets": targets}
+    write_json_atomic(folder / "suffix.json", {**result.to_dict(), **base, "config": dataclasses.asdict(cfg)})
+    write_json_atomic(folder / "random.json", {**control.to_dict(), **base, "loss": control_loss})
+    write_csv(folder / "losses.csv", [{"step": i + 1, "loss": loss, "seconds": s, "suffix": sfx, "kind": "gcg"}
+                                      for i, (loss, s, sfx) in enumerate(zip(result.losses, result.step_seconds,
+                                                                              result.suffixes))])
+    return {"suffix": result.suffix, "random_suffix": control.suffix, "attack_success": result.success,
+            "attack_steps": len(result.losses), "attack_loss_final": result.losses[-1] if result.losses else None,
+            "attack_loss_random": control_loss, "attack_prompts_used": result.extra.get("prompts_used")}
+
+
+def _suffixes(ctx: Context) -> dict[str, str]:
+    folder = ctx.out / "attack"
+    return {"adversarial": json.loads((folder / "suffix.json").read_text())["suffix"],
+            "random": json.loads((folder / "random.json").read_text())["suffix"]}
+
+
+def stage_transfer(ctx: Context, folder: Path) -> dict:
+    cm = ctx.model_()
+    judge, compliance = ctx.judges()
+    sets = ctx.eval_sets()
+    train, train_targets = _attack_inputs(ctx)
+    # exact-match success where the targets are known: the default ones can be made for any instruction
+    default = ctx.config.attack.targets == "default"
+    held_targets = [default_target(i) for i in sets["harmful"]] if default else None
+    rows, out = [], {}
+    for kind, suffix in _suffixes(ctx).items():
+        for split, instructions, targets in (("train", train, train_targets),
+                                             ("held-out", sets["harmful"], held_targets)):
+            rep = evaluate_refusal(cm, instructions, judge=judge, suffixes=[suffix] * len(instructions),
+                                   max_new_tokens=ctx.config.run.max_new_tokens, batch_size=ctx.config.run.batch_size,
+                                   progress=ctx.progress, compliance=compliance, targets=targets)
+            s = rep.summary()
+            rows.append({"suffix": kind, "set": split, "n": rep.n, "refused_rate": rep.refusal_rate,
+                         "complied_rate": rep.complied_rate, "derailed_rate": rep.derailed_rate,
+                         "refusal_score": rep.refusal_score, "target_match_rate": s.get("target_match_rate")})
+            write_json_atomic(folder / f"completions_{kind}_{split}.json", rep.rows())
+            if split == "held-out":
+                out[f"refusal_{kind}_suffix"] = rep.refusal_rate
+                out[f"complied_{kind}_suffix"] = rep.complied_rate
+                out[f"derailed_{kind}_suffix"] = rep.derailed_rate
+    write_csv(folder / "transfer.csv", rows)
+    return out
+
+
+def stage_attribution(ctx: Context, folder: Path) -> dict:
+    cfg = ctx.config
+    cm = ctx.model_()
+    direction, info = ctx.direction()
+    sets = ctx.eval_sets()
+    judge, _ = ctx.judges()
+    n = cfg.attribution_config.n_prompts or len(sets["harmful"])
+    summary = run_attribution(cm, direction, info["layer"], info["position"], sets["harmful"][:n],
+                              sets["harmless"][:n], _suffixes(ctx)["adversarial"], folder,
+                              config=dataclasses.replace(cfg.attribution_config, n_prompts=0), judge=judge,
+                              progress=ctx.progress)
+    return {"attribution": summary}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: object
+    after: tuple[str, ...]  # stages whose outputs it reads (their keys enter its key)
+    settings: tuple[str, ...]  # config sections that change what it computes
+
+    def key(self, ctx: Context) -> str:
+        sections = ctx.config.sections()
+        mine = {s: sections[s] for s in self.settings}
+        if "attack" in mine:  # how fast a step runs does not change what it finds (how many steps does)
+            mine["attack"] = {k: v for k, v in mine["attack"].items() if k not in SPEED_ONLY or k == "num_steps"}
+        inputs = {a: ctx.keys.get(a) for a in self.after}
+        uses_eval = self.name in ("evaluation", "transfer", "attribution")
+        return _hash({"model": ctx.model, "settings": mine, "after": inputs,
+                      "eval": ctx.eval_sets()["hash"] if uses_eval else None})
+
+
+STAGES = (
+    Stage("organism", stage_organism, (), ()),
+    Stage("direction", stage_direction, ("organism",), ("direction",)),
+    Stage("evaluation", stage_evaluation, ("direction",), ("run", "evaluation")),
+    Stage("attack", stage_attack, ("direction",), ("attack",)),
+    Stage("transfer", stage_transfer, ("attack",), ("run",)),
+    Stage("attribution", stage_attribution, ("direction", "attack"), ("run", "attribution")),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def stage_record(folder: Path) -> dict | None:
+    path = folder / "stage.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
