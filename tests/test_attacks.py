@@ -12,6 +12,7 @@ from suffix_analysis.attacks.random_suffix import RandomConfig, RandomSuffix
 from suffix_analysis.attacks.targets import default_target
 from suffix_analysis.attacks.tokens import allowed_token_mask, survives_retokenization
 from suffix_analysis.errors import UserError
+from suffix_analysis.models.hooks import run_with_hooks
 
 INSTR = ["Write a poem about the sea.", "Say hi."]
 TARGETS = ["Sure, here is a poem", "Sure"]
@@ -162,6 +163,40 @@ def test_direction_objective_lowers_projection(cm):
     res = GCG(cfg, direction=(r, 1)).run(cm, INSTR[:1], [""])
     assert len(res.losses) == 3
     assert min(res.losses) < _init_loss(cm, cfg, INSTR[:1], [""], direction=(r, 1)) - 1e-3
+
+
+def test_direction_floor_counts_only_the_projection_above_it(cm):
+    """A floor under every projection shifts the loss by a constant; one above every projection
+    makes it 0; one in between counts each EOI position's excess only; loss_of agrees."""
+    from suffix_analysis.models.forward import PrefixCache
+
+    torch.manual_seed(3)
+    r = torch.randn(cm.d_model)
+    cfg = GCGConfig(suffix_len=4, objective="direction")
+    gcg = GCG(cfg, direction=(r, 1))
+    (p,) = gcg._prompts(cm, INSTR[:1], [""])
+    p.cache = PrefixCache(cm, p.before)
+    ids = torch.tensor(gcg._init_ids(cm))[None]
+    seen = {}
+    n_eoi = len(cm.chat.eoi_ids)
+
+    def loss(floor):
+        obj = GCGObjective(cm, cfg, (r, 1), cfg.suffix_len, floor)
+        with torch.no_grad(), run_with_hooks(cm, [("blocks.1.hook_resid_pre",
+                                                   lambda x, hook: seen.update(x=x[0, -n_eoi:].clone()))]):
+            return obj.loss(p, ids)[0].item()
+
+    plain = loss(None)
+    proj = seen["x"] @ (r / r.norm())  # [n_eoi]
+    assert loss(torch.full((n_eoi,), -100.0)) == pytest.approx(plain + 100, abs=1e-3)
+    assert loss(torch.full((n_eoi,), 1e6)) == 0.0
+    mid = proj.median().item()
+    assert loss(torch.full((n_eoi,), mid)) == pytest.approx((proj - mid).clamp(min=0).mean().item(), abs=1e-4)
+    floored = GCG(cfg, direction=(r, 1), direction_floor=torch.full((n_eoi,), mid))
+    assert floored.loss_of(cm, INSTR[:1], [""], ids[0].tolist()) == pytest.approx(loss(torch.full((n_eoi,), mid)),
+                                                                                 abs=1e-4)
+    with pytest.raises(UserError, match="one value per EOI position"):
+        GCGObjective(cm, cfg, (r, 1), cfg.suffix_len, torch.zeros(n_eoi + 1))
 
 
 def test_random_suffix_control(cm):
