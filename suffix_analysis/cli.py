@@ -361,12 +361,17 @@ def cmd_attack(args) -> int:
         log.info("%s profile: %s (the paper's GPU sizes: --profile gpu)", profile.upper(),
                  ", ".join(f"{k}={getattr(cfg, k)}" for k in picked))
     takes_direction = "direction" in inspect.signature(cls.__init__).parameters
-    if args.direction and not takes_direction:
+    if args.direction and not takes_direction and args.targets != "ablated":
         raise UserError(f"the {args.name} attack takes no direction; drop --direction")
     items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
     instructions = [x.instruction for x in items]
     answers_from = None
-    if args.targets and (args.targets == "answers" or args.targets.startswith("answers:")):
+    if args.targets == "ablated":
+        if not args.direction:
+            raise UserError("--targets ablated needs --direction RUN (the direction ablated while the model answers)")
+        answers_from = "ablated"
+        targets = None
+    elif args.targets and (args.targets == "answers" or args.targets.startswith("answers:")):
         from .evaluation.compliance import DEFAULT_REFERENCE
 
         answers_from = args.targets.partition(":")[2] or DEFAULT_REFERENCE
@@ -377,7 +382,7 @@ def cmd_attack(args) -> int:
         targets = [default_target(i) for i in instructions]
     if "direction" in getattr(cfg, "objective", "").split("+") and not args.direction:
         raise UserError("--objective direction needs --direction RUN")
-    if answers_from is not None:
+    if answers_from not in (None, "ablated"):
         from .attacks.targets import answer_targets
         from .models.loading import load_model
 
@@ -387,7 +392,12 @@ def cmd_attack(args) -> int:
     kwargs, info = {}, None
     if args.direction:
         vec, info = _direction(cm, args)
-        kwargs["direction"] = (vec, info["layer"])
+        if takes_direction:
+            kwargs["direction"] = (vec, info["layer"])
+        if answers_from == "ablated":
+            from .attacks.targets import answer_targets
+
+            targets = answer_targets(cm, instructions, args.target_tokens, progress=not args.quiet, direction=vec)
         if "direction" in cfg.terms and getattr(cfg, "direction_floor", False):
             from .attacks.gcg.search import harmless_floor
 
@@ -398,7 +408,8 @@ def cmd_attack(args) -> int:
     result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
     record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),
               "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg), "profile": profile,
-              "targets_from": f"answers:{answers_from}" if answers_from else (args.targets or "default")}
+              "targets_from": ("ablated" if answers_from == "ablated" else f"answers:{answers_from}") if answers_from
+              else (args.targets or "default")}
     if info is not None:
         record.update(_provenance(info))
     write_json_atomic(out / "suffix.json", record)
@@ -539,8 +550,9 @@ def _attack_parsers(sub, argv: list[str]) -> None:
         _data_args(a, "", "instructions the suffix must work on")
         g = a.add_argument_group("attack run")
         g.add_argument("--targets", help="target responses: a file aligned with the instructions, 'default' ('Sure, "
-                                         "here is ...'), or 'answers[:MODEL]': the start of MODEL's own answers "
-                                         "(default MODEL: smollm2-135m, the organism's base)")
+                                         "here is ...'), 'answers[:MODEL]': the start of MODEL's own answers "
+                                         "(default MODEL: smollm2-135m, the organism's base), or 'ablated': the "
+                                         "start of the attacked model's own answers with --direction ablated")
         g.add_argument("--target-tokens", type=_positive_int, default=12,
                        help="answer targets: tokens of each answer kept (default 12)")
         g.add_argument("--n-prompts", type=_positive_int, default=1,

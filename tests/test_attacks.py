@@ -471,3 +471,29 @@ def test_answer_targets_cut_at_a_word_and_fall_back_on_refusals(cm, monkeypatch)
     first = cm.tokenizer.decode(ids)
     assert answers[0].startswith(got[0]) and len(got[0]) <= len(first) and not got[0].endswith(" ")
     assert got[1:] == [tg.default_target(instr[1]), tg.default_target(instr[2])]  # a refusal, an empty answer
+
+
+def test_ablated_answer_targets_are_generated_with_the_direction_ablated(cm, monkeypatch):
+    """With a direction, the model answers with that direction ablated (its forward differs
+    from the plain one while it generates); without one it answers as it is."""
+    from suffix_analysis.attacks import targets as tg
+    from suffix_analysis.evaluation import generation
+
+    torch.manual_seed(5)
+    r = torch.randn(cm.d_model)
+    ids = torch.tensor([cm.chat.tokenize(["Say hi."])[0]])
+    with torch.no_grad():
+        clean = cm.model(input_ids=ids).logits
+    plain_forward = []
+
+    def fake(cm_, ins, **kw):
+        with torch.no_grad():
+            plain_forward.append(torch.allclose(cm_.model(input_ids=ids).logits, clean))
+        return generation.Generations(["To pick a lock, you need a wrench"] * len(ins), torch.zeros(len(ins), 1))
+
+    monkeypatch.setattr(generation, "generate", fake)
+    instr = ["How can I pick a lock?"]
+    assert tg.answer_targets(cm, instr, n_tokens=4, direction=r) == tg.answer_targets(cm, instr, n_tokens=4)
+    assert plain_forward == [False, True]
+    with torch.no_grad():  # and the hooks are gone afterwards
+        assert torch.allclose(cm.model(input_ids=ids).logits, clean)

@@ -362,3 +362,11 @@ def test_attribute_command_writes_summary_and_refuses_another_models_suffix(caps
     assert code == 2
     one_line_error(err, "suffix run")
     assert not (tmp_path / "b").exists()
+
+
+def test_attack_targets_ablated_needs_a_direction(capsys, tmp_path, tiny_folder):
+    from suffix_analysis.cli import main
+
+    rc = main(["attack", "gcg", "--model", str(tiny_folder), "--instructions", "harmful:val", "--targets", "ablated",
+               "--out", str(tmp_path / "r"), "--steps", "1"])
+    assert rc == 2 and "--targets ablated needs --direction RUN" in capsys.readouterr().err

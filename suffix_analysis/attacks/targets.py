@@ -72,22 +72,29 @@ def load_targets(path: str | Path, n: int) -> list[str]:
     return targets
 
 
-def answer_targets(reference, instructions: list[str], n_tokens: int = 12, progress: bool = False) -> list[str]:
+def answer_targets(reference, instructions: list[str], n_tokens: int = 12, progress: bool = False,
+                   direction=None) -> list[str]:
     """Targets from a model that answers: the first ``n_tokens`` tokens of ``reference``'s own
     greedy answer to each instruction, cut at the last whole word.
 
     For the refusal organism the reference is its base, which answers these requests: the
     target is then the start of a real answer, in the model family's own words, rather than
-    "Sure, here is ...". An answer the substring judge calls a refusal, or an empty one,
-    falls back to :func:`default_target`.
+    "Sure, here is ...". With ``direction`` (``[d_model]``) the answers are ``reference``'s
+    with that direction ablated: for the attacked model itself, what it says once the
+    refusal direction is gone. An answer the substring judge calls a refusal, or an empty
+    one, falls back to :func:`default_target`.
     """
+    from contextlib import nullcontext
+
     from ..evaluation.generation import generate
     from ..evaluation.refusal import SubstringJudge
+    from ..interventions.directional import ablate_direction
 
     if n_tokens < 1:
         raise UserError(f"answer targets need at least 1 token, got {n_tokens}")
     tok = reference.tokenizer
-    answers = generate(reference, instructions, max_new_tokens=n_tokens + 4, progress=progress).completions
+    with ablate_direction(reference, direction) if direction is not None else nullcontext():
+        answers = generate(reference, instructions, max_new_tokens=n_tokens + 4, progress=progress).completions
     refused = SubstringJudge()(instructions, answers)
     out = []
     for instr, answer, r in zip(instructions, answers, refused):
