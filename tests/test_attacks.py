@@ -497,3 +497,17 @@ def test_ablated_answer_targets_are_generated_with_the_direction_ablated(cm, mon
     assert plain_forward == [False, True]
     with torch.no_grad():  # and the hooks are gone afterwards
         assert torch.allclose(cm.model(input_ids=ids).logits, clean)
+
+
+def test_words_only_suffixes_use_word_tokens(cm):
+    from suffix_analysis.attacks.tokens import WORD_TOKEN
+
+    vocab = cm.model.get_input_embeddings().weight.shape[0]
+    words = allowed_token_mask(cm.tokenizer, vocab, words_only=True)
+    texts = cm.tokenizer.batch_decode([[i] for i in range(vocab)])
+    assert words.any() and (words & ~allowed_token_mask(cm.tokenizer, vocab)).sum() == 0
+    assert all(bool(WORD_TOKEN.fullmatch(texts[i])) for i in words.nonzero().flatten().tolist())
+    init = cm.tokenizer(" x", add_special_tokens=False)["input_ids"][0]
+    cfg = GCGConfig(num_steps=3, search_width=16, topk=8, suffix_len=4, words_only=True, early_stop=False)
+    res = GCG(cfg).run(cm, INSTR[:1], TARGETS[:1])
+    assert all(words[t] or t == init for t in res.suffix_ids) and res.suffix_ids != [init] * 4

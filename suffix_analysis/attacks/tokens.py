@@ -7,6 +7,8 @@ pass the same check.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -15,17 +17,25 @@ from ..models.loading import ChatModel
 _MASK_CACHE: dict[tuple, Tensor] = {}
 
 
-def allowed_token_mask(tokenizer, vocab_size: int, allow_non_ascii: bool = False) -> Tensor:
-    """``[vocab_size]`` bool: tokens a suffix may use (no special tokens; printable ASCII unless allowed).
+# A word token: letters only, optionally after one space (byte-level BPE's word start).
+WORD_TOKEN = re.compile(r" ?[A-Za-z]{2,}")
+
+
+def allowed_token_mask(tokenizer, vocab_size: int, allow_non_ascii: bool = False, words_only: bool = False) -> Tensor:
+    """``[vocab_size]`` bool: tokens a suffix may use (no special tokens; printable ASCII unless
+    allowed; with ``words_only``, only word tokens: no code, markup, digits or punctuation).
 
     The vocabulary is decoded in one batched call and cached per tokenizer.
     """
-    key = (tokenizer.name_or_path, len(tokenizer), vocab_size, allow_non_ascii)
+    key = (tokenizer.name_or_path, len(tokenizer), vocab_size, allow_non_ascii, words_only)
     if key not in _MASK_CACHE:
         n = min(len(tokenizer), vocab_size)
         texts = tokenizer.batch_decode([[i] for i in range(n)])
         mask = torch.zeros(vocab_size, dtype=torch.bool)
-        ok = [bool(t) and (allow_non_ascii or (t.isascii() and t.isprintable())) for t in texts]
+        if words_only:
+            ok = [bool(WORD_TOKEN.fullmatch(t)) for t in texts]
+        else:
+            ok = [bool(t) and (allow_non_ascii or (t.isascii() and t.isprintable())) for t in texts]
         mask[:n] = torch.tensor(ok)
         special = [i for i in tokenizer.all_special_ids if i is not None and i < vocab_size]
         special += [i for i in getattr(tokenizer, "added_tokens_decoder", {}) if i < vocab_size]

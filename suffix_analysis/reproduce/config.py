@@ -61,7 +61,9 @@ class AttackSettings:
 
     instructions: str = setting("harmful:train", "instructions the suffix is optimized on")
     n_prompts: int = setting(20, "the first N of them")
-    targets: str = setting("default", "target responses: 'default' ('Sure, here is ...') or a file")
+    targets: str = setting("default", "target responses: 'default' ('Sure, here is ...'), 'ablated' (the start of "
+                                      "the model's own answers with the direction ablated), or a file")
+    target_tokens: int = setting(10, "ablated targets: tokens of each answer kept")
     random_seed: int = setting(0, "seed of the random-suffix control (same token length)")
 
 
@@ -84,7 +86,11 @@ SECTIONS: dict[str, tuple[type, ...]] = {
 QUICK: dict[str, dict] = {
     "run": {"n_eval": 32, "max_new_tokens": 32},
     "direction": {"n_train": 32, "n_val": 8, "last_positions": 1},
-    "attack": {"n_prompts": 5, "search_width": 32, "topk": 32, "num_steps": 15, "progressive": False},
+    # The paper's objective (the "Sure, here is" target) leaves the organism refusing at CPU
+    # sizes; its own ablated answers as targets, with the direction term floored at the
+    # harmless level, stop the refusals (README, "Adversarial suffixes").
+    "attack": {"n_prompts": 5, "search_width": 32, "topk": 32, "num_steps": 20, "progressive": False,
+               "objective": "target+direction", "targets": "ablated"},
     "attribution": {"n_prompts": 8, "n_random": 1, "patch_ks": "1,4,8", "bands": 0, "max_new_tokens": 32},
 }
 PROFILE_VALUES = {"paper": {}, "quick": QUICK}
@@ -106,8 +112,8 @@ class ReproduceConfig:
     def validate(self) -> None:
         if self.run.n_eval < 1 or self.run.max_new_tokens < 1 or self.run.batch_size < 1:
             raise UserError("[run] n_eval, max_new_tokens and batch_size must be at least 1")
-        if self.attack.n_prompts < 1:
-            raise UserError("[attack] n_prompts must be at least 1")
+        if self.attack.n_prompts < 1 or self.attack.target_tokens < 1:
+            raise UserError("[attack] n_prompts and target_tokens must be at least 1")
         self.direction.validate()
         self.gcg.validate()
         self.attribution_config.validate()

@@ -28,7 +28,7 @@ from ..attacks.gcg import GCG
 from ..attacks.gcg.config import SPEED_ONLY
 from ..attacks.gcg.search import harmless_floor
 from ..attacks.random_suffix import RandomConfig, RandomSuffix
-from ..attacks.targets import default_target, load_targets
+from ..attacks.targets import answer_targets, default_target, load_targets
 from ..attribution.run import run_attribution
 from ..datasets import load_file, load_instructions
 from ..directions.run import load_direction, run_direction, sample_prompts
@@ -181,6 +181,12 @@ def _attack_targets(ctx: Context, instructions: list[str]) -> list[str]:
     spec = ctx.config.attack.targets
     if spec == "default":
         return [default_target(i) for i in instructions]
+    if spec == "ablated":  # made once, by the attack stage; later stages read them from its record
+        done = ctx.out / "attack" / "suffix.json"
+        if done.is_file():
+            return json.loads(done.read_text())["targets"]
+        return answer_targets(ctx.model_(), instructions, ctx.config.attack.target_tokens,
+                              direction=ctx.direction()[0])
     return load_targets(spec, len(instructions))
 
 

@@ -29,6 +29,10 @@ class GCGConfig(AttackConfig):
     buffer_size: int = setting(0, "0: move to each step's best; N: keep the best N suffixes and grow from the best")
     init: str = setting("x", "initial suffix: one token repeated suffix_len times, or a whole string")
     allow_non_ascii: bool = setting(False, "allow tokens that decode to non-ASCII or unprintable text")
+    # On the organism, suffixes of code-like tokens ("functools", "staticmethod") stop the
+    # refusals by sending the answer into code: word tokens keep the suffix prose.
+    words_only: bool = setting(False, "only word tokens (letters, optionally space-led) in the suffix: no code, "
+                                      "markup, digits or punctuation")
     filter_retokenization: bool = setting(True, "drop candidates that do not survive decode -> encode in the prompt")
     early_stop: bool = setting(True, "stop once every prompt's target is the greedy continuation")
     objective: str = setting("target", "target, refusal, direction, attention, or a sum such as target+direction")

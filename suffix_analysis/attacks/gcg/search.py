@@ -132,7 +132,8 @@ class GCG(Attack):
         objective = self._objective(cm)
         scorer = CandidateScorer(objective, cfg)
         embed = cm.model.get_input_embeddings()
-        allowed = allowed_token_mask(cm.tokenizer, embed.weight.shape[0], cfg.allow_non_ascii).to(cm.device)
+        allowed = allowed_token_mask(cm.tokenizer, embed.weight.shape[0], cfg.allow_non_ascii,
+                                     cfg.words_only).to(cm.device)
         for p in prompts:
             p.cache = PrefixCache(cm, p.before)
         gen = torch.Generator().manual_seed(cfg.seed)
