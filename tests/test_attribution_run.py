@@ -106,9 +106,11 @@ def test_a_run_writes_every_table_and_a_summary_of_all_the_keys(base_run, cm, di
     assert c["harmful"] == pytest.approx(float(direct), abs=1e-5)
 
     top = summary["top_heads"]
-    assert len(top) == 8 and len({tuple(x) for x in top}) == 8
-    assert all(0 <= l < cm.n_layers and 0 <= h < 4 for l, h in top)
-    ranked = rank_heads(direct_attribution(cm, HARMFUL, direction), position=-1)
+    # ranked below the direction's layer only: LAYER layers of 4 heads
+    assert len(top) == min(8, 4 * LAYER) and len({tuple(x) for x in top}) == len(top)
+    assert all(0 <= l < LAYER and 0 <= h < 4 for l, h in top)
+    heads = direct_attribution(cm, HARMFUL, direction).heads
+    ranked = rank_heads(heads[:, :LAYER], position=-1)
     assert top == [[int(l), int(h)] for l, h in zip(ranked["layer"][:8], ranked["head"][:8])]
     assert set(summary["top8_projection"]) == set(kinds) and all(v is not None for v in summary["top8_projection"].values())
     att = summary["top8_attention"]
@@ -118,7 +120,7 @@ def test_a_run_writes_every_table_and_a_summary_of_all_the_keys(base_run, cm, di
         assert sum(regions.values()) == pytest.approx(1, abs=1e-5)
     assert att["harmful"]["suffix"] == 0 and att["adversarial"]["suffix"] > 0
 
-    assert summary["patch_heads"] == 8 and summary["patch_restored"] is not None
+    assert summary["patch_heads"] == min(8, 4 * LAYER) and summary["patch_restored"] is not None
     assert summary["knockout_restored"] is None and summary["knockout_n_made_answer"] is None
     assert any("no judge" in n for n in summary["notes"])
     text = summary_table(summary)
@@ -156,14 +158,14 @@ def test_the_tables_are_tidy_and_add_up(base_run, cm):
     assert total.to_numpy() == pytest.approx(1, abs=1e-4)
 
     patching = pd.read_csv(out / "patching.csv")
-    assert set(patching["n_heads"]) == {1, 2, 8}
+    assert set(patching["n_heads"]) == {1, 2, min(8, 4 * LAYER)}  # 8 capped at the heads below the layer
     assert set(patching["patch"]) == {"harmful->adversarial", "adversarial->harmful"}
     knockout = pd.read_csv(out / "knockout.csv")
     assert set(knockout["cut"]) == {"all", "top_heads", "band"}
     assert set(knockout.loc[knockout["cut"] == "band", "layers"]) == {"0-1", "2-2"}
     assert len(knockout) == 3 * len(HARMFUL) * 4  # suffixed conditions x prompts x cuts
     top = json.loads((out / "top_heads.json").read_text())
-    assert top["heads"] == top["top8"][:3] and len(top["ranking"]) == cm.n_layers * 4
+    assert top["heads"] == top["top8"][:3] and len(top["ranking"]) == LAYER * 4 and top["layers"] == f"0-{LAYER - 1}"
     assert len(pd.read_csv(out / "suffix_tokens.csv")) == 4 * len(HARMFUL)
 
 

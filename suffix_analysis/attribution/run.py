@@ -82,6 +82,10 @@ class AttributionConfig:
     random_seed: int = setting(0, "seed of the random-suffix draws")
     top_k: int = setting(8, "top heads: the k largest mean projections at the last EOI position on harmful "
                             "prompts (knocked out together in stage 7)")
+    # A head above the direction's layer writes after blocks.{layer}.hook_resid_pre is read:
+    # patching it cannot restore the projection there (the paper's top heads sit below it).
+    below_direction: bool = setting(True, "rank only heads in layers below the direction's layer, whose writes "
+                                          "reach the residual it is read from (--no-below-direction: every layer)")
     patch_ks: str = setting("1,2,4,8,16", "numbers of top heads patched together, comma-separated (8 is "
                                           "always added: the summary reports it)")
     bands: int = setting(4, "width in layers of the band knockouts (0: none)")
@@ -339,7 +343,9 @@ def stage_heads(run: _Run) -> None:
                 bar.update(part.stop - part.start)
             per_condition[c.name] = torch.cat(heads)  # [n_prompts, n_layers, n_heads, n_eoi]
     write_table(run.out, "heads", _concat(frames))
-    ranking = rank_heads(per_condition["harmful"], position=-1, order="largest")
+    harmful = per_condition["harmful"]
+    below = run.config.below_direction and run.layer > 0
+    ranking = rank_heads(harmful[:, : run.layer] if below else harmful, position=-1, order="largest")
     pairs = [[int(l), int(h)] for l, h in zip(ranking["layer"], ranking["head"])]
     k = min(run.config.top_k, len(pairs))
     if k < run.config.top_k:
@@ -347,6 +353,7 @@ def stage_heads(run: _Run) -> None:
     top, top8 = pairs[:k], pairs[:SUMMARY_K]
     write_json_atomic(run.out / "top_heads.json", {
         "rank_by": "mean projection on the direction at the last EOI position, harmful prompts",
+        "layers": f"0-{run.layer - 1}" if below else f"0-{run.cm.n_layers - 1}",
         "hook": "blocks.{layer}.attn.hook_z", "position": -1, "top_k": k, "heads": top,
         "projection": {n: _summed(t, top) for n, t in per_condition.items()},
         "top8": top8, "projection_top8": {n: _summed(t, top8) for n, t in per_condition.items()},
