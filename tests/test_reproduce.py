@@ -178,8 +178,8 @@ def test_a_run_folder_of_another_model_is_refused(run, setup):
 
 
 @pytest.mark.parametrize("text, match", [
-    ("[runs]\nn_eval = 3\n", r"unknown section \[runs\]"),
-    ("[attack]\nsearch_widht = 3\n", r"unknown key search_widht in \[attack\]; known: .*search_width"),
+    ("[runs]\nn_eval = 3\n", r"unknown section \[runs\]; did you mean \[run\]\?"),
+    ("[attack]\nsearch_widht = 3\n", r"unknown key search_widht in \[attack\]; did you mean search_width\?"),
     ("[run]\nn_eval = 'ten'\n", r"\[run\] n_eval must be int"),
     ("[run]\nn_eval = 0\n", r"n_eval.*at least 1"),
     ("[direction]\nn_train = 0\n", "n_train"),
@@ -222,3 +222,70 @@ def test_the_command_line_runs_reproduce_with_a_config_file(setup, tmp_path, cap
     assert "refused, direction ablated" in text and "stage seconds" in text
     assert json.loads(text.strip().splitlines()[-1])["refusal_baseline"] is not None
     assert not (out / "figures").exists()
+
+
+def _tables(out: Path) -> dict:
+    """Every CSV of a run, without the columns that time things."""
+    import pandas as pd
+
+    return {str(p.relative_to(out)): pd.read_csv(p).drop(columns=["seconds"], errors="ignore")
+            for p in sorted(out.rglob("*.csv"))}
+
+
+@pytest.mark.parametrize("where", ["evaluation", "attack"])
+def test_a_run_killed_mid_stage_resumes_to_the_same_tables_and_figures(run, setup, tmp_path, monkeypatch, where):
+    import pandas as pd
+
+    from suffix_analysis.attacks.gcg import search
+
+    clean, _ = run
+    model, cfg, _ = setup
+    out = tmp_path / "run"
+    if where == "evaluation":  # after the orthogonalized export, before any table
+        monkeypatch.setattr(stages_mod, "evaluate_direction", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+        expect = RuntimeError
+    else:  # GCG interrupted after its first step (it checkpoints on the way out)
+        step = search.GCG._step
+        calls = []
+
+        def interrupted(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return step(self, *a, **k)
+
+        monkeypatch.setattr(search.GCG, "_step", interrupted)
+        expect = KeyboardInterrupt
+    with pytest.raises(expect):
+        reproduce(model, out, cfg, device="cpu", progress=False)
+    assert not (out / where / "stage.json").exists() and not (out / "summary.json").exists()
+    if where == "attack":
+        assert (out / "attack" / "checkpoint.json").is_file()
+    monkeypatch.undo()
+    reproduce(model, out, cfg, device="cpu", progress=False)
+    times = json.loads((out / "stages.json").read_text())
+    assert times[where]["status"] == "ran" and times["direction"]["status"] == "cached"
+    a, b = _tables(clean), _tables(out)
+    assert a.keys() == b.keys()
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-5, atol=1e-6, obj=name)
+    for png in sorted((clean / "figures").glob("*.png")):
+        assert png.read_bytes() == (out / "figures" / png.name).read_bytes(), png.name
+
+
+def test_figures_refuse_a_missing_table_of_a_finished_stage_and_a_table_of_another_model(run, tmp_path):
+    import shutil
+
+    from suffix_analysis.figures import draw_all
+
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "transfer" / "transfer.csv").unlink()
+    with pytest.raises(UserError, match="transfer.csv is missing though the transfer stage finished.*--redo transfer"):
+        draw_all(copy)
+    shutil.copy(out / "transfer" / "transfer.csv", copy / "transfer" / "transfer.csv")
+    rec = json.loads((copy / "attack" / "suffix.json").read_text())
+    (copy / "attack" / "suffix.json").write_text(json.dumps({**rec, "model": "someone-else"}))
+    with pytest.raises(UserError, match="suffix.json is from model someone-else"):
+        draw_all(copy)

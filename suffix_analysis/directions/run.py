@@ -202,7 +202,8 @@ def filter_prompts(cm: ChatModel, run: Path, cfg: DirectionConfig, prompts: Prom
             n = [p for p, s in zip(harmless, sn.tolist()) if s < 0]
             if not h or not n:
                 raise UserError(f"filtering {what} prompts by refusal score left {len(h)} harmful and {len(n)} "
-                                f"harmless; does the model refuse at all? (--no-filter-{what})")
+                                f"harmless; does the model refuse at all? Study a model that refuses (e.g. the refusal "
+                                f"organism, smollm2-135m-refusal) or pass --no-filter-{what}")
             return h, n
 
         record = {}

@@ -21,6 +21,7 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
 from ..artifacts import ensure_dir  # noqa: E402
+from ..errors import UserError  # noqa: E402
 from ..tables import atomic_path, read_table, table_path  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,41 @@ class Tables:
         """Attribution condition name -> kind (harmful, random, adversarial, harmless)."""
         c = self.json("attribution/conditions.json")
         return {x["name"]: x["kind"] for x in c["conditions"]} if c else {}
+
+
+# What each finished stage must have written (a table by name, either format, or a file).
+STAGE_TABLES = {
+    "direction": ("candidates", "direction.json"),
+    "evaluation": ("evaluation",),
+    "attack": ("losses", "suffix.json", "random.json"),
+    "transfer": ("transfer",),
+    "attribution": ("cosine", "heads", "hijack", "hijack_dominance", "patching", "knockout", "top_heads.json",
+                    "conditions.json"),
+}
+# Files that name the model they were made from.
+MODEL_RECORDS = ("direction/direction.json", "attack/suffix.json", "attribution/run.json")
+
+
+def check_tables(t: Tables) -> None:
+    """A finished stage's tables are all there and every record names the run's model;
+    otherwise a one-line error that says which file and how to fix it."""
+    meta = t.json("run.json")
+    for stage, names in STAGE_TABLES.items():
+        if not (t.run / stage / "stage.json").is_file():
+            continue
+        for name in names:
+            present = (t.run / stage / name).is_file() if "." in name else table_path(t.run / stage, name)
+            if not present:
+                shown = name if "." in name else f"{name}.csv"
+                raise UserError(f"{t.run / stage / shown} is missing though the {stage} stage finished; rerun "
+                                f"`suffix-analysis reproduce --out {t.run} --redo {stage}`")
+    if meta is None:
+        return
+    for rel in MODEL_RECORDS:
+        rec = t.json(rel)
+        if rec and rec.get("model") not in (None, meta["model"]):
+            raise UserError(f"{t.run / rel} is from model {rec['model']}, but {t.run} is a run of {meta['model']}; "
+                            "draw figures from one run's own tables")
 
 
 def _finish(fig, tables: Tables, title: str):
@@ -338,6 +374,7 @@ def draw_all(run: str | Path, out: str | Path | None = None, formats: tuple[str,
     """Every figure whose tables are in ``run`` into ``out`` (default ``run/figures``); the
     PNG paths, in figure order. A figure whose tables are missing is skipped and logged."""
     t = Tables(Path(run).expanduser())
+    check_tables(t)
     folder = ensure_dir(Path(out) if out else t.run / "figures")
     theme()
     made = []

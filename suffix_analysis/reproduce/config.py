@@ -15,6 +15,7 @@ first: the dataclass defaults, the profile, the TOML file, the command line.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +159,9 @@ def build_config(profile: str = "paper", sections: dict | None = None, source: s
     merged: dict[str, dict] = {name: dict(PROFILE_VALUES[profile].get(name, {})) for name in SECTIONS}
     for name, values in (sections or {}).items():
         if name not in SECTIONS:
-            raise UserError(f"{source}: unknown section [{name}]; sections are {', '.join(SECTIONS)}")
+            near = difflib.get_close_matches(name, list(SECTIONS), n=1)
+            hint = f"did you mean [{near[0]}]? " if near else ""
+            raise UserError(f"{source}: unknown section [{name}]; {hint}sections are {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise UserError(f"{source}: [{name}] must be a table of settings")
         merged[name].update(values)
@@ -172,8 +175,10 @@ def build_config(profile: str = "paper", sections: dict | None = None, source: s
             objs.append(cls(**mine))
         if values:
             known = sorted(k for cls in classes for k in _fields(cls))
-            raise UserError(f"{source}: unknown key{'s' if len(values) > 1 else ''} "
-                            f"{', '.join(sorted(values))} in [{name}]; known: {', '.join(known)}")
+            bad = sorted(values)[0]
+            near = difflib.get_close_matches(bad, known, n=1)
+            hint = f"did you mean {near[0]}? " if near else ""
+            raise UserError(f"{source}: unknown key {bad} in [{name}]; {hint}known: {', '.join(known)}")
         made[name] = objs
     cfg = ReproduceConfig(run=made["run"][0], direction=made["direction"][0], evaluation=made["evaluation"][0],
                           attack=made["attack"][0], gcg=made["attack"][1], attribution=made["attribution"][0],
