@@ -289,3 +289,24 @@ def test_figures_refuse_a_missing_table_of_a_finished_stage_and_a_table_of_anoth
     (copy / "attack" / "suffix.json").write_text(json.dumps({**rec, "model": "someone-else"}))
     with pytest.raises(UserError, match="suffix.json is from model someone-else"):
         draw_all(copy)
+
+
+def test_a_setting_added_since_a_stage_ran_matches_at_its_default_only(run, setup):
+    from suffix_analysis.reproduce.stages import STAGES, Context
+
+    out, _ = run
+    model, cfg, _ = setup
+    ctx = Context(out=out, config=cfg, model=model)
+    attack = next(s for s in STAGES if s.name == "attack")
+    for s in STAGES:
+        rec = json.loads((out / s.name / "stage.json").read_text()) if (out / s.name / "stage.json").is_file() else None
+        if rec:
+            ctx.keys[s.name] = rec["key"]
+    rec = json.loads((out / "attack" / "stage.json").read_text())
+    assert attack.matches(rec, ctx)
+    del rec["inputs"]["settings"]["attack"]["words_only"]  # as if recorded before the setting existed
+    assert attack.matches(rec, ctx)
+    import dataclasses
+
+    ctx.config = dataclasses.replace(cfg, gcg=dataclasses.replace(cfg.gcg, words_only=True))
+    assert not attack.matches(rec, ctx)

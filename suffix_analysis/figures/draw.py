@@ -34,6 +34,8 @@ KIND_COLORS = dict(zip(KIND_ORDER, ("#c44e52", "#8172b3", "#dd8452", "#55a868"))
 
 def theme() -> None:
     sns.set_theme(context="paper", style="whitegrid", font_scale=1.1)
+    # seaborn's categorical axes make matplotlib log a line per bar group at INFO
+    logging.getLogger("matplotlib.category").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -146,8 +148,9 @@ def fig_rates(t: Tables):
     sns.barplot(data=df, x="condition", y="refusal_score", ax=ax2, color="#4c72b0")
     ax2.axhline(0, color="k", lw=0.8)
     ax2.set_xlabel("")
+    ax2.set_ylabel("")
     ax2.tick_params(axis="x", rotation=45)
-    ax2.set_title("refusal score (log-odds)", fontsize=10)
+    ax2.set_title("refusal score (log-odds of the refusal tokens)", fontsize=10)
     return _finish(fig, t, "Refusal on harmful instructions")
 
 

@@ -1,8 +1,9 @@
 """``reproduce``: every stage in order, each cached in ``RUN/<stage>/`` and resumable.
 
-A stage is done when its ``stage.json`` is there; it records the stage's key (a hash of
-the settings that change what it computes and of the keys of the stages it reads), its
-wall time and its headline numbers. A rerun skips a done stage whose key matches, resumes
+A stage is done when its ``stage.json`` is there; it records the stage's inputs (the
+settings that change what it computes, the keys of the stages it reads) and their hash, its
+wall time and its headline numbers. A rerun skips a done stage whose inputs are the current
+ones (a setting added to the suite since counts as unchanged at its default), resumes
 an unfinished one (GCG from its checkpoint, a direction or attribution run from the
 sub-steps it finished), and refuses one made with other settings: ``redo`` names the
 stages to compute again (with every stage after them).
@@ -104,9 +105,9 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
         n = runnable.index(stage) + 1
         folder = out / stage.name
         key = stage.key(ctx)
-        ctx.keys[stage.name] = key
         rec = stage_record(folder)
-        if rec is not None and rec.get("key") == key:
+        if rec is not None and stage.matches(rec, ctx):
+            ctx.keys[stage.name] = rec["key"]  # the later stages were keyed on the recorded one
             log.info("stage %d/%d %s: done before (%.0f s), skipped", n, len(runnable), stage.name, rec["seconds"])
             times[stage.name] = {"status": "cached", "seconds": rec["seconds"]}
             summaries[stage.name] = rec["summary"]
@@ -114,6 +115,7 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
         if rec is not None:
             raise UserError(f"{folder} was made with other settings or inputs; rerun with --redo {stage.name} "
                             "(it and every stage after it are computed again) or choose another --out")
+        ctx.keys[stage.name] = key
         log.info("stage %d/%d %s", n, len(runnable), stage.name)
         ensure_dir(folder)
         t0 = time.perf_counter()
@@ -124,7 +126,8 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
             write_json_atomic(out / "run.json", meta)
         elif ctx.cm is not None and meta["fingerprint"] != ctx.cm.fingerprint():
             raise UserError(f"{out} was made from other weights of {model}; choose another --out")
-        write_json_atomic(folder / "stage.json", {"key": key, "seconds": seconds, "summary": summary,
+        write_json_atomic(folder / "stage.json", {"key": key, "inputs": stage.inputs(ctx), "seconds": seconds,
+                                                  "summary": summary,
                                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S")})
         times[stage.name] = {"status": "ran", "seconds": seconds}
         summaries[stage.name] = summary

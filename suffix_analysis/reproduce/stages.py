@@ -283,15 +283,44 @@ class Stage:
     after: tuple[str, ...]  # stages whose outputs it reads (their keys enter its key)
     settings: tuple[str, ...]  # config sections that change what it computes
 
-    def key(self, ctx: Context) -> str:
+    def inputs(self, ctx: Context) -> dict:
+        """What the stage's outputs depend on: its settings, the keys of the stages it reads,
+        the model and (where it reads them) the evaluation sets."""
         sections = ctx.config.sections()
         mine = {s: sections[s] for s in self.settings}
         if "attack" in mine:  # how fast a step runs does not change what it finds (how many steps does)
             mine["attack"] = {k: v for k, v in mine["attack"].items() if k not in SPEED_ONLY or k == "num_steps"}
-        inputs = {a: ctx.keys.get(a) for a in self.after}
         uses_eval = self.name in ("evaluation", "transfer", "attribution")
-        return _hash({"model": ctx.model, "settings": mine, "after": inputs,
-                      "eval": ctx.eval_sets()["hash"] if uses_eval else None})
+        return {"model": ctx.model, "settings": mine, "after": {a: ctx.keys.get(a) for a in self.after},
+                "eval": ctx.eval_sets()["hash"] if uses_eval else None}
+
+    def key(self, ctx: Context) -> str:
+        return _hash(self.inputs(ctx))
+
+    def matches(self, recorded: dict, ctx: Context) -> bool:
+        """Whether a finished stage's recorded inputs are the current ones. A setting the
+        record does not have (added to the suite since) matches when it is at its default."""
+        now = json.loads(json.dumps(self.inputs(ctx), default=str))
+        old = recorded.get("inputs")
+        if old is None:
+            return recorded.get("key") == _hash(now)
+        if {k: v for k, v in now.items() if k != "settings"} != {k: v for k, v in old.items() if k != "settings"}:
+            return False
+        defaults = field_defaults()
+        for section, values in now["settings"].items():
+            had = old["settings"].get(section, {})
+            for k, v in values.items():
+                if (had[k] if k in had else defaults[section].get(k)) != v:
+                    return False
+        return True
+
+
+def field_defaults() -> dict[str, dict]:
+    """Every setting's dataclass default, by TOML section."""
+    from .config import SECTIONS
+
+    return {name: {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
+            for name, classes in SECTIONS.items()}
 
 
 STAGES = (
