@@ -310,3 +310,28 @@ def test_a_setting_added_since_a_stage_ran_matches_at_its_default_only(run, setu
 
     ctx.config = dataclasses.replace(cfg, gcg=dataclasses.replace(cfg.gcg, words_only=True))
     assert not attack.matches(rec, ctx)
+
+
+def test_evaluation_judges_harmless_completions_for_compliance_only_when_asked(tiny):
+    import torch
+
+    from suffix_analysis.evaluation.compliance import Calibration, ComplianceResult
+    from suffix_analysis.evaluation.report import evaluate_direction
+
+    judged = []
+
+    class Stub:
+        def judge(self, instructions, completions, refused, progress=False):
+            judged.append(list(instructions))
+            cal = Calibration(0.0, 1, 1, 0.0, 1.0, 0.0, 0.0, {}, "stub", "", "", {})
+            return ComplianceResult(["derailed"] * len(completions), [None] * len(completions),
+                                    [None] * len(completions), 0, cal)
+
+    r = torch.randn(tiny.d_model)
+    for flag in (True, False):
+        judged.clear()
+        rows = evaluate_direction(tiny, r, 1, HARMFUL[:2], HARMLESS[:2], max_new_tokens=2, compliance=Stub(),
+                                  judge_harmless=flag)
+        assert sum(j == HARMLESS[:2] for j in judged) == (3 if flag else 0)  # baseline, ablation, actadd
+        assert sum(j == HARMFUL[:2] for j in judged) == 3
+        assert ("harmless_complied_rate" in rows[0]) is flag and rows[0]["harmful_derailed_rate"] == 1.0

@@ -32,12 +32,14 @@ def evaluate_direction(
     progress: bool = False,
     judge=None,
     compliance=None,
+    judge_harmless: bool = True,
 ) -> list[dict]:
     """One row per condition: baseline, ablation, activation addition (and the orthogonalized model).
 
     Columns: refusal rate/score on ``harmful`` and on ``harmless`` (and, with a compliance
-    judge, the complied and derailed rates of each), first-token KL on harmless against the
-    baseline, CE of the baseline's own harmless completions, CE on ``corpus``.
+    judge, the complied and derailed rates of each; of harmful only without ``judge_harmless``),
+    first-token KL on harmless against the baseline, CE of the baseline's own harmless
+    completions, CE on ``corpus``.
     """
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, judge=judge,
               compliance=compliance)
@@ -49,7 +51,7 @@ def evaluate_direction(
     for name, model, ctx in conditions:
         with ctx:
             h = evaluate_refusal(model, harmful, **kw)
-            n = evaluate_refusal(model, harmless, **kw)
+            n = evaluate_refusal(model, harmless, **{**kw, "compliance": compliance if judge_harmless else None})
             if clean is None:
                 clean = n
             row = {
@@ -58,9 +60,10 @@ def evaluate_direction(
                 "harmful_refusal_score": h.refusal_score,
                 "harmless_refusal_rate": n.refusal_rate,
                 "harmless_refusal_score": n.refusal_score,
-                **({"harmful_complied_rate": h.complied_rate, "harmful_derailed_rate": h.derailed_rate,
-                    "harmless_complied_rate": n.complied_rate, "harmless_derailed_rate": n.derailed_rate}
+                **({"harmful_complied_rate": h.complied_rate, "harmful_derailed_rate": h.derailed_rate}
                    if compliance is not None else {}),
+                **({"harmless_complied_rate": n.complied_rate, "harmless_derailed_rate": n.derailed_rate}
+                   if compliance is not None and judge_harmless else {}),
                 "kl_harmless": _kl(clean.first_logits, n.first_logits),
                 "ce_harmless_completions": completion_ce(model, harmless, clean.completions),
             }

@@ -44,6 +44,8 @@ class RunSettings:
     judge: str = setting("", "judges, as refusal --judge (empty: substring, plus compliance where its reference "
                              "model is available offline)")
     batch_size: int = setting(16, "prompts per generation batch")
+    judge_harmless: bool = setting(True, "also judge the harmless completions for compliance (a calibration and "
+                                         "four judge passes more)")
 
 
 @dataclass
@@ -85,7 +87,7 @@ SECTIONS: dict[str, tuple[type, ...]] = {
 
 # The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and the README).
 QUICK: dict[str, dict] = {
-    "run": {"n_eval": 32, "max_new_tokens": 32},
+    "run": {"n_eval": 32, "max_new_tokens": 32, "judge_harmless": False},
     "direction": {"n_train": 32, "n_val": 8, "last_positions": 1},
     # The paper's objective (the "Sure, here is" target) leaves the organism refusing at CPU
     # sizes; its own ablated answers as targets, with the direction term floored at the

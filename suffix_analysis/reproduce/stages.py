@@ -157,7 +157,7 @@ def stage_evaluation(ctx: Context, folder: Path) -> dict:
     rows = evaluate_direction(cm, direction, info["layer"], sets["harmful"], sets["harmless"],
                               coeff=cfg.evaluation.coeff, corpus=corpus, max_new_tokens=cfg.run.max_new_tokens,
                               batch_size=cfg.run.batch_size, orthogonalized=ortho, progress=ctx.progress,
-                              judge=judge, compliance=compliance)
+                              judge=judge, compliance=compliance, judge_harmless=cfg.run.judge_harmless)
     for r in rows:
         r["intervention"] = r["condition"].split(" ")[0]
         r.update(n_harmful=len(sets["harmful"]), n_harmless=len(sets["harmless"]))
