@@ -208,9 +208,10 @@ def fig_cosine(t: Tables):
     sns.lineplot(data=cos, x="layer", y="cosine", hue="kind", hue_order=[k for k in KIND_ORDER if k in
                  set(cos["kind"])], palette=KIND_COLORS, errorbar="sd", ax=ax)
     ax.axvline(chosen["layer"], color="k", ls=":", lw=1)
-    ax.set_ylabel(f"cosine with the direction (resid_pre, position {chosen['position']})")
+    ax.set_ylabel("cosine with the direction")
     ax.legend(title="")
-    return _finish(fig, t, "The adversarial suffix suppresses the refusal direction (mean and sd over prompts)")
+    return _finish(fig, t, f"Cosine of resid_pre with the direction at EOI position {chosen['position']} "
+                           "(mean, sd over prompts)")
 
 
 def fig_top_heads(t: Tables):
