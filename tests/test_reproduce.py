@@ -83,6 +83,9 @@ def test_a_run_writes_every_stage_the_summary_stage_times_report_and_figures(run
         assert times[name]["status"] == "ran" and times[name]["seconds"] >= 0
         assert json.loads((out / name / "stage.json").read_text())["key"]
     assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    for kind in ("baseline", "ablation", "actadd", "orthogonalized"):
+        rows = json.loads((out / "evaluation" / f"completions_{kind}_harmful.json").read_text())
+        assert [r["instruction"] for r in rows] == HARMFUL[7:10] and all("completion" in r for r in rows)
     for table in ("direction/candidates.csv", "evaluation/evaluation.csv", "attack/losses.csv",
                   "attack/suffix.json", "attack/random.json", "transfer/transfer.csv", "attribution/cosine.csv"):
         assert (out / table).is_file(), table

@@ -33,13 +33,15 @@ def evaluate_direction(
     judge=None,
     compliance=None,
     judge_harmless: bool = True,
+    reports: dict | None = None,
 ) -> list[dict]:
     """One row per condition: baseline, ablation, activation addition (and the orthogonalized model).
 
     Columns: refusal rate/score on ``harmful`` and on ``harmless`` (and, with a compliance
     judge, the complied and derailed rates of each; of harmful only without ``judge_harmless``),
     first-token KL on harmless against the baseline, CE of the baseline's own harmless
-    completions, CE on ``corpus``.
+    completions, CE on ``corpus``. ``reports``, if given, receives each condition's
+    :class:`~suffix_analysis.evaluation.refusal.RefusalReport` pair as ``{name: (harmful, harmless)}``.
     """
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, judge=judge,
               compliance=compliance)
@@ -54,6 +56,8 @@ def evaluate_direction(
             n = evaluate_refusal(model, harmless, **{**kw, "compliance": compliance if judge_harmless else None})
             if clean is None:
                 clean = n
+            if reports is not None:
+                reports[name] = (h, n)
             row = {
                 "condition": name,
                 "harmful_refusal_rate": h.refusal_rate,

@@ -5,7 +5,7 @@ Every stage returns its headline numbers (they go into ``RUN/<stage>/stage.json`
 
     organism     the refusal organism (only when the model is the organism preset)
     direction    extraction and selection                         direction/candidates.csv, direction.json
-    evaluation   baseline, ablation, addition, orthogonalized      evaluation/evaluation.csv
+    evaluation   baseline, ablation, addition, orthogonalized      evaluation/evaluation.csv, completions_*.json
     attack       a universal GCG suffix and the random control    attack/suffix.json, losses.csv, random.json
     transfer     both suffixes on the held-out evaluation set     transfer/transfer.csv, completions_*.json
     attribution  how the suffix suppresses the direction          attribution/ (its own tables)
@@ -154,13 +154,18 @@ def stage_evaluation(ctx: Context, folder: Path) -> dict:
         del src
         ortho = load_model(str(path), device=ctx.device, dtype=ctx.dtype)
     corpus = [x.instruction for x in load_file(cfg.evaluation.corpus)] if cfg.evaluation.corpus else None
-    rows = evaluate_direction(cm, direction, info["layer"], sets["harmful"], sets["harmless"],
+    reports: dict = {}
+    rows = evaluate_direction(cm, direction, info["layer"], sets["harmful"], sets["harmless"], reports=reports,
                               coeff=cfg.evaluation.coeff, corpus=corpus, max_new_tokens=cfg.run.max_new_tokens,
                               batch_size=cfg.run.batch_size, orthogonalized=ortho, progress=ctx.progress,
                               judge=judge, compliance=compliance, judge_harmless=cfg.run.judge_harmless)
     for r in rows:
         r["intervention"] = r["condition"].split(" ")[0]
         r.update(n_harmful=len(sets["harmful"]), n_harmless=len(sets["harmless"]))
+    for name, (h, n) in reports.items():  # the completions behind every rate, to read
+        kind = name.split(" ")[0]
+        write_json_atomic(folder / f"completions_{kind}_harmful.json", h.rows())
+        write_json_atomic(folder / f"completions_{kind}_harmless.json", n.rows())
     write_csv(folder / "evaluation.csv", rows)
     by = {r["intervention"]: r for r in rows}
     out = {"refusal_baseline": by["baseline"]["harmful_refusal_rate"],
