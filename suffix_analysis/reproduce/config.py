@@ -20,7 +20,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from ..attacks.gcg import GCGConfig
 from ..attribution.run import AttributionConfig
