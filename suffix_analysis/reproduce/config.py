@@ -80,12 +80,13 @@ class AttributionSettings:
     enabled: bool = setting(True, "run the attribution stage")
 
 
-SECTIONS: dict[str, tuple[type, ...]] = {
-    "run": (RunSettings,),
-    "direction": (DirectionConfig,),
-    "evaluation": (EvaluationSettings,),
-    "attack": (AttackSettings, GCGConfig),
-    "attribution": (AttributionSettings, AttributionConfig),
+# TOML section -> the ReproduceConfig fields it fills (two where a section feeds two config classes).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "run": ("run",),
+    "direction": ("direction",),
+    "evaluation": ("evaluation",),
+    "attack": ("attack", "gcg"),
+    "attribution": ("attribution", "attribution_config"),
 }
 
 # The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and the README).
@@ -126,17 +127,14 @@ class ReproduceConfig:
 
     def sections(self) -> dict[str, dict]:
         """Every setting by TOML section, as plain values (what ``config.toml`` holds)."""
-        out: dict[str, dict] = {}
-        for name, classes in SECTIONS.items():
-            out[name] = {}
-            for obj in self._objects(name):
-                out[name].update(dataclasses.asdict(obj))
-        return out
+        return {name: {k: v for f in fields for k, v in dataclasses.asdict(getattr(self, f)).items()}
+                for name, fields in SECTIONS.items()}
 
-    def _objects(self, section: str) -> list:
-        return {"run": [self.run], "direction": [self.direction], "evaluation": [self.evaluation],
-                "attack": [self.attack, self.gcg],
-                "attribution": [self.attribution, self.attribution_config]}[section]
+
+def section_classes(section: str) -> list[type]:
+    """The config classes whose fields TOML section ``section`` holds."""
+    factory = {f.name: f.default_factory for f in dataclasses.fields(ReproduceConfig)}
+    return [factory[f] for f in SECTIONS[section]]
 
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
@@ -170,24 +168,21 @@ def build_config(profile: str = "paper", sections: dict | None = None, source: s
         if not isinstance(values, dict):
             raise UserError(f"{source}: [{name}] must be a table of settings")
         merged[name].update(values)
-    made: dict[str, list] = {}
-    for name, classes in SECTIONS.items():
+    made: dict[str, object] = {}
+    for name, attrs in SECTIONS.items():
         values = dict(merged[name])
-        objs = []
-        for cls in classes:
+        classes = section_classes(name)
+        for attr, cls in zip(attrs, classes):
             fields = _fields(cls)
             mine = {k: _coerce(name, k, values.pop(k), fields[k], cls) for k in list(values) if k in fields}
-            objs.append(cls(**mine))
+            made[attr] = cls(**mine)
         if values:
             known = sorted(k for cls in classes for k in _fields(cls))
             bad = sorted(values)[0]
             near = difflib.get_close_matches(bad, known, n=1)
             hint = f"did you mean {near[0]}? " if near else ""
             raise UserError(f"{source}: unknown key {bad} in [{name}]; {hint}known: {', '.join(known)}")
-        made[name] = objs
-    cfg = ReproduceConfig(run=made["run"][0], direction=made["direction"][0], evaluation=made["evaluation"][0],
-                          attack=made["attack"][0], gcg=made["attack"][1], attribution=made["attribution"][0],
-                          attribution_config=made["attribution"][1], profile=profile)
+    cfg = ReproduceConfig(**made, profile=profile)
     cfg.validate()
     return cfg
 
@@ -218,7 +213,7 @@ def _toml_value(v) -> str:
 
 
 def _helps(section: str) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for cls in SECTIONS[section] for f in dataclasses.fields(cls)}
+    return {f.name: f.metadata.get("help", "") for cls in section_classes(section) for f in dataclasses.fields(cls)}
 
 
 def to_toml(cfg: ReproduceConfig, comments: bool = False) -> str:

@@ -78,7 +78,7 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
     """
     config.validate()
     out = ensure_dir(out)
-    _check_folder(out, model)
+    old = _check_folder(out, model) or {}
     _clear(out, redo)
     ctx = Context(out=out, config=config, model=model, device=device, dtype=dtype, data_dir=data_dir,
                   progress=progress, cm=cm)
@@ -90,13 +90,12 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
                      "harmful_removed": sets["harmful_removed"], "harmless_removed": sets["harmless_removed"],
                      "hash": sets["hash"]}}
     write_json_atomic(out / "eval_sets.json", {"harmful": sets["harmful"], "harmless": sets["harmless"]})
-    old = _check_folder(out, model) or {}
     meta["fingerprint"] = old.get("fingerprint")
     write_json_atomic(out / "run.json", meta)
 
     times, summaries = {}, {}
     runnable = [s for s in STAGES if _skipped(s.name, ctx) is None]
-    for i, stage in enumerate(STAGES):
+    for stage in STAGES:
         why = _skipped(stage.name, ctx)
         if why:
             log.info("stage %s: skipped (%s)", stage.name, why)
@@ -136,7 +135,7 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
     summary = {"model": model, "fingerprint": meta["fingerprint"], "profile": config.profile,
                "n_eval_harmful": len(sets["harmful"]), "n_eval_harmless": len(sets["harmless"])}
     for name in STAGE_NAMES:
-        summary.update({k: v for k, v in summaries.get(name, {}).items()})
+        summary.update(summaries.get(name, {}))
     write_json_atomic(out / "stages.json", times)
     write_json_atomic(out / "summary.json", summary)
     if figures:

@@ -13,7 +13,6 @@ Every stage returns its headline numbers (they go into ``RUN/<stage>/stage.json`
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
@@ -21,9 +20,10 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from ..artifacts import write_json_atomic, write_text_atomic
+from ..artifacts import write_json_atomic
 from ..attacks.gcg import GCG
 from ..attacks.gcg.config import SPEED_ONLY
 from ..attacks.gcg.search import harmless_floor
@@ -37,6 +37,7 @@ from ..evaluation.refusal import evaluate_refusal, make_judges
 from ..evaluation.report import evaluate_direction
 from ..interventions.orthogonalize import export_orthogonalized
 from ..models.loading import ChatModel, load_model
+from ..tables import write_table
 from .config import ReproduceConfig
 
 log = logging.getLogger(__name__)
@@ -44,20 +45,6 @@ log = logging.getLogger(__name__)
 
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """``rows`` as CSV, atomically (columns: the union of the rows' keys, in first-seen order)."""
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    import io
-
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=cols)
-    w.writeheader()
-    w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
 
 
 @dataclass
@@ -75,6 +62,7 @@ class Context:
     keys: dict = field(default_factory=dict)  # stage name -> its key (settings and inputs)
     _judges: tuple | None = None
     _eval: dict | None = None
+    _direction: tuple | None = None
 
     def model_(self) -> ChatModel:
         if self.cm is None:
@@ -92,7 +80,10 @@ class Context:
         return self._judges
 
     def direction(self) -> tuple[torch.Tensor, dict]:
-        return load_direction(self.out / "direction", self.model_())
+        """The direction stage's vector and record (read once; the stage runs before any reader)."""
+        if self._direction is None:
+            self._direction = load_direction(self.out / "direction", self.model_())
+        return self._direction
 
     def eval_sets(self) -> dict:
         """The evaluation sets, held out from everything: instructions a direction sample or
@@ -166,7 +157,7 @@ def stage_evaluation(ctx: Context, folder: Path) -> dict:
         kind = name.split(" ")[0]
         write_json_atomic(folder / f"completions_{kind}_harmful.json", h.rows())
         write_json_atomic(folder / f"completions_{kind}_harmless.json", n.rows())
-    write_csv(folder / "evaluation.csv", rows)
+    write_table(folder, "evaluation", pd.DataFrame(rows))
     by = {r["intervention"]: r for r in rows}
     out = {"refusal_baseline": by["baseline"]["harmful_refusal_rate"],
            "refusal_ablated": by["ablation"]["harmful_refusal_rate"],
@@ -225,9 +216,9 @@ def stage_attack(ctx: Context, folder: Path) -> dict:
     base = {"model": ctx.model, "fingerprint": cm.fingerprint(), "instructions": instructions, "targets": targets}
     write_json_atomic(folder / "suffix.json", {**result.to_dict(), **base, "config": dataclasses.asdict(cfg)})
     write_json_atomic(folder / "random.json", {**control.to_dict(), **base, "loss": control_loss})
-    write_csv(folder / "losses.csv", [{"step": i + 1, "loss": loss, "seconds": s, "suffix": sfx, "kind": "gcg"}
-                                      for i, (loss, s, sfx) in enumerate(zip(result.losses, result.step_seconds,
-                                                                              result.suffixes))])
+    write_table(folder, "losses", pd.DataFrame({"step": range(1, len(result.losses) + 1), "loss": result.losses,
+                                                "seconds": result.step_seconds, "suffix": result.suffixes,
+                                                "kind": "gcg"}))
     return {"suffix": result.suffix, "random_suffix": control.suffix, "attack_success": result.success,
             "attack_steps": len(result.losses), "attack_loss_final": result.losses[-1] if result.losses else None,
             "attack_loss_random": control_loss, "attack_prompts_used": result.extra.get("prompts_used")}
@@ -254,16 +245,15 @@ def stage_transfer(ctx: Context, folder: Path) -> dict:
             rep = evaluate_refusal(cm, instructions, judge=judge, suffixes=[suffix] * len(instructions),
                                    max_new_tokens=ctx.config.run.max_new_tokens, batch_size=ctx.config.run.batch_size,
                                    progress=ctx.progress, compliance=compliance, targets=targets)
-            s = rep.summary()
             rows.append({"suffix": kind, "set": split, "n": rep.n, "refused_rate": rep.refusal_rate,
                          "complied_rate": rep.complied_rate, "derailed_rate": rep.derailed_rate,
-                         "refusal_score": rep.refusal_score, "target_match_rate": s.get("target_match_rate")})
+                         "refusal_score": rep.refusal_score, "target_match_rate": rep.target_match_rate})
             write_json_atomic(folder / f"completions_{kind}_{split}.json", rep.rows())
             if split == "held-out":
                 out[f"refusal_{kind}_suffix"] = rep.refusal_rate
                 out[f"complied_{kind}_suffix"] = rep.complied_rate
                 out[f"derailed_{kind}_suffix"] = rep.derailed_rate
-    write_csv(folder / "transfer.csv", rows)
+    write_table(folder, "transfer", pd.DataFrame(rows))
     return out
 
 
@@ -322,10 +312,10 @@ class Stage:
 
 def field_defaults() -> dict[str, dict]:
     """Every setting's dataclass default, by TOML section."""
-    from .config import SECTIONS
+    from .config import SECTIONS, section_classes
 
-    return {name: {f.name: f.default for cls in classes for f in dataclasses.fields(cls)}
-            for name, classes in SECTIONS.items()}
+    return {name: {f.name: f.default for cls in section_classes(name) for f in dataclasses.fields(cls)}
+            for name in SECTIONS}
 
 
 STAGES = (
