@@ -105,7 +105,7 @@ def patch_z_hooks(recorded: dict[int, Tensor], heads: Sequence[tuple[int, int]],
             idx = (pos.to(z.device) % z.shape[1])[:, None]  # [n_positions, 1]
             h = torch.tensor(hs, device=z.device)[None, :]  # [1, n_heads patched]
             out = z.clone()
-            out[:, idx, h] = src[:, :, hs].to(z.dtype)
+            out[:, idx, h] = src[:, :, hs].to(z.device, z.dtype)
             return out
         return patch
 

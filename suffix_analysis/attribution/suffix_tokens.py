@@ -89,7 +89,7 @@ def readout(cm: ChatModel, unit: Tensor, layer: int, positions: list[int], atten
                                 position_ids=position_ids(mask), use_cache=False)
     except _Reached:
         pass
-    return (seen["x"].float() @ unit).mean(-1)
+    return (seen["x"].float().to(unit.device) @ unit).mean(-1)
 
 
 def _gradient(cm: ChatModel, unit: Tensor, layer: int, positions: list[int], ids: Tensor) -> tuple[float, Tensor]:

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..models.loading import ChatModel
+from ..models.placement import execution_device, materialized
 
 
 def n_heads(cm: ChatModel) -> int:
@@ -39,19 +40,20 @@ def _o_proj(cm: ChatModel, layer: int) -> torch.nn.Module:
 def head_weights(cm: ChatModel, layer: int) -> Tensor:
     """``W_O`` of ``layer`` split per head: ``[n_heads, d_head, d_model]`` float32, so that
     ``z[..., h, :] @ W[h]`` is head ``h``'s output."""
-    w = _o_proj(cm, layer).weight  # nn.Linear: [d_model, n_heads * d_head]
+    with materialized(_o_proj(cm, layer)) as o_proj:
+        w = o_proj.weight.detach().float().to(cm.device)  # nn.Linear: [d_model, n_heads * d_head]
     h = n_heads(cm)
     if w.shape[1] % h:
         raise UserError(f"the output projection of layer {layer} has {w.shape[1]} inputs, not a multiple of "
                         f"{h} heads")
-    return w.detach().float().T.reshape(h, w.shape[1] // h, w.shape[0])
+    return w.T.reshape(h, w.shape[1] // h, w.shape[0])
 
 
 def output_bias(cm: ChatModel, layer: int) -> Tensor:
     """The output projection's bias ``[d_model]`` float32 (zeros when it has none)."""
-    module = _o_proj(cm, layer)
-    b = getattr(module, "bias", None)
-    return torch.zeros(module.weight.shape[0], device=module.weight.device) if b is None else b.detach().float()
+    with materialized(_o_proj(cm, layer)) as module:
+        b = getattr(module, "bias", None)
+        return torch.zeros(module.weight.shape[0], device=cm.device) if b is None else b.detach().float().to(cm.device)
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,15 @@ def post_norm(cm: ChatModel, layer: int) -> PostNorm | None:
             or getattr(module, "bias", None) is not None):
         raise unsupported
     gen = torch.Generator().manual_seed(0)
-    x = (3 * torch.randn(8, cm.d_model, generator=gen)).to(weight.device, weight.dtype)
+    x = (3 * torch.randn(8, cm.d_model, generator=gen)).to(execution_device(module), weight.dtype)
     with torch.no_grad():
-        out = module(x).float()
-    base = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + float(eps))
+        out = module(x).float().to(cm.device)
+    x = x.to(cm.device)
     tol = 1e-5 if weight.dtype == torch.float32 else 2e-2
-    for gain in (1.0 + weight.detach().float(), weight.detach().float()):
+    with materialized(module):
+        weight = module.weight.detach().float().to(cm.device)
+    base = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + float(eps))
+    for gain in (1.0 + weight, weight):
         want = base * gain
         if (out - want).abs().max() <= tol * want.abs().max().clamp_min(1e-12):
             return PostNorm(gain=gain, eps=float(eps))
@@ -121,7 +126,7 @@ def recording_values(cm: ChatModel, layers: list[int]) -> Iterator[dict[int, Ten
 
     def hook(layer: int, d_head: int):
         def record(module, args, out):
-            v = out.detach().float()
+            v = out.detach().float().to(cm.device)  # with the patterns, which are recorded there
             v = v.view(*v.shape[:-1], v.shape[-1] // d_head, d_head)
             values[layer] = v.repeat_interleave(heads // v.shape[-2], dim=-2)
         return record

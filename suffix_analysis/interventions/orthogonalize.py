@@ -13,6 +13,7 @@ copy of the original weights first and the config says ``tie_word_embeddings = F
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -34,58 +35,152 @@ def _untie_unembedding(cm: ChatModel) -> bool:
     return True
 
 
-@torch.no_grad()
-def orthogonalize_(cm: ChatModel, direction: torch.Tensor) -> list[str]:
-    """Edit ``cm.model`` in place; returns the names of the edited parameters."""
+def _check(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
+    """The unit direction ``[d_model]`` float32 on the CPU, or a clear error."""
     from .directional import check_direction
 
     if cm.arch.post_norm_writers:
         raise UserError(
             f"{cm.model.config.model_type} adds a normalization after its attention and MLP outputs, so no weight "
             "edit removes a direction exactly; use inference-time ablation (--intervention ablate) instead")
-    d = check_direction(cm, direction).float()
+    d = check_direction(cm, direction).float().cpu()
     if d.norm() == 0:
         raise UserError("the direction is the zero vector; there is nothing to orthogonalize against")
-    u = d / d.norm()
-    _untie_unembedding(cm)
-    edited = []
+    return d / d.norm()
 
-    def rows_(name: str, w: torch.Tensor):  # residual vectors stored as rows: [n, d_model]
-        wf = w.float()
-        w.copy_(wf - (wf @ u).unsqueeze(-1) * u)
-        edited.append(name)
 
-    def out_side_(name: str, linear: torch.nn.Module):  # nn.Linear, weight [d_model, d_in]
-        wf = linear.weight.float()
-        linear.weight.copy_(wf - torch.outer(u, u @ wf))
-        edited.append(f"{name}.weight")
-        if getattr(linear, "bias", None) is not None:
-            rows_(f"{name}.bias", linear.bias)
-
-    rows_(f"{cm.arch.embed}.weight", cm.model.get_submodule(cm.arch.embed).weight)
+def writers(cm: ChatModel) -> dict[str, str]:
+    """Every parameter that writes into the residual stream, by name: ``"rows"`` (residual
+    vectors stored as rows ``[n, d_model]``: embeddings, biases) or ``"out"`` (an
+    ``nn.Linear`` weight ``[d_model, d_in]``, edited on its output side)."""
+    out = {f"{cm.arch.embed}.weight": "rows"}
     if cm.arch.pos_embed:
-        rows_(f"{cm.arch.pos_embed}.weight", cm.model.get_submodule(cm.arch.pos_embed).weight)
+        out[f"{cm.arch.pos_embed}.weight"] = "rows"
     for l, layer in enumerate(cm.layers):
         for path in (cm.arch.attn_out, cm.arch.mlp_out):
             module = layer.get_submodule(path)
             if not isinstance(module, torch.nn.Linear):
                 raise UserError(f"{cm.arch.layers}.{l}.{path} is a {type(module).__name__}, not a linear map; "
                                 "this architecture needs its own orthogonalization rule")
-            out_side_(f"{cm.arch.layers}.{l}.{path}", module)
-    return edited
+            out[f"{cm.arch.layers}.{l}.{path}.weight"] = "out"
+            if getattr(module, "bias", None) is not None:
+                out[f"{cm.arch.layers}.{l}.{path}.bias"] = "rows"
+    return out
+
+
+def edited(w: torch.Tensor, kind: str, u: torch.Tensor) -> torch.Tensor:
+    """``w`` with nothing written along the unit ``u``, computed in float32, in ``w``'s dtype."""
+    wf, u = w.float(), u.to(w.device)
+    new = wf - (wf @ u).unsqueeze(-1) * u if kind == "rows" else wf - torch.outer(u, u @ wf)
+    return new.to(w.dtype)
+
+
+@torch.no_grad()
+def orthogonalize_(cm: ChatModel, direction: torch.Tensor) -> list[str]:
+    """Edit ``cm.model`` in place; returns the names of the edited parameters."""
+    if cm.dispatched:
+        raise UserError("this model is placed with a device map or quantized; its weights are not all in memory to "
+                        "edit: use export_orthogonalized (suffix-analysis orthogonalize), which edits the checkpoint")
+    u = _check(cm, direction)
+    names = writers(cm)
+    _untie_unembedding(cm)
+    for name, kind in names.items():
+        w = cm.model.get_parameter(name)
+        w.copy_(edited(w, kind, u))
+    return list(names)
+
+
+def _marker(cm: ChatModel, n_edited: int, provenance: dict) -> str:
+    marker = {"orthogonalized": True, "edited_parameters": n_edited, **provenance}
+    if cm.preset:
+        marker["preset"] = cm.preset.name
+    return json.dumps(marker, indent=1)
 
 
 def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict) -> Path:
-    """Orthogonalize ``cm`` (in place) and save an ordinary ``transformers`` folder at ``out``.
+    """Orthogonalize ``cm`` and save an ordinary ``transformers`` folder at ``out``.
 
+    A model in memory on one device is edited in place and saved. A dispatched model
+    (device map, offload, quantized weights) is exported from its checkpoint instead, one
+    safetensors shard at a time (:func:`export_from_checkpoint`): it is never whole on one
+    device, and a quantized load still gives full-precision weights.
     Written to a temporary sibling and renamed, so ``out`` is complete or absent.
     """
-    edited = orthogonalize_(cm, direction)
+    if cm.dispatched:
+        return export_from_checkpoint(cm, direction, out, provenance)
+    names = orthogonalize_(cm, direction)
     with atomic_folder(out) as tmp:
         cm.model.save_pretrained(tmp)
         cm.tokenizer.save_pretrained(tmp)
-        marker = {"orthogonalized": True, "edited_parameters": len(edited), **provenance}
-        if cm.preset:
-            marker["preset"] = cm.preset.name
-        (tmp / MARKER_FILE).write_text(json.dumps(marker, indent=1))
+        (tmp / MARKER_FILE).write_text(_marker(cm, len(names), provenance))
+    return Path(out).expanduser().resolve()
+
+
+def _checkpoint_folder(cm: ChatModel) -> Path:
+    if cm.location is None:
+        raise UserError("this model was built in memory, not loaded from a checkpoint; load it without a device map "
+                        "to orthogonalize it")
+    folder = Path(cm.location)
+    if not folder.is_dir():  # a hub id: the snapshot from_pretrained downloaded
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(cm.location, allow_patterns=["*.json", "*.safetensors"]))
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder} has no safetensors weights to edit; convert the checkpoint to safetensors first")
+    return folder
+
+
+@torch.no_grad()
+def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict) -> Path:
+    """Orthogonalize the checkpoint ``cm`` was loaded from into ``out``, shard by shard.
+
+    Peak memory is one shard. The result equals :func:`orthogonalize_` on the whole model
+    followed by ``save_pretrained`` (same tensors, same names, an untied unembedding).
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    u = _check(cm, direction)
+    names = writers(cm)
+    folder = _checkpoint_folder(cm)
+    shards = sorted(folder.glob("*.safetensors"))
+    index_file = folder / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    text_cfg = cm.model.config.get_text_config()
+    tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(cm.model.config, "tie_word_embeddings", False))
+    head = cm.model.get_output_embeddings()
+    head_name = next((n for n, m in cm.model.named_modules() if m is head), "lm_head") + ".weight"
+    seen: set[str] = set()
+    with atomic_folder(out) as tmp:
+        for shard in shards:
+            with safe_open(str(shard), framework="pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                metadata = f.metadata() or {"format": "pt"}
+            for k in list(tensors):
+                if k in names:
+                    if tied and k == f"{cm.arch.embed}.weight" and head_name not in tensors:
+                        tensors[head_name] = tensors[k].clone()  # untied: the unembedding keeps the original
+                        if index is not None:
+                            index["weight_map"][head_name] = shard.name
+                    tensors[k] = edited(tensors[k], names[k], u)
+                    seen.add(k)
+            save_file(tensors, str(tmp / shard.name), metadata=metadata)
+            del tensors
+        missing = sorted(set(names) - seen)
+        if missing:
+            raise UserError(f"the checkpoint in {folder} names its tensors differently from the model ({missing[0]} "
+                            "not found); load the model on one device to orthogonalize it")
+        if index is not None:
+            (tmp / index_file.name).write_text(json.dumps(index, indent=2))
+        config = copy.deepcopy(cm.model.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        if tied:
+            for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+                c.tie_word_embeddings = False
+        config.save_pretrained(tmp)
+        if getattr(cm.model, "generation_config", None) is not None:
+            cm.model.generation_config.save_pretrained(tmp)
+        cm.tokenizer.save_pretrained(tmp)
+        (tmp / MARKER_FILE).write_text(_marker(cm, len(names), provenance))
     return Path(out).expanduser().resolve()

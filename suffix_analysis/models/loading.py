@@ -19,6 +19,7 @@ import torch
 from ..artifacts import atomic_folder
 from ..errors import UserError
 from .chat import ChatFormat, refusal_token_ids
+from .placement import Placement, check_map_names, execution_device, is_dispatched, materialized, pretrained_kwargs
 from .presets import DEFAULT_MODEL, PRESETS, TEMPLATES, ArchSpec, Preset, arch_for, get_preset, preset_for_source
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,23 @@ class ChatModel:
     preset: Preset | None
     refusal_ids: list[int]
     arch: ArchSpec
+    # The folder (or hub id) the weights came from; None for a model built in memory.
+    location: str | None = None
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's execution device (on a dispatched model the
+        layers may sit elsewhere, and offloaded weights on ``meta``)."""
+        return execution_device(self.model.get_input_embeddings())
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        return self.model.dtype
+
+    @property
+    def dispatched(self) -> bool:
+        """Placed by accelerate (device map, offload or quantized weights)."""
+        return is_dispatched(self.model)
 
     @property
     def n_layers(self) -> int:
@@ -99,7 +109,21 @@ class ChatModel:
         Cheap even for 70B models: one small gather per tensor.
         """
         h = hashlib.sha256(self.model.config.model_type.encode())
-        for name, p in sorted(self.model.named_parameters()):
+        params = dict(self.model.named_parameters())
+        if getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
+            # in memory the tied head is the embedding and named once; accelerate's offload
+            # unties the two Parameter objects (same values), so name it once here too
+            head = self.model.get_output_embeddings()
+            params = {n: p for n, p in params.items()
+                      if not (head is not None and n.endswith(".weight")
+                              and self.model.get_submodule(n.rpartition(".")[0]) is head
+                              and n != f"{self.arch.embed}.weight")}
+        for name, p in sorted(params.items()):
+            if p.device.type == "meta":  # offloaded: read it from where accelerate keeps it
+                owner, _, leaf = name.rpartition(".")
+                module = self.model.get_submodule(owner)
+                with materialized(module):
+                    p = getattr(module, leaf).detach().clone()
             flat = p.detach().reshape(-1)
             k = min(64, flat.numel())
             idx = torch.arange(k) * (flat.numel() - 1) // max(k - 1, 1)  # integers: the same on every device
@@ -243,27 +267,39 @@ def load_model(
     device: str = "auto",
     dtype: str = "auto",
     trust_remote_code: bool = False,
+    placement: Placement | None = None,
 ) -> ChatModel:
     """Load ``spec`` (preset name, HF id, model folder or .gguf file) as a :class:`ChatModel`.
 
-    The chat format is checked before the weights load, so a model without a chat template
-    fails fast.
+    ``placement`` (device map, memory caps, offload, quantization) hands the weights to
+    ``accelerate``; without it the whole model goes to ``device``. The chat format is checked
+    before the weights load, so a model without a chat template fails fast.
     """
     from transformers import AutoModelForCausalLM
 
+    placement = placement or Placement()
     dev = _pick_device(device)  # settings first: resolving may build a model for minutes
     if dtype != "auto":
         _pick_dtype(dtype, dev, None)
+    pretrained_kwargs(placement, torch.float32, cache_dir() / "offload")  # its errors, before the weights
     location, pre = resolve(spec, preset, trust_remote_code)
     tok = load_tokenizer(location, trust_remote_code)
     chat = ChatFormat.from_tokenizer(tok, TEMPLATES[pre.template] if pre else None)
     refusal = refusal_token_ids(tok, pre.refusal_tokens if pre else DEFAULT_REFUSAL_TOKENS)
     dt = _pick_dtype(dtype, dev, pre)
+    offload = cache_dir() / "offload" / hashlib.sha256(str(location).encode()).hexdigest()[:12]
+    placed = pretrained_kwargs(placement, dt, offload)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dt, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise UserError(f"could not load model weights from '{location}': {str(e).splitlines()[0]}") from None
-    model.to(dev).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dt, trust_remote_code=trust_remote_code,
+                                                     **placed)
+    except (OSError, ValueError, KeyError) as e:
+        how = " with --device-map " + placement.device_map if placement.device_map else ""
+        raise UserError(f"could not load model weights from '{location}'{how}: {str(e).splitlines()[0]}") from None
+    if not placed:  # accelerate has placed a dispatched model; .to() would undo it
+        model.to(dev)
+    elif isinstance(placed["device_map"], dict):
+        check_map_names(model, placed["device_map"], placement.device_map)
+    model.eval()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -275,6 +311,7 @@ def load_model(
         preset=pre,
         refusal_ids=refusal,
         arch=arch_for(model.config.model_type),
+        location=str(location),
     )
 
 

@@ -133,7 +133,8 @@ def forward_packed(
     with _dense_mask_attention(cm):
         out = cm.model.base_model(input_ids=ids.to(cm.device), position_ids=pos.to(cm.device), attention_mask=mask,
                                   **with_cache(cm.model.base_model, shared.expand(n_rows)), use_cache=True)
-    hidden = out.last_hidden_state.reshape(n_rows * width, -1)[reads.to(cm.device)]
+    last = out.last_hidden_state  # on the final norm's device, which a device map may put off cm.device
+    hidden = last.reshape(n_rows * width, -1)[reads.to(last.device)]
     if not keep_cache:
         return hidden, None
     length = torch.tensor(lengths)
@@ -163,7 +164,8 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     for layer in prior.kv.layers:
         pair = []
         for x in (layer.keys, layer.values):  # [rows, heads, shared + packed, head_dim]
-            mine = x[rows[:, None], :, cols].permute(0, 2, 1, 3)  # [n, heads, own, head_dim]
+            # each layer's cache lives on that layer's device
+            mine = x[rows.to(x.device)[:, None], :, cols.to(x.device)].permute(0, 2, 1, 3)  # [n, heads, own, head_dim]
             pair.append(torch.cat([x[:1, :, :prior.shared].expand(n, -1, -1, -1), mine], 2))
         data.append(tuple(pair))
     kv = DynamicCache(ddp_cache_data=data, config=cm.model.config)
@@ -180,8 +182,9 @@ def continue_packed(cm: ChatModel, prior: Packed, which: list[int], runs: list[l
     with _dense_mask_attention(cm):
         out = cm.model.base_model(input_ids=ids.to(dev), position_ids=pos.to(dev), attention_mask=mask,
                                   **with_cache(cm.model.base_model, kv), use_cache=True)
-    at = (lengths[:, None] - read + torch.arange(read)[None]).to(dev)  # [n, read]
-    hidden = out.last_hidden_state[torch.arange(n, device=dev)[:, None], at]
+    last = out.last_hidden_state
+    at = (lengths[:, None] - read + torch.arange(read)[None]).to(last.device)  # [n, read]
+    hidden = last[torch.arange(n, device=last.device)[:, None], at]
     if not keep_cache:
         return hidden, None
     # run j's tokens: its earlier ones (columns shared..shared+before_j), then the new ones

@@ -31,6 +31,7 @@ from ...models.forward import PrefixCache, with_cache
 from ...models.hooks import run_with_hooks
 from ...models.loading import ChatModel
 from ...models.packing import Packed, continue_packed, forward_packed, softcap, unembed
+from ...models.placement import materialized
 from .config import GCGConfig
 
 
@@ -100,10 +101,11 @@ class GCGObjective:
             eoi = slice(n_suffix, n_suffix + n_after)  # where the EOI tokens sit in the tokens being run
 
             def probe(x: Tensor, hook) -> None:  # x: [batch, run tokens, d_model]
-                proj = x[:, eoi].float() @ unit  # [batch, n_eoi]
+                # x sits on its layer's device (a device map may spread the layers)
+                proj = x[:, eoi].float() @ unit.to(x.device)  # [batch, n_eoi]
                 if self.floor is not None:
-                    proj = (proj - self.floor).clamp(min=0)
-                values["direction"] = proj.mean(1)  # [batch]
+                    proj = (proj - self.floor.to(x.device)).clamp(min=0)
+                values["direction"] = proj.mean(1).to(self.cm.device)  # [batch]
                 if stop:
                     raise _StopAtProbe
 
@@ -114,7 +116,7 @@ class GCGObjective:
             shares = values.setdefault("attention", [])
 
             def share(pattern: Tensor, hook) -> None:  # [batch, head, run tokens, all tokens]
-                shares.append(pattern[:, :, q, s0:s0 + self.suffix_len].sum(-1).mean(1))
+                shares.append(pattern[:, :, q, s0:s0 + self.suffix_len].sum(-1).mean(1).to(self.cm.device))
 
             hooks.append((lambda name: name.endswith("attn.hook_pattern"), share))
         return hooks
@@ -156,7 +158,7 @@ class GCGObjective:
         total = torch.zeros(batch, device=dev)
         match = None
         if need_logits:
-            logits = out.logits.float()  # [batch, max(n_target, 1), vocab]
+            logits = out.logits.float().to(dev)  # [batch, max(n_target, 1), vocab]
             if logits_out is not None:
                 logits_out.append(logits.detach())
             tgt = torch.tensor(prompt.target, device=dev)
@@ -201,7 +203,7 @@ class GCGObjective:
         """Cross-entropy of target tokens ``frm..frm+k-1`` from their hidden states ``[n, k, d_model]``,
         and whether each is the greedy token: ``[n, k]`` each, on the CPU."""
         logits = unembed(self.cm, hidden).float()  # [n, k, vocab]
-        tgt = torch.tensor(prompt.target[frm:frm + hidden.shape[1]], device=self.cm.device).expand(len(hidden), -1)
+        tgt = torch.tensor(prompt.target[frm:frm + hidden.shape[1]], device=logits.device).expand(len(hidden), -1)
         return token_ce(logits, tgt).cpu(), (logits.argmax(-1) == tgt).cpu()
 
     def target_bound(self, prompt: Prompt, hidden: Tensor, frm: int = 0) -> Tensor:
@@ -220,8 +222,9 @@ class GCGObjective:
         if prompt.bound_ids is None:
             return self.target_exact(prompt, hidden, frm)[0]
         if prompt.bound_rows is None:
-            weight = self.cm.model.get_output_embeddings().weight.detach()
-            prompt.bound_rows = weight[prompt.bound_ids.to(weight.device)]
+            with materialized(self.cm.model.get_output_embeddings()) as head:
+                weight = head.weight.detach()
+                prompt.bound_rows = weight[prompt.bound_ids.to(weight.device)].to(hidden.device)
         rows = prompt.bound_rows[frm:frm + hidden.shape[1]]  # [k, K, d_model], column 0: the target token
         logits = softcap(self.cm, torch.einsum("nkd,kvd->nkv", hidden, rows)).float()  # [n, k, K]
         return (torch.logsumexp(logits, -1) - logits[..., 0]).cpu()

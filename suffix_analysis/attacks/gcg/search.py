@@ -16,6 +16,7 @@ from ...artifacts import write_json_atomic
 from ...errors import UserError
 from ...models.forward import PrefixCache
 from ...models.loading import ChatModel, fingerprint_mismatch
+from ...models.placement import materialized
 from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
 from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, SPEED_ONLY, GCGConfig
@@ -230,11 +231,12 @@ class GCG(Attack):
         """Gradient of the summed loss w.r.t. the one-hot suffix ``[suffix_len, vocab]``, and per
         prompt the cache of the prompt and current suffix that the pass computed on the way
         (the candidates continue from it), or None."""
-        w = embed.weight
-        one_hot = torch.zeros(ids.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
-        one_hot[torch.arange(ids.shape[0]), ids.to(w.device)] = 1
-        one_hot.requires_grad_(True)
-        emb = (one_hot @ w)[None]
+        with materialized(embed):  # an offloaded embedding's weights are on meta outside a forward pass
+            w = embed.weight
+            one_hot = torch.zeros(ids.shape[0], w.shape[0], device=w.device, dtype=w.dtype)
+            one_hot[torch.arange(ids.shape[0]), ids.to(w.device)] = 1
+            one_hot.requires_grad_(True)
+            emb = (one_hot @ w)[None].to(cm.device)
         caches: list = []
         logits: list = []
         loss = sum(objective.loss(p, suffix_embeds=emb, kv_out=caches, logits_out=logits)[0].sum() for p in prompts)
