@@ -59,6 +59,17 @@ def _model_args(p: argparse.ArgumentParser, default: str = REFUSING_MODEL) -> No
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda if available)")
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 (default: float32 on CPU)")
     g.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (Qwen-1)")
+    from .config import add_arguments
+    from .models.placement import Placement
+
+    add_arguments(p.add_argument_group("placement over devices (accelerate, bitsandbytes)"), Placement)
+
+
+def _placement(args):
+    from .config import from_arguments
+    from .models.placement import Placement
+
+    return from_arguments(Placement, args)
 
 
 def _data_args(p: argparse.ArgumentParser, instructions: str | None = None, what: str = "instructions"):
@@ -107,7 +118,7 @@ def _load(args):
     from .models.loading import load_model
 
     return load_model(args.model, preset=args.preset, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code)
+                      trust_remote_code=args.trust_remote_code, placement=_placement(args))
 
 
 def _direction(cm, args):
@@ -318,7 +329,8 @@ def cmd_evaluate(args) -> int:
     corpus = [x.instruction for x in load_file(args.corpus)] if args.corpus else None
     cm = _load(args)
     direction, info = _direction(cm, args)
-    ortho = load_model(args.orthogonalized, device=args.device, dtype=args.dtype) if args.orthogonalized else None
+    ortho = (load_model(args.orthogonalized, device=args.device, dtype=args.dtype, placement=_placement(args))
+             if args.orthogonalized else None)
     judge, compliance = _judges(args)
     out = ensure_dir(args.out) if args.out else None
     rows = evaluate_direction(cm, direction, info["layer"], harmful, harmless, coeff=args.coeff, corpus=corpus,
@@ -386,7 +398,8 @@ def cmd_attack(args) -> int:
         from .attacks.targets import answer_targets
         from .models.loading import load_model
 
-        targets = answer_targets(load_model(answers_from, device=args.device), instructions, args.target_tokens,
+        targets = answer_targets(load_model(answers_from, device=args.device, placement=_placement(args)),
+                                 instructions, args.target_tokens,
                                  progress=not args.quiet)
     cm = _load(args)
     kwargs, info = {}, None
@@ -476,7 +489,7 @@ def cmd_reproduce(args) -> int:
     out = args.out or f"runs/{args.model.replace('/', '_')}"
     redo = [r.strip() for r in (args.redo or "").split(",") if r.strip()]
     summary = reproduce(args.model, out, cfg, device=args.device, dtype=args.dtype, data_dir=args.data_dir,
-                        progress=not args.quiet, redo=redo, figures=not args.no_figures)
+                        progress=not args.quiet, redo=redo, figures=not args.no_figures, placement=_placement(args))
     times = json.loads((Path(out) / "stages.json").read_text())
     print(summary_lines(summary, times))
     print(f"saved         {out}/summary.json, stages.json, report.md, figures/")

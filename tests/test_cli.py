@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from suffix_analysis.cli import main
 
@@ -28,6 +29,11 @@ def one_line_error(err: str, needle: str):
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--device-map", "nowhere"], "not a strategy"),
+    (["--max-memory", "cpu=1GiB"], "add --device-map auto"),
+    (["--device-map", "auto", "--max-memory", "cuda:5=1GiB"], "names device 'cuda:5'"),
+    (["--quantize", "3bit"], "use 4bit or 8bit"),
+    *([(["--quantize", "4bit"], "needs a CUDA GPU")] if not torch.cuda.is_available() else []),
 ])
 def test_bad_model(capsys, tmp_path, argv, needle):
     f = tmp_path / "i.txt"

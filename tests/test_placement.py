@@ -171,3 +171,17 @@ def test_auto_map_loads_on_the_devices_present(pair, tiny_folder):
     batch = plain.chat.encode(HARMFUL[:1], device=cm.device)
     with torch.no_grad():
         close(cm.model(**batch).logits, plain.model(**batch).logits)
+
+
+def test_commands_take_a_device_map(pair, tiny_folder, tmp_path, capsys):
+    from suffix_analysis.cli import main
+
+    (tmp_path / "map.json").write_text(json.dumps(spread_map(pair[0].n_layers)))
+    (tmp_path / "i.txt").write_text("\n".join(HARMFUL) + "\n")
+    common = ["refusal", "--model", str(tiny_folder), "--instructions", str(tmp_path / "i.txt"), "--judge", "substring",
+              "--max-new-tokens", "3", "--json", "-q"]
+    assert main(common) == 0
+    plain = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert main([*common, "--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off")]) == 0
+    placed = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert placed == plain

@@ -70,18 +70,19 @@ def _clear(out: Path, redo: Sequence[str]) -> None:
 
 def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str = "auto", dtype: str = "auto",
               data_dir: str | None = None, progress: bool = True, redo: Sequence[str] = (), cm=None,
-              figures: bool = True) -> dict:
+              figures: bool = True, placement=None) -> dict:
     """Run (or resume) every stage of ``config`` on ``model`` into ``out``; returns the summary.
 
     ``cm``: an already loaded :class:`~suffix_analysis.models.loading.ChatModel` for ``model``
-    (tests pass a tiny random one). ``redo``: stages to compute again, with those after them.
+    (tests pass a tiny random one). ``placement``: a device map etc. for loading it
+    (:class:`~suffix_analysis.models.placement.Placement`). ``redo``: stages to compute again, with those after them.
     """
     config.validate()
     out = ensure_dir(out)
     old = _check_folder(out, model) or {}
     _clear(out, redo)
-    ctx = Context(out=out, config=config, model=model, device=device, dtype=dtype, data_dir=data_dir,
-                  progress=progress, cm=cm)
+    ctx = Context(out=out, config=config, model=model, device=device, dtype=dtype, placement=placement,
+                  data_dir=data_dir, progress=progress, cm=cm)
     sets = ctx.eval_sets()  # bad data fails before any model loads
     write_text_atomic(out / "config.toml", to_toml(config))
     meta = {"model": model, "profile": config.profile,

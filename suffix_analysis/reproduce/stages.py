@@ -37,6 +37,7 @@ from ..evaluation.refusal import evaluate_refusal, make_judges
 from ..evaluation.report import evaluate_direction
 from ..interventions.orthogonalize import export_orthogonalized
 from ..models.loading import ChatModel, load_model
+from ..models.placement import Placement
 from ..tables import write_table
 from .config import ReproduceConfig
 
@@ -56,6 +57,7 @@ class Context:
     model: str
     device: str = "auto"
     dtype: str = "auto"
+    placement: Placement | None = None  # device map etc.; results do not depend on it, so no stage key does
     data_dir: str | None = None
     progress: bool = True
     cm: ChatModel | None = None
@@ -66,7 +68,7 @@ class Context:
 
     def model_(self) -> ChatModel:
         if self.cm is None:
-            self.cm = load_model(self.model, device=self.device, dtype=self.dtype)
+            self.cm = load_model(self.model, device=self.device, dtype=self.dtype, placement=self.placement)
         return self.cm
 
     def judges(self) -> tuple:
@@ -138,12 +140,13 @@ def stage_evaluation(ctx: Context, folder: Path) -> dict:
     judge, compliance = ctx.judges()
     ortho = None
     if cfg.evaluation.orthogonalize:
-        # a fresh copy: orthogonalization edits the weights in place
-        src = load_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
+        # in memory the export edits the weights in place: a fresh copy (a dispatched model is
+        # exported from its checkpoint and stays as it is)
+        src = cm if cm.dispatched else load_model(ctx.model, device=ctx.device, dtype=ctx.dtype)
         path = export_orthogonalized(src, direction, folder / "orthogonalized",
                                      {"source_model": ctx.model, "direction_run": str(ctx.out / "direction")})
         del src
-        ortho = load_model(str(path), device=ctx.device, dtype=ctx.dtype)
+        ortho = load_model(str(path), device=ctx.device, dtype=ctx.dtype, placement=ctx.placement)
     corpus = [x.instruction for x in load_file(cfg.evaluation.corpus)] if cfg.evaluation.corpus else None
     reports: dict = {}
     rows = evaluate_direction(cm, direction, info["layer"], sets["harmful"], sets["harmless"], reports=reports,
