@@ -498,6 +498,19 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import load_sweep, run_sweep
+    from .sweep.run import sweep_lines
+
+    spec = load_sweep(args.file, out=args.out)
+    df = run_sweep(spec, address=args.address, workers=args.workers, local=args.local, figures=not args.no_figures)
+    print(sweep_lines(df, spec.grid_keys))
+    print(f"saved         {spec.out}/results.csv" + ("" if args.no_figures else ", figures/"))
+    if args.json:
+        print(df.to_json(orient="records"))
+    return 0 if (df["status"] == "ok").all() else 1
+
+
 def cmd_figures(args) -> int:
     from .figures import draw_all
 
@@ -685,6 +698,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reproduce)
 
     _figures_parser(sub)
+
+    p = sub.add_parser("sweep", help="a grid of commands (models x attacks x seeds x instruction sets) as Ray tasks, "
+                                     "or one after another without Ray; then results.csv and a figure per metric")
+    p.add_argument("file", help="sweep file (TOML; see configs/sweep.toml)")
+    p.add_argument("--address", help="a Ray cluster to run on (default: a local one, started and stopped here)")
+    p.add_argument("--workers", type=_positive_int, help="jobs at once on the local Ray cluster (default: its CPUs)")
+    p.add_argument("--local", action="store_true", help="run the jobs one after another in this process, without Ray")
+    p.add_argument("--out", help="the sweep's folder (default: [sweep] out)")
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--json", action="store_true", help="print the table as JSON records as the last line")
+    p.set_defaults(func=cmd_sweep, loads_model=False)
 
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)

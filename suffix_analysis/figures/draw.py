@@ -387,11 +387,17 @@ def draw_all(run: str | Path, out: str | Path | None = None, formats: tuple[str,
         if fig is None:
             log.info("figure %s: its tables are not in %s, skipped", name, t.run)
             continue
-        for ext in formats:
-            path = folder / f"{name}.{ext}"
-            with atomic_path(path) as tmp:
-                fig.savefig(tmp, format=ext, dpi=150)
-            if ext == "png":
-                made.append(path)
-        plt.close(fig)
+        made.append(save(fig, folder, name, formats))
     return made
+
+
+def save(fig, folder: Path, name: str, formats: tuple[str, ...] = ("png", "pdf")) -> Path:
+    """``fig`` as ``folder/name.{png,pdf}``, each written atomically, then closed; the first path."""
+    paths = []
+    for ext in formats:
+        path = folder / f"{name}.{ext}"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format=ext, dpi=150)
+        paths.append(path)
+    plt.close(fig)
+    return paths[0]
