@@ -185,3 +185,10 @@ def test_commands_take_a_device_map(pair, tiny_folder, tmp_path, capsys):
     assert main([*common, "--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off")]) == 0
     placed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert placed == plain
+
+
+def test_no_bridge_over_a_dispatched_model(pair):
+    from suffix_analysis.models.loading import to_bridge
+
+    with pytest.raises(UserError, match="whole model on one device"):
+        to_bridge(pair[1])

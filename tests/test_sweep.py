@@ -173,3 +173,8 @@ def test_local_ray_cluster_gives_the_in_process_table(tmp_path, tiny_folder):
     pd.testing.assert_frame_equal(got.drop(columns=VOLATILE), expected.drop(columns=VOLATILE))
     for job in spec.jobs[:3]:
         assert (spec.out / "jobs" / job.id / "run" / "suffix.json").is_file()
+
+
+def test_the_documented_example_loads():
+    spec = load_sweep(Path(__file__).parents[1] / "configs" / "sweep.toml")
+    assert len(spec.jobs) == 4 and spec.settings.command == "attack gcg"

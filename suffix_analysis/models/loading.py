@@ -322,6 +322,9 @@ def to_bridge(cm: ChatModel):
     The bridge wraps ``cm.model`` itself and rewrites it in place (eager attention, new
     module tree): use it for analysis, and load a fresh model for anything you export.
     """
+    if cm.dispatched:
+        raise UserError("a TransformerLens bridge needs the whole model on one device; this one is placed with a "
+                        "device map or quantized. The suite's own hooks (models/hooks.py) work on it as it is")
     from transformer_lens.model_bridge import TransformerBridge
 
     return TransformerBridge.boot_transformers(
