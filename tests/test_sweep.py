@@ -178,3 +178,31 @@ def test_local_ray_cluster_gives_the_in_process_table(tmp_path, tiny_folder):
 def test_the_documented_example_loads():
     spec = load_sweep(Path(__file__).parents[1] / "configs" / "sweep.toml")
     assert len(spec.jobs) == 4 and spec.settings.command == "attack gcg"
+
+
+def test_a_killed_sweep_finishes_only_what_was_missing(tmp_path, tiny_folder, monkeypatch):
+    """A real kill (SIGKILL of the sweep's process mid-job), then a rerun in this process."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    f = sweep_file(tmp_path, tiny_folder, "seed = [0, 1, 2, 3]", settings="instructions = " + repr(str(tmp_path / "a.txt")))
+    f.write_text(f.read_text().replace("steps = 2", "steps = 40"))
+    spec = load_sweep(f)
+    proc = subprocess.Popen([sys.executable, "-m", "suffix_analysis", "sweep", str(f), "--local", "--no-figures"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = [spec.out / "jobs" / j.id / "result.json" for j in spec.jobs]
+    deadline = time.time() + 300
+    while not results[0].exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = [j.id for j, r in zip(spec.jobs, results) if r.exists()]
+    assert done and len(done) < len(spec.jobs), done  # killed after the first job, before the last
+    ran = []
+    real = run_mod.run_job
+    monkeypatch.setattr(run_mod, "run_job", lambda job, root, *a: ran.append(job["id"]) or real(job, root, *a))
+    df = run_sweep(spec, local=True, figures=False)
+    assert ran == [j.id for j in spec.jobs if j.id not in done]
+    assert (df["status"] == "ok").all()
