@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_chat_model
 
 from suffix_analysis import tables
-from suffix_analysis.attribution import direct_attribution, rank_heads, residual_cosine
+from suffix_analysis.attribution import direct_attribution, rank_heads, residual_cosine, user_end_states
 from suffix_analysis.attribution import run as run_mod
 from suffix_analysis.attribution.controls import WORD, random_suffixes, suffix_lengths
 from suffix_analysis.attribution.run import (
@@ -33,11 +33,11 @@ CFG = AttributionConfig(n_random=2, top_k=3, patch_ks="1,2", bands=2, max_new_to
 SUMMARY_KEYS = {"layer", "position", "cosine", "cosine_drop_adversarial", "cosine_drop_random", "top_heads",
                 "top8_projection", "top8_attention", "knockout_restored", "patch_restored", "model", "fingerprint",
                 "n_harmful", "n_harmless", "stage_seconds"}
-OUTPUTS = ["run.json", "conditions.json", "cosine.csv", "heads.csv", "top_heads.json", "hijack.csv",
+OUTPUTS = ["run.json", "conditions.json", "cosine.csv", "harmfulness.csv", "heads.csv", "top_heads.json", "hijack.csv",
            "hijack_dominance.csv", "suffix_tokens.csv", "suffix_token_agreement.csv", "patching.csv", "knockout.csv",
            "summary.json"]
 # everything in run.py that runs the model
-HEAVY = ("random_suffixes", "suffix_lengths", "residual_cosine", "direct_attribution", "attention_hijack",
+HEAVY = ("random_suffixes", "suffix_lengths", "residual_cosine", "user_end_states", "direct_attribution", "attention_hijack",
          "suffix_token_effects", "patch_top_heads", "knockout_scores", "last_position_run", "generate_answers")
 
 
@@ -92,8 +92,8 @@ def test_a_run_writes_every_table_and_a_summary_of_all_the_keys(base_run, cm, di
     assert SUMMARY_KEYS <= set(summary) and json.loads((out / "summary.json").read_text()) == summary
     assert (summary["model"], summary["fingerprint"]) == (cm.name, cm.fingerprint())
     assert (summary["layer"], summary["position"], summary["n_harmful"], summary["n_harmless"]) == (1, -1, 3, 2)
-    assert set(summary["stage_seconds"]) == {"conditions", "cosine", "heads", "hijack", "suffix_tokens", "patching",
-                                             "knockout"}
+    assert set(summary["stage_seconds"]) == {"conditions", "cosine", "harmfulness", "heads", "hijack", "suffix_tokens",
+                                             "patching", "knockout"}
 
     kinds = ("harmful", "random", "adversarial", "harmless")
     assert set(summary["cosine"]) == set(kinds) and all(-1 <= summary["cosine"][k] <= 1 for k in kinds)
@@ -104,6 +104,19 @@ def test_a_run_writes_every_table_and_a_summary_of_all_the_keys(base_run, cm, di
     # the summary's cosine is the library's, at the direction's layer and position
     direct = residual_cosine(cm, HARMFUL, direction, sites=("hook_resid_pre",))[:, 0, LAYER, POSITION].mean()
     assert c["harmful"] == pytest.approx(float(direct), abs=1e-5)
+
+    # harmfulness: the harmful - harmless difference of means at the last user token, read at the direction's layer
+    states = {k: user_end_states(cm, ins, sfx) for k, ins, sfx in (("harmful", HARMFUL, None), ("harmless", HARMLESS, None),
+                                                                    ("adversarial", HARMFUL, SUFFIX))}
+    diff = states["harmful"].mean(0)[LAYER] - states["harmless"].mean(0)[LAYER]
+    level = {k: float((v[:, LAYER] @ (diff / diff.norm())).mean()) for k, v in states.items()}
+    h = summary["harmfulness"]
+    assert h["harmful"] - h["harmless"] == pytest.approx(float(diff.norm()), rel=1e-4)
+    for k in level:
+        assert h[k] == pytest.approx(level[k], abs=1e-4)
+    assert summary["harmfulness_kept_adversarial"] == pytest.approx(
+        (level["adversarial"] - level["harmless"]) / (level["harmful"] - level["harmless"]), abs=1e-4)
+    assert summary["harmfulness_kept_random"] is not None
 
     top = summary["top_heads"]
     # ranked below the direction's layer only: LAYER layers of 4 heads
@@ -233,11 +246,12 @@ def test_a_stage_failing_midway_leaves_no_table_and_the_rerun_resumes(cm, direct
     with pytest.raises(RuntimeError, match="interrupted"):
         attribute(cm, direction, out)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["conditions.json", "cosine.csv", "heads.csv", "run.json", "top_heads.json"]  # nor temp files
-    assert set(json.loads((out / "run.json").read_text())["stages"]) == {"conditions", "cosine", "heads"}
+    # nor temp files
+    assert names == ["conditions.json", "cosine.csv", "harmfulness.csv", "heads.csv", "run.json", "top_heads.json"]
+    assert set(json.loads((out / "run.json").read_text())["stages"]) == {"conditions", "cosine", "harmfulness", "heads"}
 
     monkeypatch.setattr(run_mod, "attention_hijack", real)
-    forbid(monkeypatch, ["random_suffixes", "residual_cosine", "direct_attribution"])
+    forbid(monkeypatch, ["random_suffixes", "residual_cosine", "user_end_states", "direct_attribution"])
     summary = attribute(cm, direction, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)
     assert "hijack" in summary["stage_seconds"] and summary["top8_attention"]["adversarial"]["suffix"] > 0

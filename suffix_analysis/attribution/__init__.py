@@ -2,7 +2,8 @@
 
 * ``regions``: the token spans of template, instruction, suffix and EOI in each prompt,
   read from the whole prompt's tokenization (straddling tokens by a stated rule).
-* ``cosine``: cosine of the residual stream with the direction, every layer and EOI position.
+* ``cosine``: cosine of the residual stream with the direction, every layer and EOI position;
+  the residual stream at the last token of the user's message (the harmfulness signal).
 * ``heads``: direct attribution of the direction's projection to the embedding, every
   attention head (through ``W_O``), the output projection's bias and every MLP; parts
   add up to the residual stream's projection; head rankings.
@@ -31,7 +32,7 @@ from .causal import (
     suffix_cut,
     suffix_knockout,
 )
-from .cosine import cosine_frame, residual_cosine
+from .cosine import cosine_frame, residual_cosine, user_end_states
 from .heads import DirectAttribution, direct_attribution, rank_heads, top_heads
 from .hijack import Hijack, attention_hijack, per_source_writes, region_writes, source_writes
 from .masks import AttentionCut, cut_attention
@@ -41,7 +42,7 @@ from .suffix_tokens import spearman, suffix_token_effects, token_agreement
 
 __all__ = [
     "REGIONS", "PromptRegions", "Straddler", "prompt_regions", "region_masks",
-    "residual_cosine", "cosine_frame",
+    "residual_cosine", "cosine_frame", "user_end_states",
     "DirectAttribution", "direct_attribution", "rank_heads", "top_heads",
     "Hijack", "attention_hijack", "per_source_writes", "region_writes", "source_writes",
     "suffix_token_effects", "token_agreement", "spearman",

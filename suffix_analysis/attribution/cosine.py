@@ -64,3 +64,28 @@ def cosine_frame(cosines: Tensor, sites: Sequence[str] = ("hook_resid_pre", "hoo
     n, _, n_layers, n_eoi = cosines.shape
     return tidy(cosines, [("prompt", range(n)), ("site", list(sites)), ("layer", range(n_layers)),
                           ("position", range(-n_eoi, 0))], value="cosine")
+
+
+@torch.no_grad()
+def user_end_states(
+    cm: ChatModel,
+    instructions: Sequence[str],
+    suffixes: str | Sequence[str | None] | None = None,
+    batch_size: int = 16,
+) -> Tensor:
+    """``blocks.{l}.hook_resid_pre`` of every layer at the last token of the user's message,
+    the token before the EOI tokens (the instruction's last, or with a suffix the suffix's
+    last): ``[n_prompts, n_layers, d_model]`` float32 on the CPU.
+
+    Where a model reads whether a request is harmful, as opposed to whether to refuse it
+    (which the EOI positions carry; Zhao et al. 2025 separate the two).
+    """
+    instructions, suffixes = prompts(instructions, suffixes)
+    names = hook_names(cm, ["hook_resid_pre"])
+    out = []
+    for part in batch_slices(len(instructions), batch_size):
+        rec = Recorder(names, positions=[-(cm.chat.n_eoi + 1)], device=cm.device)
+        with rec.recording(cm):
+            forward(cm, cm.chat.encode(instructions[part], suffixes[part]))
+        out.append(torch.stack([rec[n][:, 0] for n in names], 1).float().cpu())
+    return torch.cat(out)

@@ -6,6 +6,8 @@
                                    harmful + adversarial suffix, harmless                      (stage 1)
     OUT/cosine.csv                 cosine with the direction, hook_resid_pre/post, every layer and EOI
                                    position, per prompt and condition                          (stage 2)
+    OUT/harmfulness.csv            projection on the harmfulness direction (harmful - harmless means) at
+                                   the last token of the user's message, every layer          (stage 2b)
     OUT/heads.csv, top_heads.json  direct attribution per head (and bias, MLP, embedding, and the measured
                                    residual stream), EOI positions; the head ranking           (stage 3)
     OUT/hijack.csv                 attention mass, share, head dominance, projection per region, head,
@@ -52,7 +54,7 @@ from ..tables import read_table, table_path, write_table
 from .batches import batch_slices, unit_direction
 from .causal import check_layer, knockout_scores, last_position_run, patch_top_heads, share_restored, suffix_knockout
 from .controls import random_suffixes, suffix_lengths
-from .cosine import cosine_frame, residual_cosine
+from .cosine import cosine_frame, residual_cosine, user_end_states
 from .frames import tidy
 from .heads import DirectAttribution, direct_attribution, rank_heads
 from .hijack import attention_hijack
@@ -291,6 +293,34 @@ def stage_cosine(run: _Run) -> None:
                 frames.append(_finish(df, c.name, ["prompt", "site", "layer", "position", "hook"]))
                 bar.update(part.stop - part.start)
     write_table(run.out, "cosine", _concat(frames))
+
+
+def stage_harmfulness(run: _Run) -> None:
+    """Stage 2b: the harmfulness signal at the last token of the user's message (before the EOI
+    tokens), every layer -> ``harmfulness``: ``condition, prompt, layer, projection, cosine``.
+
+    The harmfulness direction of layer ``l`` is the difference in means of that token's
+    ``hook_resid_pre`` between the run's harmful and harmless instructions (no suffix), so the
+    harmful and harmless conditions sit at its two ends by construction; what a suffix leaves
+    of the gap says whether the request still reads as harmful where the suffix ends.
+    """
+    cm, bs = run.cm, run.config.batch_size
+    states = {}
+    with run.bar("harmfulness", sum(len(run.instructions(c)) for c in run.conditions)) as bar:
+        for c in run.conditions:
+            states[c.name] = user_end_states(cm, run.instructions(c), c.suffix, bs)  # [n, n_layers, d_model]
+            bar.update(len(run.instructions(c)))
+    diff = states["harmful"].mean(0) - states["harmless"].mean(0)  # [n_layers, d_model]
+    unit = diff / diff.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    frames = []
+    for c in run.conditions:
+        x = states[c.name]
+        proj = (x * unit).sum(-1)  # [n, n_layers]
+        cos = proj / x.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+        df = tidy(proj, [("prompt", range(len(x))), ("layer", range(cm.n_layers))], value="projection")
+        df["cosine"] = tidy(cos, [("prompt", range(len(x))), ("layer", range(cm.n_layers))])["value"]
+        frames.append(_finish(df, c.name, ["prompt", "layer"]))
+    write_table(run.out, "harmfulness", _concat(frames))
 
 
 def attribution_frame(a: DirectAttribution) -> pd.DataFrame:
@@ -532,6 +562,7 @@ def stage_generation(run: _Run) -> None:
 STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("conditions", "stage_conditions", ("conditions.json",)),
     ("cosine", "stage_cosine", ("cosine",)),
+    ("harmfulness", "stage_harmfulness", ("harmfulness",)),
     ("heads", "stage_heads", ("heads", "top_heads.json")),
     ("hijack", "stage_hijack", ("hijack", "hijack_dominance")),
     ("suffix_tokens", "stage_suffix_tokens", ("suffix_tokens", "suffix_token_agreement")),
@@ -573,6 +604,12 @@ def _drop(cos: dict, kind: str) -> float | None:
     if None in (h, n, x) or h == n:
         return None
     return _num((h - x) / (h - n))
+
+
+def _kept(values: dict, kind: str) -> float | None:
+    """The share of the harmful-harmless gap that ``kind`` keeps (1: as harmful, 0: as harmless)."""
+    d = _drop(values, kind) if values else None
+    return None if d is None else _num(1 - d)
 
 
 def _ratio_of_means(df: pd.DataFrame, new: str, into: str, src: str) -> float | None:
@@ -622,6 +659,11 @@ def build_summary(out: Path, record: dict) -> dict:
         restored = n_made = None
         notes.append("knockout_restored: no judge was given, so the answers under knockout were not generated "
                      "and judged (the refusal scores in knockout.csv are measured)")
+    harm = {}
+    if table_path(out, "harmfulness") is not None:
+        hf = read_table(out, "harmfulness", ["condition", "layer", "projection"])
+        harm = _by_kind(hf[hf["layer"] == layer].groupby("condition", observed=True)["projection"].mean().to_dict(),
+                        conds)
     agreement = None
     if table_path(out, "suffix_token_agreement") is not None:
         ag = read_table(out, "suffix_token_agreement")
@@ -637,6 +679,9 @@ def build_summary(out: Path, record: dict) -> dict:
         "random_suffixes": [c.suffix for c in conds if c.kind == "random"],
         "cosine": cosine,
         "cosine_drop_adversarial": _drop(cosine, "adversarial"), "cosine_drop_random": _drop(cosine, "random"),
+        # the harmfulness direction at the last user token, at the direction's layer: 1 = harmful, 0 = harmless
+        "harmfulness": harm or None,
+        "harmfulness_kept_adversarial": _kept(harm, "adversarial"), "harmfulness_kept_random": _kept(harm, "random"),
         "top_heads": [list(x) for x in top8],
         "top8_projection": _by_kind({k: _num(v) for k, v in top["projection_top8"].items()}, conds),
         "top8_attention": attention,
@@ -675,6 +720,9 @@ def summary_table(summary: dict) -> str:
         f"  drop from harmful, share of the harmful - harmless gap: adversarial {_f(s['cosine_drop_adversarial'])}, "
         f"random {_f(s['cosine_drop_random'])}",
         f"refusal score, last token   {kinds(s['refusal_score'])}",
+        *([f"harmfulness at the last user token (harmful 1, harmless 0): adversarial "
+           f"{_f(s['harmfulness_kept_adversarial'])}, random {_f(s['harmfulness_kept_random'])}"]
+          if s.get("harmfulness") else []),
         f"top {len(s['top_heads'])} heads  " + " ".join(f"L{l}H{h}" for l, h in s["top_heads"]),
         f"  summed projection         {kinds(s['top8_projection'])}",
         *(f"  attention of last token, {k + ':':12s} " + "  ".join(
