@@ -133,6 +133,30 @@ def test_orthogonalized_export_from_the_checkpoint_matches_the_in_memory_one(pai
     assert json.loads((again / "suffix_analysis.json").read_text())["orthogonalized"]
 
 
+def test_export_of_a_sharded_checkpoint_with_an_index(pair, tmp_path):
+    """Shards and index as large checkpoints come (the tied head lands in the embedding's shard)."""
+    plain = pair[0]
+    folder = tmp_path / "sharded"
+    plain.model.save_pretrained(folder, max_shard_size="40KB")
+    plain.tokenizer.save_pretrained(folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    (folder / "consolidated.safetensors").write_bytes((folder / sorted(set(index["weight_map"].values()))[0]).read_bytes())
+    (tmp_path / "map.json").write_text(json.dumps(spread_map(plain.n_layers)))
+    placed = load_model(str(folder), device="cpu", placement=Placement(device_map=str(tmp_path / "map.json"),
+                                                                        offload_folder=str(tmp_path / "off")))
+    direction = diff_in_means(plain, HARMFUL, HARMLESS)[-1, 1].float()
+    streamed = export_orthogonalized(placed, direction, tmp_path / "streamed", {})
+    assert not (streamed / "consolidated.safetensors").exists()  # only what the index names
+    new_index = json.loads((streamed / "model.safetensors.index.json").read_text())
+    assert "lm_head.weight" in new_index["weight_map"]
+    in_memory = export_orthogonalized(load_model(str(folder), device="cpu"), direction, tmp_path / "memory", {})
+    a, b = (load_model(str(p), device="cpu").model.state_dict() for p in (streamed, in_memory))
+    assert a.keys() == b.keys()
+    for k in a:
+        close(a[k], b[k], 1e-6)
+
+
 def test_bad_placements_are_one_line_errors(tmp_path, tiny_folder):
     with pytest.raises(UserError, match="cuda:3.*no CUDA GPU|cuda:3.*GPU"):
         parse_max_memory("cuda:3=10GiB")
@@ -168,9 +192,9 @@ def test_auto_map_loads_on_the_devices_present(pair, tiny_folder):
     does not dispatch); on a GPU machine it spreads the layers over the GPUs."""
     plain = pair[0]
     cm = load_model(str(tiny_folder), device="cpu", placement=Placement(device_map="auto"))
-    batch = plain.chat.encode(HARMFUL[:1], device=cm.device)
-    with torch.no_grad():
-        close(cm.model(**batch).logits, plain.model(**batch).logits)
+    with torch.no_grad():  # each model's inputs on its own input device
+        got = cm.model(**cm.chat.encode(HARMFUL[:1], device=cm.device)).logits.cpu()
+        close(got, plain.model(**plain.chat.encode(HARMFUL[:1], device=plain.device)).logits)
 
 
 def test_commands_take_a_device_map(pair, tiny_folder, tmp_path, capsys):

@@ -61,6 +61,10 @@ def test_jobs_are_the_grid_of_the_commands_flags(tmp_path, tiny_folder):
     assert job.argv[job.argv.index("--num-steps") + 1] == "2" and "--no-allow-non-ascii" in job.argv
     assert job.values == {"instructions": f"{tmp_path}/a.txt", "seed": 0}
     assert job.id.startswith("instructions=a_seed=0-")
+    assert "--quiet" in job.argv  # no progress bars in the job's log
+    from suffix_analysis.sweep.spec import _slug
+
+    assert _slug("Qwen/Qwen2.5-7B-Instruct") == "Qwen2.5-7B-Instruct" and _slug("data/x.jsonl") == "x"
 
 
 @pytest.mark.parametrize("grid,settings,head,needle", [
@@ -71,6 +75,7 @@ def test_jobs_are_the_grid_of_the_commands_flags(tmp_path, tiny_folder):
     ("seed = [0]", "seed = [1, 2]", "", "put the list under [grid]"),
     ("seed = [0]", "", "gpu = 1", "[sweep] unknown key 'gpu'; did you mean 'gpus'?"),
     ("seed = [0]", "", "cpus = 'two'", "cpus must be a number"),
+    ("seed = [0]", "seed = 1", "", "seed is under both [settings] and [grid]"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, tiny_folder, grid, settings, head, needle):
     f = sweep_file(tmp_path, tiny_folder, grid, settings, head)
@@ -104,7 +109,7 @@ def test_in_process_sweep_records_a_failure_and_reruns_only_what_is_missing(tmp_
     table = pd.read_csv(spec.out / "results.csv")
     assert list(table["job"]) == [j.id for j in spec.jobs]
 
-    # killed mid-sweep: job 1 never wrote its result, job 2 was running (job.json only)
+    # killed mid-sweep while job 1 ran: its job.json and run folder are there, its result.json is not
     (spec.out / "jobs" / spec.jobs[1].id / "result.json").unlink()
     ran = []
     real = run_mod.run_job

@@ -99,7 +99,7 @@ def _layer_parts(z: Tensor, ro: _Readout) -> tuple[Tensor, Tensor]:
     if ro.norm is None:
         return heads, ro.b_r.expand(z.shape[:2])
     # the norm's scale comes from the output it saw: the output projection's, in the model's dtype
-    scale = ro.norm.scale(ro.o_proj(z.flatten(2)))  # [batch, n_eoi, 1]
+    scale = ro.norm.scale(ro.o_proj(z.flatten(2))).to(heads.device)  # [batch, n_eoi, 1], from o_proj's device
     return scale * heads, scale[..., 0] * ro.b_r
 
 

@@ -34,6 +34,9 @@ def _o_proj(cm: ChatModel, layer: int) -> torch.nn.Module:
     module = cm.layers[layer].get_submodule(cm.arch.o_proj)
     if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.ndim != 2:
         raise UserError(f"{cm.arch.o_proj} of layer {layer} is not a linear layer; per-head attribution needs W_O")
+    if not module.weight.is_floating_point() or getattr(cm.model, "is_quantized", False):
+        raise UserError("per-head attribution reads W_O, which --quantize stores packed; load the model without "
+                        "--quantize (a --device-map spreads it over devices in full precision)")
     return module
 
 

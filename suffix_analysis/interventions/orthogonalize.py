@@ -143,9 +143,16 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
     u = _check(cm, direction)
     names = writers(cm)
     folder = _checkpoint_folder(cm)
-    shards = sorted(folder.glob("*.safetensors"))
     index_file = folder / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
+    if index is not None:  # only the shards the index names (a folder may hold other safetensors files)
+        shards = [folder / name for name in sorted(set(index["weight_map"].values()))]
+    else:
+        shards = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else sorted(
+            folder.glob("*.safetensors"))
+    source_cfg = folder / "config.json"
+    if source_cfg.is_file() and "quantization_config" in json.loads(source_cfg.read_text()):
+        raise UserError(f"the checkpoint in {folder} is stored quantized; orthogonalize its full-precision original")
     text_cfg = cm.model.config.get_text_config()
     tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(cm.model.config, "tie_word_embeddings", False))
     head = cm.model.get_output_embeddings()
@@ -158,10 +165,17 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
                 metadata = f.metadata() or {"format": "pt"}
             for k in list(tensors):
                 if k in names:
-                    if tied and k == f"{cm.arch.embed}.weight" and head_name not in tensors:
+                    if not tensors[k].is_floating_point():
+                        raise UserError(f"{k} is stored as {tensors[k].dtype} in {shard.name}, not as floats; "
+                                        "orthogonalize the full-precision checkpoint")
+                    has_head = head_name in (index["weight_map"] if index is not None else tensors)
+                    if tied and k == f"{cm.arch.embed}.weight" and not has_head:
                         tensors[head_name] = tensors[k].clone()  # untied: the unembedding keeps the original
                         if index is not None:
                             index["weight_map"][head_name] = shard.name
+                            size = index.get("metadata", {}).get("total_size")
+                            if isinstance(size, int):
+                                index["metadata"]["total_size"] = size + tensors[k].numel() * tensors[k].element_size()
                     tensors[k] = edited(tensors[k], names[k], u)
                     seen.add(k)
             save_file(tensors, str(tmp / shard.name), metadata=metadata)

@@ -98,7 +98,8 @@ def _checked(point: HookPoint, fn: HookFn, x: Tensor) -> Tensor | None:
     new = fn(x, point)
     if new is not None and new is not x and new.shape != x.shape:
         raise UserError(f"hook on {point.name} returned shape {tuple(new.shape)}, expected {tuple(x.shape)}")
-    return new
+    # on a model spread over devices, a replacement made on another device goes where x is
+    return new if new is None or new is x else new.to(x.device)
 
 
 def _register(cm: ChatModel, point: HookPoint, fn: HookFn):

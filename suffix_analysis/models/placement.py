@@ -163,9 +163,8 @@ def pretrained_kwargs(placement: Placement, dtype: torch.dtype, offload_default:
     memory = parse_max_memory(placement.max_memory)
     if memory:
         kw["max_memory"] = memory
-    mapping = kw["device_map"]
-    if placement.offload_folder or memory or (isinstance(mapping, dict) and "disk" in mapping.values()):
-        kw["offload_folder"] = str(Path(placement.offload_folder or offload_default).expanduser())
+    # where accelerate puts what fits nowhere else; it decides that only while loading
+    kw["offload_folder"] = str(Path(placement.offload_folder or offload_default).expanduser())
     q = quantization_config(placement.quantize, dtype)
     if q is not None:
         kw["quantization_config"] = q

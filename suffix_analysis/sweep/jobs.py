@@ -93,19 +93,25 @@ def run_job(job: dict, root: str, threads: int | None = None) -> dict:
         torch.set_num_threads(max(1, int(threads)))
     t0 = time.perf_counter()
     error = None
+    before = os.getcwd()
     with _captured(folder / "job.log") as out:
         try:
+            if job.get("cwd") and Path(job["cwd"]).is_dir():  # relative paths mean what they meant to the sweep
+                os.chdir(job["cwd"])
             code = main(argv)
         except SystemExit as e:  # argparse rejected a flag
-            code = e.code if isinstance(e.code, int) else 2
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 2
         except Exception as e:  # noqa: BLE001 - a job's crash is recorded, the sweep goes on
             traceback.print_exc()
             code, error = 1, f"{type(e).__name__}: {e}"
+        finally:
+            os.chdir(before)
     stdout = out.getvalue()
     (folder / "stdout.txt").write_text(stdout)
     if code and error is None:
         lines = [l for l in (folder / "job.log").read_text().splitlines() if l.strip()]
-        error = next((l for l in reversed(lines) if "error" in l.lower()), lines[-1] if lines else f"exit code {code}")
+        error = next((l for l in reversed(lines) if l.startswith("suffix-analysis: error:")),
+                     next((l for l in reversed(lines) if "error" in l.lower()), lines[-1] if lines else f"exit code {code}"))
     rec = {"id": job["id"], "status": OK if code == 0 else FAILED, "exit_code": code,
            "seconds": round(time.perf_counter() - t0, 3), "argv": job["argv"], "values": job["values"],
            "numbers": _headline(stdout) if code == 0 else {}, "error": error, "host": os.uname().nodename}

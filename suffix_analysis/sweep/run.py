@@ -46,9 +46,13 @@ def _init_ray(address: str | None, workers: int | None, cpus: float):
 
 def _ray_jobs(spec: SweepSpec, todo: list, address: str | None, workers: int | None) -> list[dict]:
     ray = _init_ray(address, workers, spec.settings.cpus)
-    gpus = spec.settings.gpus
+    gpus, have = spec.settings.gpus, ray.cluster_resources()
     if gpus < 0:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if have.get("GPU", 0) > 0 else 0.0
+    for what, need in (("GPU", gpus), ("CPU", spec.settings.cpus)):
+        if need > have.get(what, 0):  # Ray would wait for it forever
+            raise UserError(f"each job asks for {need:g} {what}(s) ([sweep] {what.lower()}s), but the Ray cluster has "
+                            f"{have.get(what, 0):g}; ask for less or add nodes")
     task = ray.remote(run_job).options(num_cpus=spec.settings.cpus, num_gpus=gpus,
                                        max_retries=spec.settings.max_retries)
     root = str(spec.out.resolve())
@@ -64,7 +68,7 @@ def _ray_jobs(spec: SweepSpec, todo: list, address: str | None, workers: int | N
         except Exception as e:  # noqa: BLE001 - the worker died past its retries
             rec = {"id": job.id, "status": FAILED, "seconds": None, "argv": job.argv, "values": job.values,
                    "numbers": {}, "error": f"Ray: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
-            write_json_atomic(spec.out / "jobs" / job.id / "result.json", rec)
+            write_json_atomic(ensure_dir(spec.out / "jobs" / job.id) / "result.json", rec)
         log.info("sweep: %s %s (%d left)", rec["id"], rec["status"], len(pending))
         results.append(rec)
     return results

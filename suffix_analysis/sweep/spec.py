@@ -57,9 +57,7 @@ class Job:
     command: list[str]  # e.g. ["attack", "gcg"]
     argv: list[str]  # the flags (without --out/--json)
     values: dict  # grid key -> this job's value
-
-    def full_argv(self, folder: Path) -> list[str]:
-        return [*self.command, *self.argv, "--out", str(folder / "run"), "--json"]
+    cwd: str = ""  # where relative paths in the flags are read from (the sweep's own working directory)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,8 +145,16 @@ def _flag_args(action: argparse.Action, value, where: str) -> list[str]:
     return [flag, str(value).lower() if isinstance(value, bool) else str(value)]
 
 
+FILE_TYPES = (".txt", ".json", ".jsonl", ".csv", ".toml", ".gguf", ".safetensors")
+
+
 def _slug(value) -> str:
-    text = Path(str(value)).stem if "/" in str(value) and Path(str(value)).suffix else str(value)
+    """A short readable name: a file's stem, a hub id's name (``Qwen/Qwen2.5-7B`` -> ``Qwen2.5-7B``)."""
+    text = str(value)
+    if text.lower().endswith(FILE_TYPES):
+        text = Path(text).stem
+    elif "/" in text:
+        text = text.rstrip("/").rsplit("/", 1)[-1]
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", text)[:40]
 
 
@@ -181,9 +187,11 @@ def load_sweep(path: str | Path, out: str | None = None) -> SweepSpec:
     words = settings.command.split()
     flags = command_flags(words)
 
-    fixed: list[str] = []
+    fixed: list[str] = ["--quiet"] if "quiet" in flags else []  # progress bars would fill the job's log
+    given: dict[str, str] = {}
     for name, value in data.get("settings", {}).items():
         dest = _key(name, flags, "settings")
+        given[dest] = name
         if isinstance(value, list):
             raise UserError(f"[settings] {name}: one value per setting; put the list under [grid] to sweep it")
         fixed += _flag_args(flags[dest], value, f"[settings] {name}")
@@ -191,6 +199,8 @@ def load_sweep(path: str | Path, out: str | None = None) -> SweepSpec:
     axes = []
     for name, values in grid.items():
         dest = _key(name, flags, "grid")
+        if dest in given:
+            raise UserError(f"{given[dest]} is under both [settings] and [grid]; keep it in one of them")
         values = values if isinstance(values, list) else [values]
         if not values:
             raise UserError(f"[grid] {name} is an empty list: the grid has no job")
@@ -210,5 +220,6 @@ def load_sweep(path: str | Path, out: str | None = None) -> SweepSpec:
         if job_id in seen:
             raise UserError(f"[grid] gives the same job twice ({job_id}); remove the repeated value")
         seen.add(job_id)
-        jobs.append(Job(id=job_id, command=words, argv=argv, values={d: values[d] for d, _ in axes}))
+        jobs.append(Job(id=job_id, command=words, argv=argv, values={d: values[d] for d, _ in axes},
+                        cwd=str(Path.cwd())))
     return SweepSpec(settings=settings, jobs=jobs, grid_keys=[d for d, _ in axes], source=str(path))
