@@ -3,7 +3,8 @@
 A config dataclass declares each field with :func:`setting`; :func:`add_arguments` turns
 the fields into command-line flags (``--search-width``, booleans as ``--x/--no-x``) and
 :func:`from_arguments` builds the config back from the parsed flags. Fields whose type has
-no flag form (tuples, nested objects) are left to their defaults.
+no flag form (tuples, nested objects) are left to their defaults. :func:`read_toml` and
+:func:`toml_value` read the same settings from a TOML file, checked against the field types.
 """
 
 from __future__ import annotations
@@ -13,6 +14,12 @@ import dataclasses
 import math
 import typing
 from dataclasses import MISSING, field
+from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from .errors import UserError
 
@@ -49,6 +56,31 @@ def setting(default=MISSING, help: str = "", *, flags: tuple[str, ...] = (), def
     if default_factory is not MISSING:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    """The TOML file ``path`` as a dict, or a one-line error naming ``what`` is missing or malformed."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid TOML ({e})") from None
+
+
+def toml_value(section: str, key: str, value, cls) -> object:
+    """A TOML ``value`` for field ``key`` of config class ``cls``, checked against the field's
+    type (ints are accepted for floats)."""
+    kind = typing.get_type_hints(cls)[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"[{section}] {key} must be finite, got {value}")
+    if kind in (int, float, str, bool) and (type(value) is not kind):
+        name = "a number" if kind is float else kind.__name__
+        raise UserError(f"[{section}] {key} must be {name}, got {type(value).__name__} {value!r}")
+    return value
 
 
 def flag_fields(cls) -> list[tuple[dataclasses.Field, type]]:

@@ -75,6 +75,7 @@ def test_jobs_are_the_grid_of_the_commands_flags(tmp_path, tiny_folder):
     ("seed = [0]", "seed = [1, 2]", "", "put the list under [grid]"),
     ("seed = [0]", "", "gpu = 1", "[sweep] unknown key 'gpu'; did you mean 'gpus'?"),
     ("seed = [0]", "", "cpus = 'two'", "cpus must be a number"),
+    ("seed = [0]", "", "max_retries = 'x'", "[sweep] max_retries must be int"),
     ("seed = [0]", "seed = 1", "", "seed is under both [settings] and [grid]"),
 ])
 def test_bad_sweep_files_are_one_line_errors(tmp_path, tiny_folder, grid, settings, head, needle):

@@ -16,18 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from ..attacks.gcg import GCGConfig
 from ..attribution.run import AttributionConfig
-from ..config import setting
+from ..config import read_toml, setting, toml_value
 from ..directions.run import DirectionConfig
 from ..errors import UserError
 
@@ -141,20 +135,6 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _coerce(section: str, key: str, value, f: dataclasses.Field, cls) -> object:
-    """A TOML value checked against the field's type (ints are accepted for floats)."""
-    import typing
-
-    kind = typing.get_type_hints(cls)[f.name]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is float and isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"[{section}] {key} must be finite, got {value}")
-    if kind in (int, float, str, bool) and (type(value) is not kind):
-        raise UserError(f"[{section}] {key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
 def build_config(profile: str = "paper", sections: dict | None = None, source: str = "settings") -> ReproduceConfig:
     """A validated config: ``profile``'s values, then ``sections`` (``{section: {key: value}}``)."""
     if profile not in PROFILES:
@@ -174,7 +154,7 @@ def build_config(profile: str = "paper", sections: dict | None = None, source: s
         classes = section_classes(name)
         for attr, cls in zip(attrs, classes):
             fields = _fields(cls)
-            mine = {k: _coerce(name, k, values.pop(k), fields[k], cls) for k in list(values) if k in fields}
+            mine = {k: toml_value(name, k, values.pop(k), cls) for k in list(values) if k in fields}
             made[attr] = cls(**mine)
         if values:
             known = sorted(k for cls in classes for k in _fields(cls))
@@ -185,16 +165,6 @@ def build_config(profile: str = "paper", sections: dict | None = None, source: s
     cfg = ReproduceConfig(**made, profile=profile)
     cfg.validate()
     return cfg
-
-
-def read_toml(path: str | Path) -> dict:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid TOML ({e})") from None
 
 
 def load_config(path: str | Path | None = None, profile: str = "paper") -> ReproduceConfig:

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import setting
+from ..config import read_toml, setting, toml_value
 from ..errors import UserError
 
 SET_BY_SWEEP = ("out", "json", "quiet")  # the sweep gives every job these
@@ -73,19 +73,6 @@ class SweepSpec:
     @property
     def out(self) -> Path:
         return Path(self.settings.out).expanduser()
-
-
-def _read_toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    if not path.is_file():
-        raise UserError(f"sweep file not found: {path}")
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"{path}: not valid TOML ({e})") from None
 
 
 def _subparser(parser: argparse.ArgumentParser, words: list[str]) -> argparse.ArgumentParser:
@@ -161,7 +148,7 @@ def _slug(value) -> str:
 def load_sweep(path: str | Path, out: str | None = None) -> SweepSpec:
     """Read a sweep file into its jobs, every key and value checked against the command's flags."""
     path = Path(path)
-    data = _read_toml(path)
+    data = read_toml(path, "sweep file")
     unknown = set(data) - {"sweep", "settings", "grid"}
     if unknown:
         name = sorted(unknown)[0]
@@ -174,12 +161,9 @@ def load_sweep(path: str | Path, out: str | None = None) -> SweepSpec:
         if k not in fields:
             near = difflib.get_close_matches(k, list(fields), n=1)
             raise UserError(f"{path}: [sweep] unknown key '{k}'" + (f"; did you mean '{near[0]}'?" if near else ""))
-    for k in ("gpus", "cpus"):
-        if k in head and (isinstance(head[k], bool) or not isinstance(head[k], (int, float))):
-            raise UserError(f"{path}: [sweep] {k} must be a number, got {head[k]!r}")
     if out:
         head["out"] = out
-    settings = SweepSettings(**{k: float(v) if k in ("gpus", "cpus") else v for k, v in head.items()})
+    settings = SweepSettings(**{k: toml_value("sweep", k, v, SweepSettings) for k, v in head.items()})
     if not settings.command:
         raise UserError(f"{path}: [sweep] needs command = \"...\", e.g. \"attack gcg\"")
     if settings.cpus <= 0:
