@@ -24,14 +24,19 @@ from ..errors import UserError
 from ..models.loading import MARKER_FILE, ChatModel
 
 
+def _untie_config(config) -> None:
+    """``tie_word_embeddings = False`` in ``config`` and its text config (one object or two)."""
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        c.tie_word_embeddings = False
+
+
 def _untie_unembedding(cm: ChatModel) -> bool:
     model = cm.model
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     if out is None or out.weight.data_ptr() != inp.weight.data_ptr():
         return False
     out.weight = torch.nn.Parameter(out.weight.detach().clone(), requires_grad=False)
-    for cfg in {id(model.config): model.config, id(model.config.get_text_config()): model.config.get_text_config()}.values():
-        cfg.tie_word_embeddings = False
+    _untie_config(model.config)
     return True
 
 
@@ -155,8 +160,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
         raise UserError(f"the checkpoint in {folder} is stored quantized; orthogonalize its full-precision original")
     text_cfg = cm.model.config.get_text_config()
     tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(cm.model.config, "tie_word_embeddings", False))
-    head = cm.model.get_output_embeddings()
-    head_name = next((n for n, m in cm.model.named_modules() if m is head), "lm_head") + ".weight"
+    head_name = f"{cm.arch.lm_head}.weight"
     seen: set[str] = set()
     with atomic_folder(out) as tmp:
         for shard in shards:
@@ -190,8 +194,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
         if tied:
-            for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-                c.tie_word_embeddings = False
+            _untie_config(config)
         config.save_pretrained(tmp)
         if getattr(cm.model, "generation_config", None) is not None:
             cm.model.generation_config.save_pretrained(tmp)

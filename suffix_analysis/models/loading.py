@@ -113,11 +113,7 @@ class ChatModel:
         if getattr(self.model.config.get_text_config(), "tie_word_embeddings", False):
             # in memory the tied head is the embedding and named once; accelerate's offload
             # unties the two Parameter objects (same values), so name it once here too
-            head = self.model.get_output_embeddings()
-            params = {n: p for n, p in params.items()
-                      if not (head is not None and n.endswith(".weight")
-                              and self.model.get_submodule(n.rpartition(".")[0]) is head
-                              and n != f"{self.arch.embed}.weight")}
+            params.pop(f"{self.arch.lm_head}.weight", None)
         for name, p in sorted(params.items()):
             if p.device.type == "meta":  # offloaded: read it from where accelerate keeps it
                 owner, _, leaf = name.rpartition(".")
