@@ -81,7 +81,7 @@ def table(spec: SweepSpec, records: dict[str, dict]) -> pd.DataFrame:
         rec = records.get(job.id, {})
         row = {"job": job.id, "status": rec.get("status", "missing"), "seconds": rec.get("seconds")}
         row.update({k: v if not isinstance(v, (list, dict)) else str(v) for k, v in job.values.items()})
-        row.update({f"{k}" if k not in row else f"result.{k}": v for k, v in rec.get("numbers", {}).items()})
+        row.update({k if k not in row else f"result.{k}": v for k, v in rec.get("numbers", {}).items()})
         row["error"] = rec.get("error")
         rows.append(row)
     return pd.DataFrame(rows)
