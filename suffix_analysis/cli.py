@@ -392,8 +392,9 @@ def cmd_attack(args) -> int:
         targets = load_targets(args.targets, len(instructions))
     else:
         targets = [default_target(i) for i in instructions]
-    if "direction" in getattr(cfg, "objective", "").split("+") and not args.direction:
-        raise UserError("--objective direction needs --direction RUN")
+    for term in ("direction", "harmfulness"):
+        if term in getattr(cfg, "objective", "").split("+") and not args.direction:
+            raise UserError(f"--objective {term} needs --direction RUN")
     if answers_from not in (None, "ablated"):
         from .attacks.targets import answer_targets
         from .models.loading import load_model
@@ -415,6 +416,10 @@ def cmd_attack(args) -> int:
             from .attacks.gcg.search import harmless_floor
 
             kwargs["direction_floor"] = harmless_floor(cm, vec, info["layer"], args.data_dir)
+        if "harmfulness" in getattr(cfg, "terms", []):
+            from .attacks.gcg.search import harmfulness_reference
+
+            kwargs["harmfulness"] = harmfulness_reference(cm, info["layer"], args.data_dir)
     attack = cls(cfg, **kwargs)  # validates the config
     out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
     _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.WARNING if args.quiet else _logging.INFO)

@@ -137,6 +137,16 @@ def test_resume_refuses_other_model_or_config(cm, tmp_path):
     assert GCG(GCGConfig(**faster)).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True).extra["steps"] == 2
     with pytest.raises(UserError, match="nothing to resume"):
         GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path / "empty", resume=True)
+    # a checkpoint from before a setting existed resumes when the setting is at its default, and only then
+    ck = json.loads((tmp_path / "checkpoint.json").read_text())
+    del ck["config"]["harmfulness_keep"]
+    (tmp_path / "checkpoint.json").write_text(json.dumps(ck))
+    assert GCG(GCGConfig(**{**faster, "num_steps": 3})).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path,
+                                                            resume=True).extra["steps"] == 3
+    (tmp_path / "checkpoint.json").write_text(json.dumps(ck))
+    with pytest.raises(UserError, match="another config"):
+        GCG(GCGConfig(**{**faster, "num_steps": 3, "harmfulness_keep": 0.5})).run(cm, INSTR[:1], TARGETS[:1],
+                                                                                   out=tmp_path, resume=True)
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -197,6 +207,50 @@ def test_direction_floor_counts_only_the_projection_above_it(cm):
                                                                                  abs=1e-4)
     with pytest.raises(UserError, match="one value per EOI position"):
         GCGObjective(cm, cfg, (r, 1), cfg.suffix_len, torch.zeros(n_eoi + 1))
+
+
+def test_harmfulness_term_reads_the_suffix_last_token(cm):
+    """The term is max(0, level - reading) at the suffix's last token, on its own and added to
+    the direction term; the reference comes from prompts without a suffix; it needs a direction."""
+    from suffix_analysis.attacks.gcg.objective import Harmfulness
+    from suffix_analysis.attacks.gcg.search import harmfulness_reference
+    from suffix_analysis.models.forward import PrefixCache
+
+    torch.manual_seed(4)
+    r, u = torch.randn(cm.d_model), torch.randn(cm.d_model)
+    u = u / u.norm()
+    cfg = GCGConfig(suffix_len=4, objective="harmfulness", harmfulness_keep=0.5)
+    gcg = GCG(cfg, direction=(r, 1))
+    (p,) = gcg._prompts(cm, INSTR[:1], [""])
+    p.cache = PrefixCache(cm, p.before)
+    ids = torch.tensor(gcg._init_ids(cm))[None]
+    n_eoi = len(cm.chat.eoi_ids)
+    seen = {}
+    hook = [("blocks.1.hook_resid_pre", lambda x, hook: seen.update(last=x[0, -n_eoi - 1].clone()))]
+
+    def loss(objective, harm, **kw):
+        obj = GCGObjective(cm, GCGConfig(suffix_len=4, objective=objective, harmfulness_keep=0.5, **kw), (r, 1), 4,
+                           harmfulness=harm)
+        with torch.no_grad(), run_with_hooks(cm, hook):
+            return obj.loss(p, ids)[0].item()
+
+    plain = loss("direction", None, direction_floor=False)
+    reading = float(seen["last"] @ u)
+    above = Harmfulness(u, harmful=reading - 1.0, harmless=reading - 3.0)  # level reading - 2: nothing to pay
+    below = Harmfulness(u, harmful=reading + 5.0, harmless=reading + 1.0)  # level reading + 3
+    assert loss("harmfulness", above) == 0.0
+    assert loss("harmfulness", below) == pytest.approx(3.0, abs=1e-4)
+    assert loss("direction+harmfulness", below, harmfulness_weight=2.0) == pytest.approx(plain + 6.0, abs=1e-3)
+    with pytest.raises(UserError, match="needs --direction"):
+        GCGObjective(cm, cfg, None, 4, harmfulness=below)
+    with pytest.raises(UserError, match="between 0 and 1"):
+        GCGConfig(objective="harmfulness", harmfulness_keep=1.5).validate()
+    ref = harmfulness_reference(cm, 1)
+    assert ref.unit.shape == (cm.d_model,) and ref.unit.norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert ref.harmful > ref.harmless  # the harmful mean lies further along harmful minus harmless
+    res = GCG(GCGConfig(num_steps=2, search_width=16, topk=16, suffix_len=4, objective="direction+harmfulness",
+                        early_stop=False), direction=(r, 1), harmfulness=ref).run(cm, INSTR[:1], [""])
+    assert len(res.losses) == 2
 
 
 def test_random_suffix_control(cm):

@@ -26,7 +26,7 @@ import torch
 from ..artifacts import write_json_atomic
 from ..attacks.gcg import GCG
 from ..attacks.gcg.config import SPEED_ONLY
-from ..attacks.gcg.search import harmless_floor
+from ..attacks.gcg.search import harmfulness_reference, harmless_floor
 from ..attacks.random_suffix import RandomConfig, RandomSuffix
 from ..attacks.targets import answer_targets, default_target, load_targets
 from ..attribution.run import run_attribution
@@ -197,11 +197,14 @@ def _attack_inputs(ctx: Context) -> tuple[list[str], list[str]]:
 
 def _gcg(ctx: Context) -> GCG:
     cfg = ctx.config.gcg
-    if "direction" not in cfg.terms:
+    if "direction" not in cfg.terms and "harmfulness" not in cfg.terms:
         return GCG(cfg)
     direction, info = ctx.direction()
-    floor = harmless_floor(ctx.model_(), direction, info["layer"], ctx.data_dir) if cfg.direction_floor else None
-    return GCG(cfg, direction=(direction, info["layer"]), direction_floor=floor)
+    cm, layer = ctx.model_(), info["layer"]
+    floor = harmless_floor(cm, direction, layer, ctx.data_dir) if "direction" in cfg.terms and cfg.direction_floor \
+        else None
+    harm = harmfulness_reference(cm, layer, ctx.data_dir) if "harmfulness" in cfg.terms else None
+    return GCG(cfg, direction=(direction, layer), direction_floor=floor, harmfulness=harm)
 
 
 def stage_attack(ctx: Context, folder: Path) -> dict:

@@ -10,9 +10,12 @@ from ...config import setting
 from ...errors import UserError
 from ..base import AttackConfig
 
-OBJECTIVES = ("target", "refusal", "direction", "attention")
+OBJECTIVES = ("target", "refusal", "direction", "attention", "harmfulness")
 # Where the direction term stops pushing (see direction_floor): the harmless level.
 FLOOR_INSTRUCTIONS, FLOOR_PROMPTS = "harmless:train", 32
+# Where the harmfulness term's reference levels come from: harmful and harmless instructions
+# without a suffix (see GCGConfig.harmfulness_keep).
+HARMFULNESS_INSTRUCTIONS = ("harmful:train", "harmless:train")
 # Settings that change how fast a step runs (or how long a run is), not what it chooses:
 # a checkpoint resumes under other values of these.
 SPEED_ONLY = ("num_steps", "batch_size", "reuse_groups", "prune_after", "prune_probe", "prune_every",
@@ -35,12 +38,20 @@ class GCGConfig(AttackConfig):
                                       "markup, digits or punctuation")
     filter_retokenization: bool = setting(True, "drop candidates that do not survive decode -> encode in the prompt")
     early_stop: bool = setting(True, "stop once every prompt's target is the greedy continuation")
-    objective: str = setting("target", "target, refusal, direction, attention, or a sum such as target+direction")
+    objective: str = setting("target", "target, refusal, direction, attention, harmfulness, or a sum such as "
+                                             "target+direction")
     direction_weight: float = setting(1.0, "weight of the direction term")
     # Pushing the projection below where harmless prompts sit takes the activations off the
     # model's manifold: on the organism such suffixes stop refusals by derailing the answer.
     direction_floor: bool = setting(True, "direction term: count only the projection above the harmless "
                                           "prompts' mean at each EOI position (--no-direction-floor: as low as it goes)")
+    # Suffixes that derail the organism also erase whether the request reads as harmful where
+    # the user's message ends (attribution's harmfulness stage: 0.2-0.3 of the harmful level
+    # kept, against 0.6-0.8 for random suffixes); one that makes it comply keeps it (0.58).
+    harmfulness_weight: float = setting(1.0, "weight of the harmfulness term")
+    harmfulness_keep: float = setting(0.8, "harmfulness term: the share of the harmful-harmless gap the request's "
+                                           "harmfulness reading at the suffix's last token must keep (0: harmless "
+                                           "level, 1: harmful level); below it the term grows")
     attention_weight: float = setting(1.0, "weight of the attention term")
     refusal_weight: float = setting(1.0, "weight of the refusal term")
     progressive: bool = setting(True, "universal suffixes: add the next prompt once all current ones succeed "
@@ -90,6 +101,8 @@ class GCGConfig(AttackConfig):
             raise UserError(f"prune_after must be 0 (off) or a number of target tokens, got {self.prune_after}")
         if self.prune_probe < 1 or self.row_tokens < 1 or self.prune_every < 0 or self.bound_vocab < 0:
             raise UserError("prune_probe and row_tokens must be at least 1, prune_every and bound_vocab at least 0")
+        if not 0.0 <= self.harmfulness_keep <= 1.0:
+            raise UserError(f"harmfulness_keep must be between 0 and 1, got {self.harmfulness_keep}")
         if self.reuse_groups < 1:
             raise UserError(f"reuse_groups must be at least 1, got {self.reuse_groups}")
         if self.n_replace > self.suffix_len:

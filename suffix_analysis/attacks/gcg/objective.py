@@ -8,6 +8,10 @@ Terms (``objective``, combined with ``+``):
   onto the refusal direction of a direction run, counted only above a floor per position
   (harmless prompts' mean, when given) (the pass stops at layer ``l`` when nothing above
   it is needed);
+* ``harmfulness``: how far the projection of the same ``hook_resid_pre`` at the suffix's
+  last token (where the user's message ends) onto the harmfulness direction (harmful minus
+  harmless mean, no suffix) has fallen below a set share of the harmful-harmless gap: keeps
+  the request read as harmful, so that the refusal falls without the answer changing topic;
 * ``attention``: minus the share of attention the last prompt token pays to the suffix
   (``attn.hook_pattern``), averaged over heads and layers (eager attention).
 
@@ -48,6 +52,21 @@ class Prompt:
     bound_rows: Tensor | None = None  # [n_target, K, d_model] their unembedding rows, gathered on first use
 
 
+@dataclass
+class Harmfulness:
+    """The harmfulness term's reference at the direction's layer: the unit harmful minus
+    harmless mean ``[d_model]`` at the last token of the user's message, and the two means'
+    projections onto it."""
+
+    unit: Tensor  # [d_model]
+    harmful: float
+    harmless: float
+
+    def level(self, keep: float) -> float:
+        """The projection that keeps ``keep`` of the harmful-harmless gap."""
+        return self.harmless + keep * (self.harmful - self.harmless)
+
+
 class _StopAtProbe(Exception):
     """Raised by the direction probe once it has what it needs: the layers above it are skipped."""
 
@@ -56,12 +75,17 @@ class GCGObjective:
     """Computes the (weighted, summed) objective for batches of suffixes on one prompt."""
 
     def __init__(self, cm: ChatModel, cfg: GCGConfig, direction: tuple[Tensor, int] | None, suffix_len: int,
-                 direction_floor: Tensor | None = None):
+                 direction_floor: Tensor | None = None, harmfulness: Harmfulness | None = None):
         self.cm, self.cfg, self.suffix_len = cm, cfg, suffix_len
         self.terms = cfg.terms
         self.direction = None  # (unit vector [d_model] float32, layer)
         self.floor = None  # [n_eoi] projection floor per EOI position
-        if "direction" in self.terms:
+        self.harm = None  # (unit vector [d_model] float32, projection level below which the term grows)
+        if "harmfulness" in self.terms:
+            if direction is None or harmfulness is None:
+                raise UserError("the harmfulness objective needs --direction RUN (its layer is the direction's)")
+            self.harm = (harmfulness.unit.to(cm.device, torch.float32), harmfulness.level(cfg.harmfulness_keep))
+        if "direction" in self.terms or self.harm is not None:
             if direction is None:
                 raise UserError("the direction objective needs --direction RUN")
             vec, layer = direction
@@ -102,10 +126,15 @@ class GCGObjective:
 
             def probe(x: Tensor, hook) -> None:  # x: [batch, run tokens, d_model]
                 # x sits on its layer's device (a device map may spread the layers)
-                proj = x[:, eoi].float() @ unit.to(x.device)  # [batch, n_eoi]
-                if self.floor is not None:
-                    proj = (proj - self.floor.to(x.device)).clamp(min=0)
-                values["direction"] = proj.mean(1).to(self.cm.device)  # [batch]
+                if "direction" in self.terms:
+                    proj = x[:, eoi].float() @ unit.to(x.device)  # [batch, n_eoi]
+                    if self.floor is not None:
+                        proj = (proj - self.floor.to(x.device)).clamp(min=0)
+                    values["direction"] = proj.mean(1).to(self.cm.device)  # [batch]
+                if self.harm is not None:  # the suffix's last token is the run's token n_suffix - 1
+                    h_unit, level = self.harm
+                    reading = x[:, n_suffix - 1].float() @ h_unit.to(x.device)  # [batch]
+                    values["harmfulness"] = (level - reading).clamp(min=0).to(self.cm.device)
                 if stop:
                     raise _StopAtProbe
 
@@ -139,7 +168,7 @@ class GCGObjective:
         n_suffix = suffix.shape[1] if suffix is not None else suffix_embeds.shape[1]
         n_target = len(prompt.target)
         need_logits = any(t in self.terms for t in ("target", "refusal")) or with_match
-        only_probe = self.terms == ["direction"] and not with_match
+        only_probe = set(self.terms) <= {"direction", "harmfulness"} and not with_match
         # The last target token predicts nothing the loss uses: it is not run.
         rest = prompt.after + prompt.target[:-1]
         kwargs, pass_cache = self._inputs(suffix, suffix_embeds, rest, cache, cache.length if cache else 0)
@@ -170,6 +199,8 @@ class GCGObjective:
                 match = (logits.argmax(-1) == tgt).all(1)
         if "direction" in values:
             total = total + self.cfg.direction_weight * values["direction"]
+        if "harmfulness" in values:
+            total = total + self.cfg.harmfulness_weight * values["harmfulness"]
         if "attention" in self.terms:
             total = total - self.cfg.attention_weight * torch.stack(values["attention"]).mean(0)
         return total, match

@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -19,8 +19,8 @@ from ...models.loading import ChatModel, fingerprint_mismatch
 from ...models.placement import materialized
 from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
-from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, SPEED_ONLY, GCGConfig
-from .objective import GCGObjective, Prompt
+from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, HARMFULNESS_INSTRUCTIONS, SPEED_ONLY, GCGConfig
+from .objective import GCGObjective, Harmfulness, Prompt
 from .scoring import CandidateScorer
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,33 @@ def harmless_floor(cm: ChatModel, direction: Tensor, layer: int, data_dir: str |
     return floor
 
 
+def harmfulness_reference(cm: ChatModel, layer: int, data_dir: str | None = None) -> Harmfulness:
+    """The harmfulness term's reference (``GCGConfig.harmfulness_keep``): ``FLOOR_PROMPTS``
+    harmful and harmless instructions of ``HARMFULNESS_INSTRUCTIONS``, no suffix, read at
+    ``blocks.{layer}.hook_resid_pre`` of the user's message's last token."""
+    from ...datasets import load_instructions
+    from ...directions.extract import mean_resid_pre
+
+    pos = [-(cm.chat.n_eoi + 1)]  # the token before the EOI tokens
+    means = [mean_resid_pre(cm, [x.instruction for x in load_instructions(spec, data_dir)][:FLOOR_PROMPTS], pos)
+             [0, layer].float() for spec in HARMFULNESS_INSTRUCTIONS]
+    diff = means[0] - means[1]
+    unit = diff / diff.norm()
+    ref = Harmfulness(unit, float(means[0] @ unit), float(means[1] @ unit))
+    log.info("harmfulness term: layer %d, harmful %.1f, harmless %.1f (%s, %d prompts each)", layer, ref.harmful,
+             ref.harmless, " vs ".join(HARMFULNESS_INSTRUCTIONS), FLOOR_PROMPTS)
+    return ref
+
+
+def _search_settings(cfg: GCGConfig | dict, like: dict | None = None) -> dict:
+    """The settings a checkpoint must share to resume: all but ``SPEED_ONLY``. A stored
+    dict (``like`` given) gets the settings added since it was written, at their defaults."""
+    if like is None:
+        return {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
+    defaults = {f.name: f.default for f in fields(GCGConfig)}
+    return {**{k: defaults[k] for k in like if k not in cfg and k in defaults}, **cfg}
+
+
 class GCG(Attack):
     """Greedy Coordinate Gradient: a suffix for one prompt, or one universal suffix for several.
 
@@ -79,10 +106,11 @@ class GCG(Attack):
     config_class = GCGConfig
 
     def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None,
-                 direction_floor: Tensor | None = None):
+                 direction_floor: Tensor | None = None, harmfulness: Harmfulness | None = None):
         super().__init__(config)
         self.direction = direction  # (vector [d_model], layer) for the direction objective
         self.direction_floor = direction_floor  # [n_eoi] (see GCGConfig.direction_floor)
+        self.harmfulness = harmfulness  # the harmfulness term's reference, at the direction's layer
 
     # -- setup ----------------------------------------------------------------------------------
     def _prompts(self, cm: ChatModel, instructions: list[str], targets: list[str]) -> list[Prompt]:
@@ -112,7 +140,8 @@ class GCG(Attack):
 
     def _objective(self, cm: ChatModel) -> GCGObjective:
         cfg = self.config
-        return GCGObjective(cm, cfg, self.direction, cfg.suffix_len, self.direction_floor if cfg.direction_floor else None)
+        return GCGObjective(cm, cfg, self.direction, cfg.suffix_len, self.direction_floor if cfg.direction_floor else None,
+                            self.harmfulness)
 
     @torch.no_grad()
     def loss_of(self, cm: ChatModel, instructions: list[str], targets: list[str], suffix_ids: list[int]) -> float:
@@ -140,7 +169,7 @@ class GCG(Attack):
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
-        meta = {"fingerprint": cm.fingerprint(), "config": {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY},
+        meta = {"fingerprint": cm.fingerprint(), "config": _search_settings(cfg),
                 "data": _fingerprint([instructions, targets])}
         ckpt = out / "checkpoint.json" if out else None
         if resume:
@@ -285,7 +314,7 @@ class GCG(Attack):
         why = fingerprint_mismatch(ck.get("fingerprint"), cm, f"checkpoint {path}")
         if why:
             raise UserError(f"{why}; resume with the model it was made with")
-        if ck.get("config") != meta["config"] or ck.get("data") != meta["data"]:
+        if _search_settings(ck.get("config") or {}, meta["config"]) != meta["config"] or ck.get("data") != meta["data"]:
             raise UserError(f"checkpoint {path} was made with another config or other instructions/targets; "
                             "resume with the same settings (only --steps and speed settings such as "
                             "--prune-after or --batch-size may change)")
