@@ -5,7 +5,8 @@ projected onto the unit direction, every layer: ``[N, n_layers, n_heads]``.
 
 (a) ``suffix_analysis.attribution.direct_attribution``: hooks only on what it needs
     (``attn.hook_z``, ``hook_mlp_out``, the residual stream), only the EOI positions kept,
-    ``W_O`` read out along the direction once (``[n_heads, d_head]`` per layer), no unembedding.
+    ``W_O`` read out along the direction once (``[n_heads, d_head]`` per layer), no unembedding,
+    the chat prefix every prompt shares run once and prompts of similar length batched together.
 (b) the obvious TransformerLens way: ``to_bridge`` over a fresh copy of the model,
     ``bridge.run_with_cache(tokens, attention_mask=...)`` keeping the whole cache (every hook,
     every position, the logits), then ``cache.stack_head_results(pos_slice=-1)`` (each head's

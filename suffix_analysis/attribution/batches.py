@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 from ..errors import UserError
 from ..interventions.directional import check_direction
 from ..models.chat import position_ids
+from ..models.forward import prefix_batches
+from ..models.hooks import Recorder
 from ..models.loading import ChatModel
 
 
@@ -56,3 +59,29 @@ def forward(cm: ChatModel, batch: dict[str, torch.Tensor]) -> None:
     mask = batch["attention_mask"].to(cm.device)
     cm.model.base_model(input_ids=batch["input_ids"].to(cm.device), attention_mask=mask,
                         position_ids=position_ids(mask), use_cache=False)
+
+
+@torch.no_grad()
+def recorded(cm: ChatModel, instructions: list[str], suffixes: list[str | None], names: list[str],
+             positions: list[int], batch_size: int = 16) -> Iterator[tuple[list[int], Any]]:
+    """Each batch's prompt indices and a :class:`Recorder` of ``names`` at ``positions``
+    (negative, counted from the end) over its pass, for measurements that read only the
+    last positions of each prompt.
+
+    Prompts of similar length run together after their shared chat prefix, which is run
+    once (``models.forward.prefix_batches``); the base model skips the unembedding. The
+    indices come in length order, not the order of ``instructions``.
+    """
+    rows = cm.chat.tokenize(instructions, suffixes)
+    for idx, kwargs in prefix_batches(cm, rows, batch_size, own=-min(positions)):
+        rec = Recorder(names, positions=positions, device=cm.device)
+        with rec.recording(cm):
+            cm.model.base_model(**kwargs)
+        yield idx, rec
+
+
+def in_order(parts: list[tuple[list[int], torch.Tensor]]) -> torch.Tensor:
+    """The batches' rows ``[batch, ...]`` of (indices, tensor) pairs, put back in prompt order."""
+    idx = [i for ix, _ in parts for i in ix]
+    out = torch.cat([t for _, t in parts])
+    return out[torch.argsort(torch.tensor(idx))]

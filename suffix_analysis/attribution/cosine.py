@@ -1,8 +1,8 @@
 """Cosine of the residual stream with the refusal direction, at every layer and EOI position.
 
 Arditi et al. (Section 5) show a suffix's effect as the cosine of the EOI residual stream
-with the refusal direction collapsing, layer by layer. One forward pass per batch, hooks
-only on the requested sites, only the EOI positions kept.
+with the refusal direction collapsing, layer by layer. One forward pass per batch after the
+shared chat prefix, hooks only on the requested sites, only the EOI positions kept.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..models.hooks import Recorder, hook_names
+from ..models.hooks import hook_names
 from ..models.loading import ChatModel
-from .batches import batch_slices, forward, prompts, unit_direction
+from .batches import in_order, prompts, recorded, unit_direction
 from .frames import tidy
 
 # Sites whose activation lives in the residual stream's basis ([batch, pos, d_model]).
@@ -48,14 +48,11 @@ def residual_cosine(
         raise UserError(f"unknown residual site(s) {bad or '(none given)'}; use any of {', '.join(RESIDUAL_SITES)}")
     unit = unit_direction(cm, direction)
     out = []
-    for part in batch_slices(len(instructions), batch_size):
-        rec = Recorder(hook_names(cm, sites), positions=cm.chat.eoi_positions, device=cm.device)
-        with rec.recording(cm):
-            forward(cm, cm.chat.encode(instructions[part], suffixes[part]))
+    for idx, rec in recorded(cm, instructions, suffixes, hook_names(cm, sites), cm.chat.eoi_positions, batch_size):
         # [batch, n_sites, n_layers, n_eoi, d_model], in float32 whatever the model's dtype
         x = torch.stack([torch.stack([rec[f"blocks.{l}.{s}"] for l in range(cm.n_layers)], 1) for s in sites], 1).float()
-        out.append(((x @ unit) / x.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)).cpu())
-    return torch.cat(out)
+        out.append((idx, ((x @ unit) / x.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)).cpu()))
+    return in_order(out)
 
 
 def cosine_frame(cosines: Tensor, sites: Sequence[str] = ("hook_resid_pre", "hook_resid_post")) -> pd.DataFrame:
@@ -83,9 +80,6 @@ def user_end_states(
     instructions, suffixes = prompts(instructions, suffixes)
     names = hook_names(cm, ["hook_resid_pre"])
     out = []
-    for part in batch_slices(len(instructions), batch_size):
-        rec = Recorder(names, positions=[-(cm.chat.n_eoi + 1)], device=cm.device)
-        with rec.recording(cm):
-            forward(cm, cm.chat.encode(instructions[part], suffixes[part]))
-        out.append(torch.stack([rec[n][:, 0] for n in names], 1).float().cpu())
-    return torch.cat(out)
+    for idx, rec in recorded(cm, instructions, suffixes, names, [-(cm.chat.n_eoi + 1)], batch_size):
+        out.append((idx, torch.stack([rec[n][:, 0] for n in names], 1).float().cpu()))
+    return in_order(out)

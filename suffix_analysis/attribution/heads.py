@@ -25,9 +25,9 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from ..models.hooks import Recorder, hook_names
+from ..models.hooks import hook_names
 from ..models.loading import ChatModel
-from .batches import batch_slices, forward, prompts, unit_direction
+from .batches import in_order, prompts, recorded, unit_direction
 from .frames import tidy
 from .writers import PostNorm, head_weights, output_bias, post_norm
 
@@ -113,23 +113,22 @@ def direct_attribution(
     """Each component's write onto ``direction`` ``[d_model]`` (made unit) at the EOI positions.
 
     One forward pass per batch records every layer's ``attn.hook_z``, ``hook_mlp_out`` and
-    residual stream at the EOI positions only.
+    residual stream at the EOI positions only (:func:`~.batches.recorded`: the shared chat
+    prefix is run once, prompts of similar length together).
     """
     instructions, suffixes = prompts(instructions, suffixes)
     unit = unit_direction(cm, direction)
     readouts = _readouts(cm, unit)
     names = hook_names(cm, ["hook_resid_pre", "hook_resid_post", "attn.hook_z", "hook_mlp_out"])
-    parts: dict[str, list[Tensor]] = {k: [] for k in ("heads", "attn_bias", "mlp", "resid_pre", "resid_post")}
-    for part in batch_slices(len(instructions), batch_size):
-        rec = Recorder(names, positions=cm.chat.eoi_positions, device=cm.device)
-        with rec.recording(cm):
-            forward(cm, cm.chat.encode(instructions[part], suffixes[part]))
+    parts: dict[str, list] = {k: [] for k in ("heads", "attn_bias", "mlp", "resid_pre", "resid_post")}
+    for idx, rec in recorded(cm, instructions, suffixes, names, cm.chat.eoi_positions, batch_size):
         heads, bias = zip(*(_layer_parts(rec[f"blocks.{l}.attn.hook_z"], readouts[l]) for l in range(cm.n_layers)))
-        parts["heads"].append(torch.stack(heads, 1).transpose(2, 3).cpu())  # [batch, n_layers, n_heads, n_eoi]
-        parts["attn_bias"].append(torch.stack(bias, 1).cpu())
+        parts["heads"].append((idx, torch.stack(heads, 1).transpose(2, 3).cpu()))  # [batch, n_layers, n_heads, n_eoi]
+        parts["attn_bias"].append((idx, torch.stack(bias, 1).cpu()))
         for key, site in (("mlp", "hook_mlp_out"), ("resid_pre", "hook_resid_pre"), ("resid_post", "hook_resid_post")):
-            parts[key].append(torch.stack([rec[f"blocks.{l}.{site}"].float() @ unit for l in range(cm.n_layers)], 1).cpu())
-    out = {k: torch.cat(v) for k, v in parts.items()}
+            parts[key].append((idx, torch.stack([rec[f"blocks.{l}.{site}"].float() @ unit
+                                                 for l in range(cm.n_layers)], 1).cpu()))
+    out = {k: in_order(v) for k, v in parts.items()}
     return DirectAttribution(embed=out["resid_pre"][:, 0].clone(), positions=cm.chat.eoi_positions, **out)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import DynamicCache
@@ -101,6 +101,34 @@ class PrefixCache:
         return DynamicCache(ddp_cache_data=data, config=self.cm.model.config)
 
 
+def prefix_batches(
+    cm: ChatModel,
+    rows: list[list[int]],
+    batch_size: int = 32,
+    own: int = 1,
+) -> Iterator[tuple[list[int], dict]]:
+    """Model kwargs for ``rows`` (token id lists) in batches of similar length, after their
+    common prefix: each batch's row indices and the kwargs of its pass.
+
+    The prefix is run once (batch size 1) before the first batch is handed out; ``own``
+    tokens of every row stay out of it (e.g. the EOI tokens a hook reads at negative
+    positions). Run each batch with ``cm.model(**kwargs)`` or ``cm.model.base_model(**kwargs)``.
+    """
+    p_len = common_prefix_len(rows, own)
+    prefix = PrefixCache(cm, rows[0][:p_len])
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths, less padding
+    pad = pad_token_id(cm.tokenizer)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        rest = pad_left([rows[i][p_len:] for i in idx], pad)
+        ids, rest_mask = rest["input_ids"], rest["attention_mask"]
+        mask = torch.cat([torch.ones(len(idx), p_len, dtype=torch.long), rest_mask], 1)
+        pos = p_len + position_ids(rest_mask)
+        yield idx, dict(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device),
+                        position_ids=pos.to(cm.device), **with_cache(cm.model, prefix.expand(len(idx))),
+                        use_cache=prefix.length > 0)
+
+
 def run_batches(
     cm: ChatModel,
     rows: list[list[int]],
@@ -109,7 +137,7 @@ def run_batches(
     own: int = 1,
     on_batch: Callable[[list[int]], None] | None = None,
 ) -> torch.Tensor | None:
-    """Forward ``rows`` (token id lists) sharing their common prefix.
+    """Forward ``rows`` (token id lists) sharing their common prefix (:func:`prefix_batches`).
 
     Args:
         logits: return next-token logits at the last position, ``[n_rows, vocab]`` float32,
@@ -119,19 +147,8 @@ def run_batches(
         on_batch: called with the row indices of each batch before it runs (hooks that
             collect per-row results use it).
     """
-    p_len = common_prefix_len(rows, own)
-    prefix = PrefixCache(cm, rows[0][:p_len])
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # similar lengths, less padding
     out = torch.empty(len(rows), cm.model.config.get_text_config().vocab_size) if logits else None
-    pad = pad_token_id(cm.tokenizer)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        rest = pad_left([rows[i][p_len:] for i in idx], pad)
-        ids, rest_mask = rest["input_ids"], rest["attention_mask"]
-        mask = torch.cat([torch.ones(len(idx), p_len, dtype=torch.long), rest_mask], 1)
-        pos = p_len + position_ids(rest_mask)
-        kwargs = dict(input_ids=ids.to(cm.device), attention_mask=mask.to(cm.device), position_ids=pos.to(cm.device),
-                      **with_cache(cm.model, prefix.expand(len(idx))), use_cache=prefix.length > 0)
+    for idx, kwargs in prefix_batches(cm, rows, batch_size, own):
         if on_batch is not None:
             on_batch(idx)
         if logits:
