@@ -30,7 +30,7 @@ The package reads the way the algorithm does:
 
     config.py     GCGConfig: every setting, its default and its help
     ../tokens.py  allowed tokens, candidate sampling, the retokenization filter (shared with the random control)
-    objective.py  the loss terms (target, refusal, direction, attention) and the target's cheap forms
+    objective.py  the loss terms (target, refusal, direction, harmfulness, attention) and the target's cheap forms
     scoring.py    a step's candidates scored: packing, staged exact early rejection, grouped cache reuse
     search.py     the loop, its state (SearchState) and checkpoints
 """
