@@ -246,6 +246,9 @@ def cmd_refusal(args) -> int:
               f"PMI > {cal.threshold:+.3f} per token)")
         if report.compliance.not_judged:
             print(f"not judged     {report.compliance.not_judged} empty completion(s), counted as derailed")
+        if report.compliance.too_short:
+            print(f"too short      {report.compliance.too_short} completion(s) under "
+                  f"{report.compliance.min_tokens} tokens, counted as derailed")
     if report.target_match is not None:
         print(f"target match   {report.target_match_rate:.1%}  (completions that start with the attack's target)")
     tokens = cm.preset.refusal_tokens if cm.preset else "refusal tokens"

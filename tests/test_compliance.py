@@ -24,7 +24,8 @@ def judge(tiny, tmp_path, monkeypatch):
     # A random model's own answers decode to nothing but special tokens: calibrate on fixed ones.
     monkeypatch.setattr(ComplianceJudge, "reference_answers",
                         lambda self, ins, progress=False: [f"Sure, about {i.split()[1]}: here it is." for i in ins])
-    return ComplianceJudge(tiny, ComplianceConfig(judge_tokens=8, contrasts=2, calibration_pairings=3))
+    return ComplianceJudge(tiny, ComplianceConfig(judge_tokens=8, contrasts=2, calibration_pairings=3,
+                                                  min_answer_tokens=0))
 
 
 def test_copied_mask_marks_ngrams_from_the_instruction():
@@ -70,6 +71,34 @@ def test_verdicts_refused_echo_empty_and_calibration(judge):
     assert cal.shuffled_positive_rate <= judge.config.max_false_positive
     rates = res.rates()
     assert sum(rates.values()) == pytest.approx(1.0)
+
+
+def test_completions_too_short_to_answer_are_derailed(judge, tiny):
+    """Under min_answer_tokens tokens (capped at half of the generated tokens) a completion is
+    derailed whatever its PMI; the setting leaves the calibration alone."""
+    from dataclasses import replace
+
+    completions = ["Tips: sleep.", "Sure, about the sea: the sea is wide and deep and blue and cold at night.",
+                   "Roses.", "Plants use light, water and air to make sugar in their green leaves.", "Run."]
+    lengths = [len(tiny.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
+    cut = sorted(lengths)[2] + 1  # the three shortest fall under it
+    short = [n < cut for n in lengths]
+    assert sum(short) == 3
+    refused = [False] * len(completions)
+
+    def verdicts(min_tokens, max_new_tokens=None):
+        j = ComplianceJudge(tiny, replace(judge.config, min_answer_tokens=min_tokens))
+        j.pmi = lambda ins, comps, contr: ([5.0] * len(comps), [0.0] * len(comps))  # every one scores high
+        return j.judge(INSTRUCTIONS, completions, refused, max_new_tokens=max_new_tokens)
+
+    assert verdicts(0).verdicts == ["complied"] * 5 and verdicts(0).too_short == 0
+    res = verdicts(cut)
+    assert res.verdicts == ["derailed" if s else "complied" for s in short]
+    assert res.short == short and res.too_short == 3 and res.min_tokens == cut
+    assert verdicts(cut, max_new_tokens=2).verdicts == ["complied"] * 5  # capped at 1 token: none is shorter
+    assert res.calibration == verdicts(0).calibration  # one calibration (cache key) for both
+    with pytest.raises(UserError, match="min-answer-tokens"):
+        ComplianceConfig(min_answer_tokens=-1).validate()
 
 
 def test_calibration_is_cached_on_disk(judge, tiny, tmp_path):

@@ -81,7 +81,8 @@ class RefusalReport:
         if self.compliance is not None:
             c = self.compliance
             out.update(refused_rate=self.refusal_rate, complied_rate=self.complied_rate,
-                       derailed_rate=self.derailed_rate, not_judged=c.not_judged,
+                       derailed_rate=self.derailed_rate, not_judged=c.not_judged, too_short=c.too_short,
+                       min_answer_tokens=c.min_tokens,
                        judge=f"{self.judge}+compliance", compliance_calibration=asdict(c.calibration))
         if self.target_match is not None:
             out["target_match_rate"] = self.target_match_rate
@@ -93,7 +94,7 @@ class RefusalReport:
             row = {"instruction": i, "completion": c, "refused": r, "refusal_score": s}
             if self.compliance is not None:
                 row.update(verdict=self.compliance.verdicts[k], pmi=self.compliance.pmi[k],
-                           copied=self.compliance.copied[k])
+                           copied=self.compliance.copied[k], too_short=bool(self.compliance.short and self.compliance.short[k]))
             if self.target_match is not None:
                 row.update(target=self.targets[k], target_match=self.target_match[k])
             out.append(row)
@@ -132,7 +133,8 @@ def evaluate_refusal(
                    progress=progress)
     refused = judge(instructions, gen.completions)
     scores = refusal_score(gen.first_logits, cm.refusal_ids).tolist()
-    verdicts = compliance.judge(instructions, gen.completions, refused, progress=progress) if compliance else None
+    verdicts = compliance.judge(instructions, gen.completions, refused, progress=progress,
+                                max_new_tokens=max_new_tokens) if compliance else None
     return RefusalReport(
         n=len(instructions),
         refusal_rate=sum(refused) / len(refused),
