@@ -324,7 +324,7 @@ def test_evaluation_judges_harmless_completions_for_compliance_only_when_asked(t
     judged = []
 
     class Stub:
-        def judge(self, instructions, completions, refused, progress=False):
+        def judge(self, instructions, completions, refused, progress=False, max_new_tokens=None):
             judged.append(list(instructions))
             cal = Calibration(0.0, 1, 1, 0.0, 1.0, 0.0, 0.0, {}, "stub", "", "", {})
             return ComplianceResult(["derailed"] * len(completions), [None] * len(completions),

@@ -239,7 +239,8 @@ class ComplianceJudge:
         cfg, ref = self.config, self.reference
         instructions = sorted(set(instructions))
         sha = hashlib.sha256(json.dumps(instructions).encode()).hexdigest()[:16]
-        settings = {k: v for k, v in asdict(cfg).items() if k not in OUTSIDE_CALIBRATION_KEY} | {"method": CALIBRATION_METHOD}
+        settings = {k: v for k, v in asdict(cfg).items() if k not in OUTSIDE_CALIBRATION_KEY}
+        settings["method"] = CALIBRATION_METHOD
         fingerprint = ref.fingerprint()
         key = hashlib.sha256(json.dumps([fingerprint, sha, settings], sort_keys=True).encode()).hexdigest()[:16]
         if key in self._calibrations:
@@ -320,7 +321,8 @@ class ComplianceJudge:
         for i, s, c in zip(todo, scores, copied):
             pmi[i], cop[i] = s, c
         shortest = cfg.min_answer_tokens if max_new_tokens is None else min(cfg.min_answer_tokens, max_new_tokens // 2)
-        short = {i for i, ids in zip(todo, self._tokens([completions[i] for i in todo])) if len(ids) < shortest}
+        lengths = [len(ids) for ids in self._tokens([completions[i] for i in todo])] if todo else []
+        short = {i for i, n in zip(todo, lengths) if n < shortest}
         verdicts, not_judged = [], 0
         for i, (c, r) in enumerate(zip(completions, refused)):
             if r:

@@ -93,8 +93,9 @@ class RefusalReport:
         for k, (i, c, r, s) in enumerate(zip(self.instructions, self.completions, self.refused, self.scores)):
             row = {"instruction": i, "completion": c, "refused": r, "refusal_score": s}
             if self.compliance is not None:
-                row.update(verdict=self.compliance.verdicts[k], pmi=self.compliance.pmi[k],
-                           copied=self.compliance.copied[k], too_short=bool(self.compliance.short and self.compliance.short[k]))
+                c = self.compliance
+                row.update(verdict=c.verdicts[k], pmi=c.pmi[k], copied=c.copied[k],
+                           too_short=bool(c.short and c.short[k]))
             if self.target_match is not None:
                 row.update(target=self.targets[k], target_match=self.target_match[k])
             out.append(row)
