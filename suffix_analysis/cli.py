@@ -415,14 +415,10 @@ def cmd_attack(args) -> int:
             from .attacks.targets import answer_targets
 
             targets = answer_targets(cm, instructions, args.target_tokens, progress=not args.quiet, direction=vec)
-        if "direction" in cfg.terms and getattr(cfg, "direction_floor", False):
-            from .attacks.gcg.search import harmless_floor
+        from .attacks.gcg.search import GCG, objective_references
 
-            kwargs["direction_floor"] = harmless_floor(cm, vec, info["layer"], args.data_dir)
-        if "harmfulness" in getattr(cfg, "terms", []):
-            from .attacks.gcg.search import harmfulness_reference
-
-            kwargs["harmfulness"] = harmfulness_reference(cm, info["layer"], args.data_dir)
+        if issubclass(cls, GCG):
+            kwargs.update(objective_references(cfg, cm, vec, info["layer"], args.data_dir))
     attack = cls(cfg, **kwargs)  # validates the config
     out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
     _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.WARNING if args.quiet else _logging.INFO)

@@ -120,6 +120,18 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
 
     code, out, err = run(capsys, "orthogonalize", "--model", str(tiny_folder), "--direction", "run", "--out", "ortho")
     assert code == 0, err
+
+    # attacks given the direction: the harmfulness term's reference, and an attack without objective terms
+    code, out, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", "hv.json",
+                         "--direction", "run", "--objective", "target+direction+harmfulness", "--steps", "1",
+                         "--search-width", "8", "--topk", "8", "--suffix-len", "3", "--out", "harm", "-q")
+    assert code == 0, err
+    assert json.loads((tmp_path / "harm" / "suffix.json").read_text())["config"]["objective"] == \
+        "target+direction+harmfulness"
+    code, out, err = run(capsys, "attack", "random", "--model", str(tiny_folder), "--instructions", "hv.json",
+                         "--direction", "run", "--targets", "ablated", "--target-tokens", "2", "--suffix-len", "3",
+                         "--out", "rand", "-q")
+    assert code == 0, err
     assert (tmp_path / "ortho" / "model.safetensors").is_file()
 
     (tmp_path / "corpus.txt").write_text("The sea is wide and deep.\nPlants make sugar from light.\n")

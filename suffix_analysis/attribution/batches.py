@@ -1,9 +1,10 @@
-"""Prompts in batches, and the one forward pass per batch that every measurement here makes."""
+"""Prompts in batches, and the forward passes the measurements here make: a plain padded
+pass over every position (:func:`forward`), and for measurements that read only the last
+positions, passes after the shared chat prefix (:func:`recorded`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def forward(cm: ChatModel, batch: dict[str, torch.Tensor]) -> None:
 
 @torch.no_grad()
 def recorded(cm: ChatModel, instructions: list[str], suffixes: list[str | None], names: list[str],
-             positions: list[int], batch_size: int = 16) -> Iterator[tuple[list[int], Any]]:
+             positions: list[int], batch_size: int = 16) -> Iterator[tuple[list[int], Recorder]]:
     """Each batch's prompt indices and a :class:`Recorder` of ``names`` at ``positions``
     (negative, counted from the end) over its pass, for measurements that read only the
     last positions of each prompt.

@@ -26,7 +26,7 @@ import torch
 from ..artifacts import write_json_atomic
 from ..attacks.gcg import GCG
 from ..attacks.gcg.config import SPEED_ONLY
-from ..attacks.gcg.search import harmfulness_reference, harmless_floor
+from ..attacks.gcg.search import objective_references
 from ..attacks.random_suffix import RandomConfig, RandomSuffix
 from ..attacks.targets import answer_targets, default_target, load_targets
 from ..attribution.run import run_attribution
@@ -200,11 +200,8 @@ def _gcg(ctx: Context) -> GCG:
     if "direction" not in cfg.terms and "harmfulness" not in cfg.terms:
         return GCG(cfg)
     direction, info = ctx.direction()
-    cm, layer = ctx.model_(), info["layer"]
-    floor = harmless_floor(cm, direction, layer, ctx.data_dir) if "direction" in cfg.terms and cfg.direction_floor \
-        else None
-    harm = harmfulness_reference(cm, layer, ctx.data_dir) if "harmfulness" in cfg.terms else None
-    return GCG(cfg, direction=(direction, layer), direction_floor=floor, harmfulness=harm)
+    return GCG(cfg, direction=(direction, info["layer"]),
+               **objective_references(cfg, ctx.model_(), direction, info["layer"], ctx.data_dir))
 
 
 def stage_attack(ctx: Context, folder: Path) -> dict:

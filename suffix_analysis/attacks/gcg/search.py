@@ -6,7 +6,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -87,13 +87,22 @@ def harmfulness_reference(cm: ChatModel, layer: int, data_dir: str | None = None
     return ref
 
 
-def _search_settings(cfg: GCGConfig | dict, like: dict | None = None) -> dict:
-    """The settings a checkpoint must share to resume: all but ``SPEED_ONLY``. A stored
-    dict (``like`` given) gets the settings added since it was written, at their defaults."""
-    if like is None:
-        return {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
-    defaults = {f.name: f.default for f in fields(GCGConfig)}
-    return {**{k: defaults[k] for k in like if k not in cfg and k in defaults}, **cfg}
+def objective_references(cfg: GCGConfig, cm: ChatModel, direction: Tensor, layer: int,
+                         data_dir: str | None = None) -> dict:
+    """What ``cfg``'s objective terms measure against besides the direction, as keyword
+    arguments of :class:`GCG`: the direction term's harmless floor, the harmfulness term's
+    reference (each only where its term is on)."""
+    out = {}
+    if "direction" in cfg.terms and cfg.direction_floor:
+        out["direction_floor"] = harmless_floor(cm, direction, layer, data_dir)
+    if "harmfulness" in cfg.terms:
+        out["harmfulness"] = harmfulness_reference(cm, layer, data_dir)
+    return out
+
+
+def _search_settings(cfg: GCGConfig) -> dict:
+    """The settings a checkpoint must share to resume: all but ``SPEED_ONLY``."""
+    return {k: v for k, v in asdict(cfg).items() if k not in SPEED_ONLY}
 
 
 class GCG(Attack):
@@ -314,7 +323,9 @@ class GCG(Attack):
         why = fingerprint_mismatch(ck.get("fingerprint"), cm, f"checkpoint {path}")
         if why:
             raise UserError(f"{why}; resume with the model it was made with")
-        if _search_settings(ck.get("config") or {}, meta["config"]) != meta["config"] or ck.get("data") != meta["data"]:
+        # a setting added since the checkpoint was written counts at its default
+        stored = {**_search_settings(GCGConfig()), **(ck.get("config") or {})}
+        if stored != meta["config"] or ck.get("data") != meta["data"]:
             raise UserError(f"checkpoint {path} was made with another config or other instructions/targets; "
                             "resume with the same settings (only --steps and speed settings such as "
                             "--prune-after or --batch-size may change)")
