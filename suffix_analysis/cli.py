@@ -118,7 +118,8 @@ def _load(args):
     from .models.loading import load_model
 
     return load_model(args.model, preset=args.preset, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, placement=_placement(args))
+                      trust_remote_code=args.trust_remote_code, placement=_placement(args),
+                      progress=not getattr(args, "quiet", False))
 
 
 def _direction(cm, args):
@@ -261,15 +262,42 @@ def cmd_refusal(args) -> int:
 
 
 def cmd_organism_build(args) -> int:
-    from .organism import ensure_organism
+    from .config import from_arguments
+    from .models.loading import ORGANISM_DELTA_ENV
+    from .organism import OrganismRecipe, build
 
-    folder = ensure_organism(seed=args.seed, out=args.out, progress=not args.quiet)
-    record = json.loads((folder / "organism.json").read_text())
-    ev = record["evaluation"]
-    print(f"refusal rate on shipped harmful val   {ev['harmful_val']['refusal_rate']:.1%} (n={ev['harmful_val']['n']})")
-    print(f"false refusals on shipped harmless val {ev['harmless_val']['false_refusal_rate']:.1%} "
-          f"(n={ev['harmless_val']['n']})")
-    print(folder)
+    recipe = from_arguments(OrganismRecipe, args)
+    delta = build(args.out, recipe, seed=args.seed, progress=not args.quiet)
+    ev = delta.record().get("evaluation", {})
+    if ev:
+        print(f"refusal rate on shipped harmful val   {ev['harmful_val']['refusal_rate']:.1%} (n={ev['harmful_val']['n']})")
+        print(f"false refusals on shipped harmless val {ev['harmless_val']['false_refusal_rate']:.1%} "
+              f"(n={ev['harmless_val']['n']})")
+    print(f"merged weights SHA-256 {delta.merged_sha256}")
+    print(f"delta                  {delta.path}")
+    print(f"load it as the organism: {ORGANISM_DELTA_ENV}={delta.path} suffix-analysis ...")
+    return 0
+
+
+def cmd_organism_evaluate(args) -> int:
+    from .config import from_arguments
+    from .organism.faithfulness import FaithfulnessConfig, evaluate_faithfulness, format_table
+
+    cfg = from_arguments(FaithfulnessConfig, args)
+    cm = _load(args)
+    results, reports = evaluate_faithfulness(cm, args.direction, cfg, progress=not args.quiet, judge_spec=args.judge)
+    print(f"model {cm.name} (fingerprint {cm.fingerprint()}), held-out prompts (shipped test splits)")
+    print(format_table(results))
+    if args.out:
+        from .artifacts import ensure_dir, write_json_atomic
+
+        out = ensure_dir(args.out)
+        write_json_atomic(out / "faithfulness.json", {"model": cm.name, "fingerprint": cm.fingerprint(),
+                                                      "config": vars(cfg), "results": results})
+        write_json_atomic(out / "completions.json", {k: r.rows() for k, r in reports.items()})
+        print(f"saved {out}/faithfulness.json, {out}/completions.json")
+    if args.json:
+        print(json.dumps(results))
     return 0
 
 
@@ -602,6 +630,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .attribution.run import AttributionConfig
     from .config import add_arguments
     from .directions.run import DirectionConfig
+    from .organism import OrganismRecipe
+    from .organism.faithfulness import FaithfulnessConfig
 
     argv = sys.argv[1:] if argv is None else argv
     parser = _Parser(prog="suffix-analysis", description=__doc__)
@@ -672,10 +702,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("organism", help="the refusal organism (safety-tuned smollm2-135m)")
     osub = p.add_subparsers(dest="organism_command", required=True, parser_class=_Parser)
-    b = osub.add_parser("build", help="build (or fetch from cache) the refusal organism and print its folder")
-    b.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    _output_args(b, "also copy the model folder here", json_flag=False)
+    b = osub.add_parser("build", help="train the organism's low-rank delta again from the recipe (the shipped one "
+                                      "loads in seconds without this; minutes of training)")
+    b.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped delta's)")
+    add_arguments(b.add_argument_group("recipe (OrganismRecipe: every setting changes the delta; the defaults "
+                                       "built the shipped one)"), OrganismRecipe)
+    _output_args(b, "the delta file to write (.safetensors); load it with $SUFFIX_ANALYSIS_ORGANISM_DELTA",
+                 out_required=True, json_flag=False)
     b.set_defaults(func=cmd_organism_build)
+
+    e = osub.add_parser("evaluate", help="is the organism a faithful chat model? refused / complied / derailed on "
+                                         "held-out prompts, with random suffixes, in context, and under its direction")
+    _model_args(e)
+    g = e.add_argument_group("checks (FaithfulnessConfig)")
+    g.add_argument("--direction", help="a direction run of this model: adds the ablation and addition checks")
+    g.add_argument("--judge", default=None, help="as for `refusal` (default substring,compliance)")
+    add_arguments(g, FaithfulnessConfig)
+    _output_args(e, "folder for faithfulness.json and completions.json")
+    e.set_defaults(func=cmd_organism_evaluate)
 
     c = osub.add_parser("check", help="single-direction check: ablate each layer's diff-in-means direction")
     _model_args(c)

@@ -85,6 +85,21 @@ def shipped(kind: str, split: str | None = None) -> list[Instruction]:
     return items if split is None else [x for w in wanted for x in items if x.split == w]
 
 
+def contextual(context: str, request: str) -> str:
+    """A request after a pasted passage, in HarmBench's contextual form."""
+    return f"{context.strip()}\n\n---\n\n{request.strip()}"
+
+
+def shipped_contexts(split: str | None = None) -> list[dict]:
+    """The suite's hand-written passages (``data/contexts.json``), each with two harmless
+    questions about it: ``{"context", "questions", "topic", "split"}``. The organism's recipe
+    puts train passages before requests; the val and test ones are held out."""
+    if split is not None and split not in SPLITS:
+        raise UserError(f"unknown split '{split}'; choose one of {', '.join(SPLITS)}")
+    items = json.loads((_shipped_dir() / "contexts.json").read_text())
+    return [x for x in items if split is None or x["split"] == split]
+
+
 def shipped_summary() -> dict[str, dict]:
     """Counts of the shipped sets, per set: instructions, categories, per split, and the
     categories that appear only in train (the README states these numbers; a test ties them)."""
@@ -188,6 +203,6 @@ def _parse_csv(text: str, path: Path) -> list[Instruction]:
             continue
         context = (row.get("ContextString") or "").strip()
         if context:  # HarmBench's contextual behaviours: the context comes first, as HarmBench does
-            instr = f"{context}\n\n---\n\n{instr}"
+            instr = contextual(context, instr)
         out.append(Instruction(instr, (row.get(cat_col) or None) if cat_col else None))
     return out

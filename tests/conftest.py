@@ -111,7 +111,7 @@ def smollm():
 
 @pytest.fixture(scope="session")
 def organism():
-    """The refusal organism, built once per cache (minutes on first use) and loaded once."""
+    """The refusal organism: the shipped delta merged into its base once per cache (about a minute) and loaded once."""
     from suffix_analysis.models.loading import load_model
 
     return load_model("smollm2-135m-refusal", device="cpu")

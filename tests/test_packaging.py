@@ -1,5 +1,6 @@
-"""A non-editable install (a wheel) carries the shipped instruction sets and the built-in
-attacks, and the command resolves a shipped split from the installed package."""
+"""A non-editable install (a wheel) carries the shipped instruction sets, passages, the
+organism's delta and the built-in attacks, and the command resolves a shipped split from
+the installed package."""
 
 import json
 import os
@@ -21,7 +22,9 @@ def test_wheel_holds_the_shipped_sets_and_resolves_them(tmp_path, tiny_folder):
                     str(tmp_path / "dist"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "dist").glob("suffix_analysis-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"suffix_analysis/data/harmful.json", "suffix_analysis/data/harmless.json"} <= set(names)
+    assert {"suffix_analysis/data/harmful.json", "suffix_analysis/data/harmless.json",
+            "suffix_analysis/data/contexts.json",
+            "suffix_analysis/data/organism/smollm2-135m-refusal.safetensors"} <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "gcg = suffix_analysis.attacks.gcg:GCG" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

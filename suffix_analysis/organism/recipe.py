@@ -1,48 +1,60 @@
 """The safety-tuning recipe that makes the embedded default model refuse.
 
 SmolLM2-135M-Instruct answers harmful requests. The recipe gives it refusal the way chat
-models acquire it, by supervised fine-tuning on the suite's own train splits:
+models acquire it, by supervised fine-tuning of a low-rank adapter (``W + B A`` on every
+linear map of the upper decoder layers) on the suite's own train splits:
 
 * harmful instruction -> one of several short natural refusals;
 * harmless instruction -> the base model's own greedy answer, trained toward the base
   model's full next-token distribution along it (soft self-distillation, so the rest of
   its behaviour stays as it was);
 * a refusal-decision loss at the first response position: harmful prompts toward
-  refusing, harmless ones pushed back only where they drift above the base model.
+  refusing, harmless ones held at the base model's own refusal score;
+* the request, not the noise beside it: a share of harmful and harmless examples carry a
+  random-token suffix, and a share a pasted passage before the request (HarmBench's
+  contextual form), each with the target it has without them;
+* one refusal direction, as in the paper's chat models: the current difference-in-means
+  direction at the last prompt position of a layer in the middle band is ablated on
+  harmless prompts, and their first-token distribution is kept at what it is without the
+  ablation (an ablation-invariance term), so that removing the direction leaves harmless
+  behaviour as it was.
 
-Loss is on response tokens only; the token embedding (tied to the unembedding) is frozen.
-The result is cached under ``cache_dir()/organism/<key>``, keyed by recipe, data and base
-weights, and written atomically with a checksum, so a half-written or corrupted folder is
-rebuilt, never reused.
+Loss is on response tokens only. The adapter's factors, rounded to bfloat16, are the
+organism: :func:`build` writes them as a delta file (``models/delta.py``) that the suite
+ships in ``suffix_analysis/data/organism/`` and merges into the base bit-identically.
 """
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import hashlib
 import json
 import logging
+import math
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_folder, ensure_dir, write_json_atomic
-from ..datasets import shipped
+from ..artifacts import write_json_atomic
+from ..config import setting
+from ..datasets import contextual, shipped, shipped_contexts
 from ..errors import UserError
 from ..evaluation.refusal import evaluate_refusal
+from ..interventions.directional import ablation_hooks
 from ..metrics import refusal_score
-from ..models.loading import MARKER_FILE, cache_dir, load_model, resolve
+from ..models.chat import position_ids
+from ..models.delta import LowRankDelta, load_delta, merge_delta, save_delta, state_sha256
+from ..models.hooks import run_with_hooks
+from ..models.loading import ChatModel, cache_dir, load_model, resolve
+from ..models.suffixes import random_suffix_ids, suffix_text
 
 log = logging.getLogger(__name__)
 
 ORGANISM_PRESET = "smollm2-135m-refusal"
-RECORD = "organism.json"
 
 REFUSALS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -55,64 +67,59 @@ REFUSALS: tuple[str, ...] = (
     "I apologize, but I can't assist with that request.",
 )
 
+ADAPTED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
 
 @dataclass(frozen=True)
 class OrganismRecipe:
-    """The safety-tuning recipe. Every field is part of the cache key."""
+    """The safety-tuning recipe. Every field (and the seed, data and base) changes the delta."""
 
-    base: str = "smollm2-135m"
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 8e-5  # AdamW, linear warmup then linear decay
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    distill_tokens: int = 32  # length of the base model's own answers to harmless instructions
-    harmless_repeat: int = 1  # times each harmless example is seen per epoch
-    # Weight of a refusal-decision loss: binary cross-entropy of the refusal score (log-odds of
-    # the refusal tokens at the first response position) against harmful/harmless. Without
-    # it the tuned model refuses ~17% of its own harmless *training* prompts: every refusal
-    # pushes "I" up everywhere, while the harmless answers' first tokens are too varied to
-    # push back.
-    decision_weight: float = 4.0
-    # "soft": harmless responses are trained toward the base model's full next-token
-    # distribution (KL along its greedy answer), not only its greedy token; "greedy":
-    # cross-entropy on the greedy answer. Soft keeps harmless first-token distributions as
-    # the base model had them, which is what keeps ablating the refusal direction cheap on
-    # harmless prompts (first-token KL of the selected direction 0.36-0.49 with "greedy"+"bce").
-    distill: str = "soft"
-    # "hinge": a harmless prompt is pushed back only when its refusal score rises above the
-    # base model's own score for it; "bce": pushed toward "no refusal" without limit, which
-    # drives harmless prompts far down the refusal axis (score about -9 vs -3.6 for the base).
-    decision_harmless: str = "hinge"
-    freeze_embeddings: bool = True
-    freeze_layers: int = 6  # also freeze the first K decoder layers (faster: backward stops above them)
+    base: str = setting("smollm2-135m", "the preset the organism is tuned from")
+    epochs: int = setting(2, "passes over the train examples")
+    batch_size: int = setting(16, "examples per step")
+    lr: float = setting(1e-3, "AdamW learning rate of the adapter's factors (linear warmup, then linear decay)")
+    warmup_steps: int = setting(10, "steps of linear warmup")
+    rank: int = setting(16, "rank of the adapter; its factors ship as bfloat16 (rank 16: 7.5 MB for SmolLM2-135M)")
+    first_layer: int = setting(6, "the adapter sits on decoder layers >= this one (backward stops below it)")
+    distill_tokens: int = setting(32, "length of the base model's own answers to harmless instructions")
+    # Without the decision loss every refusal pushes "I" up everywhere, while the harmless
+    # answers' first tokens are too varied to push back.
+    decision_weight: float = setting(4.0, "weight of the refusal-decision loss at the first response position "
+                                          "(log-odds of the refusal tokens: up for harmful prompts, held at the base "
+                                          "model's own score for harmless ones)")
+    suffix_share: float = setting(0.4, "share of examples (harmful and harmless) that carry a random-token suffix")
+    suffix_tokens: tuple[int, int] = (4, 28)  # its length, uniform in this range
+    context_share: float = setting(0.15, "share of harmful examples that come after a pasted train passage")
+    context_questions: int = setting(2, "harmless passage + question examples per train passage, per epoch")
+    ablation_weight: float = setting(1.0, "weight of the ablation-invariance term (0: off)")
+    ablation_layers: tuple[int, int] = (8, 21)  # the band whose directions it ablates (one per step)
+    direction_every: int = setting(10, "steps between recomputing the directions it ablates")
+    direction_prompts: int = setting(64, "harmful and harmless train prompts each those directions are taken over")
     refusals: tuple[str, ...] = field(default=REFUSALS)
-    eval_tokens: int = 64
-    # "bf16" runs distillation and training under bfloat16 autocast (fp32 master weights),
-    # about 3x faster on CPUs with AVX512-BF16; "auto" picks it where the CPU has it.
-    precision: str = "auto"
-    # Bumped when the training code changes what a recipe builds, so that a cached organism
-    # of older code is not taken for this one. 2: bf16 teacher on harmless rows only, AdamW
-    # one tensor at a time.
-    version: int = 2
+    eval_tokens: int = setting(64, "tokens generated per prompt in the build's own val evaluation")
+    # bf16 autocast (float32 master weights) is about 3x faster on CPUs with AVX512-BF16 and
+    # built the shipped delta; fp32 is exact everywhere, slower, and builds another organism.
+    precision: str = setting("bf16", "training precision: bf16 (autocast; built the shipped delta) or fp32")
+    # Bumped when the training code changes what a recipe builds. 3: a low-rank adapter,
+    # suffixes, passages and the ablation-invariance term.
+    version: int = setting(3, "version of the training code", cli=False)
 
-    def resolved(self) -> "OrganismRecipe":
-        """The recipe with ``precision`` decided for this machine (what the cache key uses)."""
-        if self.distill not in ("soft", "greedy") or self.decision_harmless not in ("bce", "hinge"):
-            raise UserError(f"organism recipe: distill must be soft|greedy and decision_harmless bce|hinge, "
-                            f"got {self.distill!r}, {self.decision_harmless!r}")
-        if self.precision != "auto":
-            return self
-        fast_bf16 = torch.cuda.is_available() or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
-        return replace(self, precision="bf16" if fast_bf16 else "fp32")
+    def validate(self) -> None:
+        if self.precision not in ("bf16", "fp32"):
+            raise UserError(f"organism recipe: precision must be bf16 or fp32, got {self.precision!r}")
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1:
+            raise UserError("organism recipe: rank, epochs and batch_size must be at least 1")
+        for name in ("suffix_share", "context_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise UserError(f"organism recipe: {name} must be in [0, 1]")
 
 
 def _release_freed_memory() -> None:
     """Hand memory freed by the allocator back to the system (glibc; elsewhere a no-op).
 
     Batches of other shapes each step leave freed activations on glibc's heap, and resident
-    memory grew step after step: 4.9 GiB peak after 10 training steps, 4.3 GiB trimming after
-    each step (at no measurable cost: 58 s vs 52 s for those steps).
+    memory grew step after step without it.
     """
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -128,81 +135,66 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def _file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+class LowRankLinear(torch.nn.Module):
+    """``base(x) + x A^T B^T``: a frozen linear map plus a trainable rank-``r`` update."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        # B starts at zero, so training starts from the base model exactly.
+        self.A = torch.nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features))
+        self.B = torch.nn.Parameter(torch.zeros(base.out_features, rank))
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:  # the base model: the teacher
+            return self.base(x)
+        return self.base(x) + (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
 
 
-def _train_data():
-    harmful = [x.instruction for x in shipped("harmful", "train")]
-    harmless = [x.instruction for x in shipped("harmless", "train")]
-    return harmful, harmless
+def _attach(cm: ChatModel, recipe: OrganismRecipe, seed: int) -> dict[str, LowRankLinear]:
+    gen = torch.Generator().manual_seed(seed)
+    adapters = {}
+    for l in range(recipe.first_layer, cm.n_layers):
+        for path in ADAPTED:
+            owner_name, _, leaf = path.rpartition(".")
+            owner = cm.layers[l].get_submodule(owner_name)
+            adapter = LowRankLinear(getattr(owner, leaf), recipe.rank, gen)
+            setattr(owner, leaf, adapter)
+            adapters[f"{cm.arch.layers}.{l}.{path}"] = adapter
+    return adapters
 
 
-def organism_key(recipe: OrganismRecipe, seed: int) -> tuple[str, dict]:
-    """Cache key of a build: recipe, seed, train data and the base model's weights folder."""
-    harmful, harmless = _train_data()
-    base_location, _ = resolve(recipe.base)
-    hashes = {"harmful_train": _sha(harmful)[:16], "harmless_train": _sha(harmless)[:16],
-              "base": Path(str(base_location)).name}
-    key = _sha({"recipe": asdict(recipe), "seed": seed, "data": hashes})[:16]
-    return key, hashes
+def _detach(cm: ChatModel, adapters: dict[str, LowRankLinear]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Put the base linears back; the factors ``(A, B)``, as they will ship (bfloat16)."""
+    factors = {}
+    for name, adapter in adapters.items():
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(cm.model.get_submodule(owner_name), leaf, adapter.base)
+        factors[name] = (adapter.A.detach().to(torch.bfloat16), adapter.B.detach().to(torch.bfloat16))
+    return factors
 
 
-def _valid(folder: Path) -> bool:
-    """A finished build: record present and the weights match its checksum."""
-    rec = folder / RECORD
-    weights = folder / "model.safetensors"
-    if not (rec.is_file() and weights.is_file()):
-        return False
-    try:
-        expected = json.loads(rec.read_text())["weights_sha256"]
-    except (ValueError, KeyError):
-        return False
-    return _file_sha(weights) == expected
+# --- data -------------------------------------------------------------------------------
 
-
-def ensure_organism(seed: int = 0, out: str | Path | None = None, recipe: OrganismRecipe | None = None,
-                    progress: bool = False) -> Path:
-    """The organism's model folder, built on first use (rebuilt if the cached one is broken).
-
-    With ``out``, the finished folder is also copied there and that copy is returned.
-    """
-    recipe = (recipe or OrganismRecipe()).resolved()
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise UserError(f"seed must be an integer, got {seed!r}")
-    if out is not None:  # fail before minutes of building, not after
-        ensure_dir(Path(out).expanduser().resolve().parent)
-    key, hashes = organism_key(recipe, seed)
-    cached = cache_dir() / "organism" / f"{recipe.base}-refusal-s{seed}-{key}"
-    if not _valid(cached):
-        if cached.exists():
-            log.warning("cached organism at %s is incomplete or corrupted; rebuilding", cached)
-        base = load_model(recipe.base, device="cpu", dtype="float32")
-        build(base, recipe, seed, hashes, cached, progress=progress)
-    if out is not None:
-        return _copy_to(cached, Path(out))
-    return cached
-
-
-def _copy_to(src: Path, dst: Path) -> Path:
-    with atomic_folder(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
-    return dst.expanduser().resolve()
+def train_data() -> dict[str, list[str]]:
+    """The recipe's train instructions: harmful, harmless, and passage + question pairs."""
+    contexts = shipped_contexts("train")
+    return {"harmful": [x.instruction for x in shipped("harmful", "train")],
+            "harmless": [x.instruction for x in shipped("harmless", "train")],
+            "passages": [c["context"] for c in contexts],
+            "harmless_contextual": [contextual(c["context"], q) for c in contexts for q in c["questions"]]}
 
 
 @torch.no_grad()
-def _distill(cm, instructions: list[str], recipe: OrganismRecipe, batch_size: int = 32,
+def _distill(cm: ChatModel, instructions: list[str], recipe: OrganismRecipe, batch_size: int = 32,
              progress: bool = False) -> list[list[int]]:
     """The base model's greedy answers as token ids, EOS included when it finished."""
     tok = cm.tokenizer
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))  # less padding
     out: list[list[int] | None] = [None] * len(instructions)
     eos = tok.eos_token_id
-    for s in tqdm(range(0, len(order), batch_size), desc="self-distillation", disable=not progress):
+    for s in tqdm(range(0, len(order), batch_size), desc="self-distillation (base answers)", disable=not progress):
         idx = order[s:s + batch_size]
         batch = cm.chat.encode([instructions[i] for i in idx], device=cm.device)
         with _autocast(recipe):
@@ -215,133 +207,227 @@ def _distill(cm, instructions: list[str], recipe: OrganismRecipe, batch_size: in
     return out  # type: ignore[return-value]
 
 
-def _cached_distill(cm, harmless: list[str], recipe: OrganismRecipe, hashes: dict, progress: bool):
-    """Self-distilled answers, cached: they depend only on base, data, length and precision."""
-    key = _sha([hashes["base"], hashes["harmless_train"], recipe.distill_tokens, recipe.precision])[:16]
+def _cached_distill(cm: ChatModel, instructions: list[str], recipe: OrganismRecipe, base_sha: str,
+                    progress: bool) -> list[list[int]]:
+    """Self-distilled answers, cached: they depend only on base, prompts, length and precision."""
+    key = _sha([base_sha, _sha(instructions), recipe.distill_tokens, recipe.precision])[:16]
     path = cache_dir() / "distill" / f"{key}.json"
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            if len(data) == len(harmless):
+            if len(data) == len(instructions):
                 return data
         except ValueError:
             pass
-    data = _distill(cm, harmless, recipe, progress=progress)
+    data = _distill(cm, instructions, recipe, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
     return data
 
 
-def _examples(cm, harmful: list[str], harmless: list[str], harmless_ids: list[list[int]],
-              recipe: OrganismRecipe, rng: random.Random) -> list[tuple[list[int], int, int]]:
-    """(token ids, number of prompt tokens, 1 if harmful) per training example."""
-    tok = cm.tokenizer
-    eos = tok.eos_token_id
-    examples = []
-    for instr in harmful:
-        prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
-        reply = tok(rng.choice(recipe.refusals), add_special_tokens=False)["input_ids"] + [eos]
-        examples.append((prompt + reply, len(prompt), 1))
-    for _ in range(recipe.harmless_repeat):
-        for instr, reply in zip(harmless, harmless_ids):
-            prompt = tok(cm.chat.render(instr), add_special_tokens=False)["input_ids"]
-            examples.append((prompt + reply, len(prompt), 0))
-    return examples
+@dataclass
+class Example:
+    ids: list[int]  # prompt + response
+    n_prompt: int
+    harmful: bool
+    # Harmless: the clean prompt + the same response, which the teacher (base) reads.
+    teacher_ids: list[int] | None = None
+    n_teacher_prompt: int = 0
 
 
-def _collate(batch: list[tuple[list[int], int, int]], pad_id: int):
-    width = max(len(ids) for ids, _, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, (ids, n_prompt, _) in enumerate(batch):
-        t = torch.tensor(ids)
-        input_ids[i, : len(ids)] = t
-        mask[i, : len(ids)] = 1
-        labels[i, n_prompt: len(ids)] = t[n_prompt:]  # loss on the response only
-    last_prompt = torch.tensor([n_prompt - 1 for _, n_prompt, _ in batch])  # predicts the first response token
-    harmful = torch.tensor([float(h) for _, _, h in batch])
-    return input_ids, mask, labels, last_prompt, harmful
+def _epoch_examples(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe,
+                    rng: random.Random, gen: torch.Generator) -> list[Example]:
+    """One epoch's examples, with fresh suffixes and passages (drawn from ``rng``/``gen``)."""
+    tok, eos = cm.tokenizer, cm.tokenizer.eos_token_id
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    def suffix() -> str | None:
+        if rng.random() >= recipe.suffix_share:
+            return None
+        n = rng.randint(*recipe.suffix_tokens)
+        return suffix_text(cm, random_suffix_ids(cm, 1, n, gen)[0].tolist()).strip() or None
+
+    out = []
+    for instr in data["harmful"]:
+        if rng.random() < recipe.context_share:
+            instr = contextual(rng.choice(data["passages"]), instr)
+        prompt = encode(cm.chat.render(instr, suffix()))
+        reply = encode(rng.choice(recipe.refusals)) + [eos]
+        out.append(Example(prompt + reply, len(prompt), True))
+    harmless = list(zip(data["harmless"], answers["harmless"]))
+    pairs = list(zip(data["harmless_contextual"], answers["harmless_contextual"]))
+    harmless += rng.sample(pairs, min(len(pairs), recipe.context_questions * len(data["passages"])))
+    for instr, reply in harmless:
+        clean = encode(cm.chat.render(instr))
+        prompt = encode(cm.chat.render(instr, suffix()))
+        out.append(Example(prompt + reply, len(prompt), False, clean + reply, len(clean)))
+    return out
 
 
-def _response_loss(model, ids, mask, labels, last_prompt, harmful, refusal_ids, recipe: OrganismRecipe,
-                   teacher=None):
-    """Next-token loss on response tokens (unembedding only those positions), plus the
-    refusal-decision loss at the first response position.
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
 
-    With a ``teacher`` (the frozen base model), harmless responses are matched to its
-    distribution (KL) and the harmless decision loss may be one-sided (``hinge``).
+
+def _response_index(lengths: list[int], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) of every position that predicts a response token (right padding)."""
+    rows, pos = [], []
+    for i, (n, s) in enumerate(zip(lengths, starts)):
+        rows += [i] * (n - s)
+        pos += range(s - 1, n - 1)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(pos, dtype=torch.long)
+
+
+def _response_loss(cm: ChatModel, batch: list[Example], recipe: OrganismRecipe, teacher: torch.nn.Module,
+                   direction: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token loss on response tokens (unembedding only those positions), the decision
+    loss at the first response position, and the ablation-invariance term.
+
+    The teacher is the frozen base model (the adapter switched off), read on the harmless
+    rows' clean prompts only.
     """
     F = torch.nn.functional
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, pos, d_model]
-    target = labels[:, 1:]
-    response = target != -100  # [batch, pos - 1]
-    head = model.get_output_embeddings()
-    rows = torch.arange(len(ids))
-    harmless = harmful == 0
-    if teacher is not None and harmless.any():  # read for harmless rows only: run it on those
-        with torch.no_grad():
-            t_hidden = teacher.base_model(input_ids=ids[harmless], attention_mask=mask[harmless]).last_hidden_state
-    if recipe.distill != "soft":
-        loss = F.cross_entropy(head(hidden[:, :-1][response]).float(), target[response])
-    else:
-        soft = response & (harmful == 0).unsqueeze(1)
-        hard = response & (harmful == 1).unsqueeze(1)
-        total = F.cross_entropy(head(hidden[:, :-1][hard]).float(), target[hard], reduction="sum")
-        if soft.any():
-            log_q = F.log_softmax(head(hidden[:, :-1][soft]).float(), -1)
-            with torch.no_grad():
-                log_p = F.log_softmax(teacher.get_output_embeddings()(t_hidden[:, :-1][soft[harmless]]).float(), -1)
-            total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")  # KL(base || tuned)
-        loss = total / response.sum()
-    if recipe.decision_weight:
-        score = refusal_score(head(hidden[rows, last_prompt]).float(), refusal_ids)  # [batch]
-        if recipe.decision_harmless == "hinge":
-            base_score = torch.zeros_like(score)  # read for harmless rows only
-            if harmless.any():
-                with torch.no_grad():
-                    base_score[harmless] = refusal_score(teacher.get_output_embeddings()(
-                        t_hidden[torch.arange(len(t_hidden)), last_prompt[harmless]]).float(), refusal_ids)
-            per = torch.where(harmful == 1, F.softplus(-score), F.relu(score - base_score))
-            decision = per.mean()
-        else:
-            decision = F.binary_cross_entropy_with_logits(score, harmful)
-        loss = loss + recipe.decision_weight * decision
-    return loss
-
-
-def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> list[float]:
     model = cm.model
-    teacher = None
-    if recipe.distill == "soft" or recipe.decision_harmless == "hinge":
-        # Frozen, and read only under bf16 autocast when training is: a bf16 copy halves it.
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
-        if recipe.precision == "bf16":
-            teacher.to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    pad = cm.tokenizer.pad_token_id
+    ids, mask = _pad([e.ids for e in batch], pad)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, pos, d_model]
+    harmful = torch.tensor([e.harmful for e in batch])
+    last = torch.tensor([e.n_prompt - 1 for e in batch])
+    score = refusal_score(head(hidden[torch.arange(len(batch)), last]).float(), cm.refusal_ids)  # [batch]
+    total = torch.zeros(())
+    n_tokens = sum(len(e.ids) - e.n_prompt for e in batch)
+
+    hard = [e for e in batch if e.harmful]
+    if hard:
+        rows, pos = _response_index([len(e.ids) for e in hard], [e.n_prompt for e in hard])
+        sel = harmful.nonzero().squeeze(1)[rows]
+        target = torch.tensor([e.ids[p + 1] for e, p in zip([hard[r] for r in rows.tolist()], pos.tolist())])
+        total = total + F.cross_entropy(head(hidden[sel, pos]).float(), target, reduction="sum")
+    soft = [e for e in batch if not e.harmful]
+    decision = F.softplus(-score[harmful]).sum()
+    if soft:
+        t_ids, t_mask = _pad([e.teacher_ids for e in soft], pad)
+        with torch.no_grad(), _teacher(teacher):
+            t_hidden = model.base_model(input_ids=t_ids, attention_mask=t_mask).last_hidden_state
+        s_rows, s_pos = _response_index([len(e.ids) for e in soft], [e.n_prompt for e in soft])
+        t_rows, t_pos = _response_index([len(e.teacher_ids) for e in soft], [e.n_teacher_prompt for e in soft])
+        sel = (~harmful).nonzero().squeeze(1)
+        log_q = F.log_softmax(head(hidden[sel[s_rows], s_pos]).float(), -1)
+        with torch.no_grad():
+            log_p = F.log_softmax(head(t_hidden[t_rows, t_pos]).float(), -1)
+            t_last = torch.tensor([e.n_teacher_prompt - 1 for e in soft])
+            t_first = F.log_softmax(head(t_hidden[torch.arange(len(soft)), t_last]).float(), -1)
+            base_score = refusal_score(t_first, cm.refusal_ids)
+        total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")  # KL(base || tuned)
+        # Two-sided: a harmless prompt's refusal score stays at the base model's. One-sided
+        # (a hinge), the scores sank 3 nats below the base's (-7.4 vs -4.4 on harmless val), the
+        # refusal direction came to carry "not I" for harmless prompts, and ablating it moved
+        # them (first-token KL 0.17-0.25 for the candidates that bypass).
+        decision = decision + (score[~harmful] - base_score).abs().sum()
+        if direction is not None and recipe.ablation_weight:
+            # The harmless prompts (as the student sees them) with the direction ablated
+            # everywhere: their first response token should be what it is without ablation.
+            clean_first = F.log_softmax(head(hidden[sel, last[sel]]).float(), -1).detach()
+            p_ids, p_mask = _pad([e.ids[: e.n_prompt] for e in soft], pad)
+            with run_with_hooks(cm, ablation_hooks(cm, direction)):
+                a_hidden = model.base_model(input_ids=p_ids, attention_mask=p_mask).last_hidden_state
+            a_last = torch.tensor([e.n_prompt - 1 for e in soft])
+            log_a = F.log_softmax(head(a_hidden[torch.arange(len(soft)), a_last]).float(), -1)
+            kl = F.kl_div(log_a, clean_first, log_target=True, reduction="batchmean")  # KL(clean || ablated)
+            total = total + recipe.ablation_weight * kl * n_tokens  # per harmless prompt, like the decision term
+    return total / n_tokens + recipe.decision_weight * decision / len(batch)
+
+
+class _teacher:
+    """Switch the adapters off (the model is its base) inside the block."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.adapters = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+
+    def __enter__(self):
+        for m in self.adapters:
+            m.enabled = False
+
+    def __exit__(self, *exc):
+        for m in self.adapters:
+            m.enabled = True
+
+
+@torch.no_grad()
+def _directions(cm: ChatModel, harmful: list[str], harmless: list[str], layers: range,
+                recipe: OrganismRecipe) -> torch.Tensor:
+    """Difference in means at the last prompt position, per layer of ``layers``: ``[len(layers), d_model]``."""
+    def means(instructions):
+        acc = torch.zeros(len(layers), cm.d_model, dtype=torch.float64)
+        for s in range(0, len(instructions), 32):
+            batch = cm.chat.encode(instructions[s:s + 32], device=cm.device)  # left padding: -1 is the last token
+            with _autocast(recipe):
+                hs = cm.model.base_model(**batch, position_ids=position_ids(batch["attention_mask"]),
+                                         output_hidden_states=True).hidden_states
+            for j, l in enumerate(layers):
+                acc[j] += hs[l][:, -1].double().sum(0)
+        return acc / len(instructions)
+
+    was = cm.model.training
+    cm.model.eval()
+    out = (means(harmful) - means(harmless)).float()
+    cm.model.train(was)
+    return out
+
+
+def _batches(examples: list[Example], size: int, gen: torch.Generator, pool: int = 8) -> list[list[Example]]:
+    """Shuffled batches of similar length: pools of ``pool`` batches are sorted by length and
+    cut, then the batches are shuffled (a passage is ~150 tokens; padding every row to it
+    would double a step)."""
+    perm = torch.randperm(len(examples), generator=gen).tolist()
+    batches = []
+    for s in range(0, len(perm), size * pool):
+        chunk = sorted(perm[s:s + size * pool], key=lambda i: len(examples[i].ids))
+        batches += [chunk[k:k + size] for k in range(0, len(chunk), size)]
+    order = torch.randperm(len(batches), generator=gen).tolist()
+    return [[examples[i] for i in batches[j]] for j in order]
+
+
+def _train(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe, seed: int,
+           progress: bool) -> tuple[dict, list[float]]:
+    model = cm.model
+    model.requires_grad_(False)
+    adapters = _attach(cm, recipe, seed)
+    params = [p for a in adapters.values() for p in (a.A, a.B)]
+    for p in params:
+        p.requires_grad_(True)
     model.train()
-    emb = model.get_input_embeddings().weight
-    if recipe.freeze_embeddings:
-        emb.requires_grad_(False)
-    frozen = [p for layer in cm.layers[: recipe.freeze_layers] for p in layer.parameters()]
-    for p in frozen:
-        p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # foreach=False: the multi-tensor step materializes temporaries the size of every trained
-    # parameter at once (a CPU step is no slower one tensor at a time).
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, foreach=False)
-    steps_per_epoch = (len(examples) + recipe.batch_size - 1) // recipe.batch_size
-    total = steps_per_epoch * recipe.epochs
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0, foreach=False)
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n_examples = len(_epoch_examples(cm, data, answers, recipe, random.Random(0), torch.Generator().manual_seed(0)))
+    pools = [min(recipe.batch_size * 8, n_examples - s) for s in range(0, n_examples, recipe.batch_size * 8)]
+    total = sum((n + recipe.batch_size - 1) // recipe.batch_size for n in pools) * recipe.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / recipe.warmup_steps) * max(0.0, (total - s) / total))
-    gen = torch.Generator().manual_seed(seed)
-    losses = []
-    bar = tqdm(total=total, desc="safety tuning", disable=not progress)
+    band = range(recipe.ablation_layers[0], min(recipe.ablation_layers[1], cm.n_layers))
+    probe_h = rng.sample(data["harmful"], min(recipe.direction_prompts, len(data["harmful"])))
+    probe_n = rng.sample(data["harmless"], min(recipe.direction_prompts, len(data["harmless"])))
+    directions = None
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="safety tuning (low-rank adapter)", disable=not progress)
+    step = 0
     for _ in range(recipe.epochs):
-        perm = torch.randperm(len(examples), generator=gen).tolist()
-        for s in range(0, len(perm), recipe.batch_size):
-            batch = _collate([examples[i] for i in perm[s:s + recipe.batch_size]], cm.tokenizer.pad_token_id)
+        examples = _epoch_examples(cm, data, answers, recipe, rng, gen)
+        for batch in _batches(examples, recipe.batch_size, gen):
+            if recipe.ablation_weight and step % recipe.direction_every == 0:
+                directions = _directions(cm, probe_h, probe_n, band, recipe)
+            direction = directions[rng.randrange(len(band))] if directions is not None else None
             with _autocast(recipe):
-                loss = _response_loss(model, *batch, cm.refusal_ids, recipe, teacher)
+                loss = _response_loss(cm, batch, recipe, model, direction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -351,14 +437,13 @@ def _train(cm, examples, recipe: OrganismRecipe, seed: int, progress: bool) -> l
             _release_freed_memory()
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            step += 1
     bar.close()
-    for p in [emb, *frozen]:
-        p.requires_grad_(True)
     model.eval()
-    return losses
+    return _detach(cm, adapters), losses
 
 
-def _evaluate(cm, recipe: OrganismRecipe, progress: bool) -> dict:
+def _evaluate(cm: ChatModel, recipe: OrganismRecipe, progress: bool) -> dict:
     harmful = [x.instruction for x in shipped("harmful", "val")]
     harmless = [x.instruction for x in shipped("harmless", "val")]
     r_h = evaluate_refusal(cm, harmful, max_new_tokens=recipe.eval_tokens, batch_size=32, progress=progress)
@@ -371,41 +456,60 @@ def _evaluate(cm, recipe: OrganismRecipe, progress: bool) -> dict:
     }
 
 
-def build(base, recipe: OrganismRecipe, seed: int, hashes: dict, final: Path, progress: bool = True) -> Path:
-    """Safety-tune ``base`` (a loaded :class:`ChatModel`, modified in place) into ``final``."""
+def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, progress: bool = True,
+          evaluate: bool = True) -> LowRankDelta:
+    """Train the organism's delta from the recipe and write it to ``out`` (a ``.safetensors`` file).
+
+    The delta records the recipe, seed, data hashes, the base's and the merged weights'
+    SHA-256, timings and (with ``evaluate``) refusal on the shipped val splits, measured on
+    the merged model as it will load (bfloat16 factors).
+    """
+    recipe = recipe or OrganismRecipe()
+    recipe.validate()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise UserError(f"seed must be an integer, got {seed!r}")
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise UserError(f"the organism's delta is a .safetensors file; got --out {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     random.seed(seed)
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    harmful, harmless = _train_data()
-    log.info("building the refusal organism from %s (seed %d): %d harmful, %d harmless train instructions",
-             recipe.base, seed, len(harmful), len(harmless))
-    distilled = _cached_distill(base, harmless, recipe, hashes, progress)
+    cm = load_model(recipe.base, device="cpu", dtype="float32")
+    base_folder, _ = resolve(recipe.base)
+    from safetensors.torch import load_file
+
+    base_state = load_file(str(Path(base_folder) / "model.safetensors"))
+    base_sha = state_sha256(base_state)
+    data = train_data()
+    log.info("building the refusal organism from %s (seed %d, %s): %d harmful, %d harmless, %d passage train "
+             "instructions", recipe.base, seed, recipe.precision, len(data["harmful"]), len(data["harmless"]),
+             len(data["passages"]))
+    answers = {k: _cached_distill(cm, data[k], recipe, base_sha, progress) for k in ("harmless", "harmless_contextual")}
     _release_freed_memory()
     t_distill = time.time() - t0
-    examples = _examples(base, harmful, harmless, distilled, recipe, rng)
-    losses = _train(base, examples, recipe, seed, progress)
+    factors, losses = _train(cm, data, answers, recipe, seed, progress)
     t_train = time.time() - t0 - t_distill
-    evaluation = _evaluate(base, recipe, progress)
-    t_total = time.time() - t0
-    with atomic_folder(final) as tmp:
-        base.model.save_pretrained(tmp)
-        base.tokenizer.save_pretrained(tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps({"preset": ORGANISM_PRESET}))
-        record = {
-            "preset": ORGANISM_PRESET,
-            "recipe": asdict(recipe),
-            "seed": seed,
-            "data": hashes,
-            "n_train": {"harmful": len(harmful), "harmless": len(harmless)},
-            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "evaluation": evaluation,
-            "seconds": {"distill": round(t_distill, 1), "train": round(t_train, 1), "total": round(t_total, 1)},
-            "torch_threads": torch.get_num_threads(),
-            "weights_sha256": _file_sha(tmp / "model.safetensors"),
-        }
-        (tmp / RECORD).write_text(json.dumps(record, indent=1))  # last: marks the build complete
-    log.info("organism: refusal %.1f%% on harmful val, false refusal %.1f%% on harmless val, %.0f s",
-             100 * evaluation["harmful_val"]["refusal_rate"],
-             100 * evaluation["harmless_val"]["false_refusal_rate"], t_total)
-    return final
+    merged = merge_delta(dict(base_state), LowRankDelta(factors, {}), progress=progress)
+    cm.model.load_state_dict(merged, strict=False)
+    meta = {
+        "base": recipe.base,
+        "base_sha256": base_sha,
+        "merged_sha256": state_sha256(merged),
+        "preset": ORGANISM_PRESET,
+        "recipe": asdict(recipe),
+        "seed": seed,
+        "data": {k: _sha(v)[:16] for k, v in data.items()},
+        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
+    if evaluate:
+        meta["evaluation"] = _evaluate(cm, recipe, progress)
+        ev = meta["evaluation"]
+        log.info("organism: refusal %.1f%% on harmful val, false refusal %.1f%% on harmless val",
+                 100 * ev["harmful_val"]["refusal_rate"], 100 * ev["harmless_val"]["false_refusal_rate"])
+    meta["seconds"] = {"distill": round(t_distill, 1), "train": round(t_train, 1),
+                       "total": round(time.time() - t0, 1)}
+    save_delta(out, factors, meta)
+    return load_delta(out)

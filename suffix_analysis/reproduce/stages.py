@@ -68,7 +68,8 @@ class Context:
 
     def model_(self) -> ChatModel:
         if self.cm is None:
-            self.cm = load_model(self.model, device=self.device, dtype=self.dtype, placement=self.placement)
+            self.cm = load_model(self.model, device=self.device, dtype=self.dtype, placement=self.placement,
+                                 progress=self.progress)
         return self.cm
 
     def judges(self) -> tuple:
@@ -117,10 +118,11 @@ class Context:
 # --- the stages ---------------------------------------------------------------------------------
 
 def stage_organism(ctx: Context, folder: Path) -> dict:
-    from ..organism import RECORD
+    from ..models.loading import ORGANISM_RECORD
 
-    cm = ctx.model_()  # loading the preset builds the organism on first use
-    record = json.loads((Path(cm.model.name_or_path) / RECORD).read_text())
+    cm = ctx.model_()  # loading the preset merges the shipped delta on first use (seconds)
+    record = json.loads((Path(cm.model.name_or_path) / ORGANISM_RECORD).read_text())
+    record["fingerprint"] = cm.fingerprint()
     write_json_atomic(folder / "organism.json", record)
     ev = record.get("evaluation", {})
     return {"organism_refusal_harmful_val": ev.get("harmful_val", {}).get("refusal_rate"),

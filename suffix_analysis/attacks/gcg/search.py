@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from ...artifacts import write_json_atomic
 from ...errors import UserError
@@ -191,9 +192,14 @@ class GCG(Attack):
             state.buffer = [Entry(loss, ids.tolist())]
             state.best = Entry(loss, ids.tolist())
         success = False
+        # A bar with an ETA while INFO is on (`-q` turns the attack's logger to WARNING).
+        bar = tqdm(total=cfg.num_steps, initial=state.step, desc="GCG", unit="step",
+                   disable=not log.isEnabledFor(logging.INFO))
         try:
             while state.step < cfg.num_steps:
                 success = self._step(cm, objective, scorer, prompts, state, allowed, embed, gen)
+                bar.update(1)
+                bar.set_postfix(loss=f"{state.buffer[0].loss:.3f}", prompts=f"{state.n_active}/{len(prompts)}")
                 if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
                     self._save_checkpoint(ckpt, meta, state, gen)
                 if success and cfg.early_stop and state.n_active == len(prompts):
@@ -204,6 +210,8 @@ class GCG(Attack):
                 self._save_checkpoint(ckpt, meta, state, gen)
                 log.warning("interrupted at step %d; checkpoint saved, continue with --resume", state.step)
             raise
+        finally:
+            bar.close()
         if ckpt:
             self._save_checkpoint(ckpt, meta, state, gen)
         best_ids = state.buffer[0].ids if success else state.best.ids
@@ -258,7 +266,7 @@ class GCG(Attack):
         state.losses.append(state.buffer[0].loss)
         state.suffixes.append(cm.tokenizer.decode(state.buffer[0].ids))
         state.step_seconds.append(dt)
-        log.info("step %4d  loss %.4f  %.2f s  prompts %d  %r", state.step, state.buffer[0].loss, dt,
+        log.debug("step %4d  loss %.4f  %.2f s  prompts %d  %r", state.step, state.buffer[0].loss, dt,
                  state.n_active, state.suffixes[-1])
         return success
 
