@@ -9,15 +9,15 @@ linear map of the upper decoder layers) on the suite's own train splits:
   model's full next-token distribution along it (soft self-distillation, so the rest of
   its behaviour stays as it was);
 * a refusal-decision loss at the first response position: harmful prompts toward
-  refusing, harmless ones held at the base model's own refusal score;
+  refusing, harmless ones pushed back only where they rise above the base model;
 * the request, not the noise beside it: a share of harmful and harmless examples carry a
   random-token suffix, and a share a pasted passage before the request (HarmBench's
   contextual form), each with the target it has without them;
 * one refusal direction, as in the paper's chat models: the current difference-in-means
   direction at the last prompt position of a layer in the middle band is ablated on
-  harmless prompts, and their first-token distribution is kept at what it is without the
-  ablation (an ablation-invariance term), so that removing the direction leaves harmless
-  behaviour as it was.
+  harmless prompts, and their first-token distribution is pulled toward the base model's
+  (an ablation-invariance term; weak at the shipped weight, and a stronger variant did not
+  lower the selection's KL either: README, "The refusal organism").
 
 Loss is on response tokens only. The adapter's factors, rounded to bfloat16, are the
 organism: :func:`build` writes them as a delta file (``models/delta.py``) that the suite
@@ -86,13 +86,15 @@ class OrganismRecipe:
     # Without the decision loss every refusal pushes "I" up everywhere, while the harmless
     # answers' first tokens are too varied to push back.
     decision_weight: float = setting(4.0, "weight of the refusal-decision loss at the first response position "
-                                          "(log-odds of the refusal tokens: up for harmful prompts, held at the base "
-                                          "model's own score for harmless ones)")
+                                          "(log-odds of the refusal tokens: up for harmful prompts, a hinge at the "
+                                          "base model's own score for harmless ones)")
     suffix_share: float = setting(0.4, "share of examples (harmful and harmless) that carry a random-token suffix")
     suffix_tokens: tuple[int, int] = (4, 28)  # its length, uniform in this range
     context_share: float = setting(0.15, "share of harmful examples that come after a pasted train passage")
     context_questions: int = setting(2, "harmless passage + question examples per train passage, per epoch")
-    ablation_weight: float = setting(1.0, "weight of the ablation-invariance term (0: off)")
+    ablation_weight: float = setting(1.0, "weight of the ablation-invariance term, per batch: KL(base || ablated) at the "
+                                          "first response token, x weight / batch size beside the per-token losses "
+                                          "(0: off)")
     ablation_layers: tuple[int, int] = (8, 21)  # the band whose directions it ablates (one per step)
     direction_every: int = setting(10, "steps between recomputing the directions it ablates")
     direction_prompts: int = setting(64, "harmful and harmless train prompts each those directions are taken over")
@@ -327,22 +329,18 @@ def _response_loss(cm: ChatModel, batch: list[Example], recipe: OrganismRecipe, 
             t_first = F.log_softmax(head(t_hidden[torch.arange(len(soft)), t_last]).float(), -1)
             base_score = refusal_score(t_first, cm.refusal_ids)
         total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")  # KL(base || tuned)
-        # Two-sided: a harmless prompt's refusal score stays at the base model's. One-sided
-        # (a hinge), the scores sank 3 nats below the base's (-7.4 vs -4.4 on harmless val), the
-        # refusal direction came to carry "not I" for harmless prompts, and ablating it moved
-        # them (first-token KL 0.17-0.25 for the candidates that bypass).
-        decision = decision + (score[~harmful] - base_score).abs().sum()
+        decision = decision + F.relu(score[~harmful] - base_score).sum()  # a hinge at the base's own score
         if direction is not None and recipe.ablation_weight:
             # The harmless prompts (as the student sees them) with the direction ablated
-            # everywhere: their first response token should be what it is without ablation.
-            clean_first = F.log_softmax(head(hidden[sel, last[sel]]).float(), -1).detach()
+            # everywhere: their first response token should still be the base model's.
             p_ids, p_mask = _pad([e.ids[: e.n_prompt] for e in soft], pad)
             with run_with_hooks(cm, ablation_hooks(cm, direction)):
                 a_hidden = model.base_model(input_ids=p_ids, attention_mask=p_mask).last_hidden_state
             a_last = torch.tensor([e.n_prompt - 1 for e in soft])
             log_a = F.log_softmax(head(a_hidden[torch.arange(len(soft)), a_last]).float(), -1)
-            kl = F.kl_div(log_a, clean_first, log_target=True, reduction="batchmean")  # KL(clean || ablated)
-            total = total + recipe.ablation_weight * kl * n_tokens  # per harmless prompt, like the decision term
+            kl = F.kl_div(log_a, t_first, log_target=True, reduction="batchmean")  # KL(base || ablated)
+            # Enters beside the per-token losses as weight x KL / batch size (1/16 at the defaults).
+            total = total + recipe.ablation_weight * kl * n_tokens / len(batch)
     return total / n_tokens + recipe.decision_weight * decision / len(batch)
 
 
