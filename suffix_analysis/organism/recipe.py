@@ -49,7 +49,7 @@ from ..metrics import refusal_score
 from ..models.chat import position_ids
 from ..models.delta import LowRankDelta, load_delta, merge_delta, save_delta, state_sha256
 from ..models.hooks import run_with_hooks
-from ..models.loading import ChatModel, cache_dir, load_model, resolve
+from ..models.loading import ChatModel, cache_dir, load_model
 from ..models.suffixes import random_suffix_ids, suffix_text
 
 log = logging.getLogger(__name__)
@@ -474,10 +474,9 @@ def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, 
     random.seed(seed)
     torch.manual_seed(seed)
     cm = load_model(recipe.base, device="cpu", dtype="float32")
-    base_folder, _ = resolve(recipe.base)
     from safetensors.torch import load_file
 
-    base_state = load_file(str(Path(base_folder) / "model.safetensors"))
+    base_state = load_file(str(Path(cm.location) / "model.safetensors"))  # the folder load_model resolved
     base_sha = state_sha256(base_state)
     data = train_data()
     log.info("building the refusal organism from %s (seed %d, %s): %d harmful, %d harmless, %d passage train "
@@ -488,7 +487,7 @@ def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, 
     t_distill = time.time() - t0
     factors, losses = _train(cm, data, answers, recipe, seed, progress)
     t_train = time.time() - t0 - t_distill
-    merged = merge_delta(dict(base_state), LowRankDelta(factors, {}), progress=progress)
+    merged = merge_delta(base_state, LowRankDelta(factors, {}), progress=progress)  # base_state is not read again
     cm.model.load_state_dict(merged, strict=False)
     meta = {
         "base": recipe.base,
