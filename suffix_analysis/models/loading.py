@@ -189,23 +189,23 @@ def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
     log.info("converting %s to a safetensors folder in %s (once, about 20 s)", gguf.name, final.parent)
     bars = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
-    try:
+    try:  # the loading and the saving bars; the dequantization's own bar is plain tqdm and always shows
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = loaded.config
+        for attr in ("quantization_config",):
+            if hasattr(config, attr):
+                delattr(config, attr)
+        # Rebuilt from its config, the model is a plain one that can be saved.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.tie_weights()
+        with atomic_folder(final) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf), "converted_from": "gguf"}))
     finally:
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
-    config = loaded.config
-    for attr in ("quantization_config",):
-        if hasattr(config, attr):
-            delattr(config, attr)
-    # Rebuilt from its config, the model is a plain one that can be saved.
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.tie_weights()
-    with atomic_folder(final) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf), "converted_from": "gguf"}))
     return final
 
 
