@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,11 +41,29 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def refuse_foreign(final: Path, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse to replace ``final`` unless it is absent, an empty folder, or ``ours`` says the
+    suite wrote it (an artifact of the same kind)."""
+    if not final.exists() or is_empty_dir(final) or ours(final):
+        return
+    raise UserError(f"{final} exists and is not {what} written by suffix-analysis; choose another --out, or move "
+                    "it away yourself to write there (the suite never replaces what it did not make)")
+
+
 @contextmanager
-def atomic_folder(final: str | Path) -> Iterator[Path]:
+def atomic_folder(final: str | Path, ours: Callable[[Path], bool], what: str) -> Iterator[Path]:
     """Yield a temporary sibling of ``final`` to write a folder into; on success it replaces
-    ``final`` in one rename, on error it is removed. ``final`` is whole or absent, never half."""
+    ``final`` in one rename, on error it is removed. ``final`` is whole or absent, never half.
+
+    An existing ``final`` is replaced only if ``ours(final)`` says it is ``what`` the suite
+    wrote (or it is empty); anything else is refused before a byte is written.
+    """
     final = Path(final).expanduser().resolve()
+    refuse_foreign(final, ours, what)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))

@@ -1,5 +1,6 @@
 """Candidate scoring, selection filters and the resumable direction run folder."""
 
+import csv
 import json
 
 import pytest
@@ -77,12 +78,21 @@ def test_run_folder_stages_resume_and_model_check(data_files):
     other = tiny_chat_model("llama", seed=5)
     with pytest.raises(UserError, match="was made from other weights"):
         load_direction(run, other)
-    with pytest.raises(UserError, match="other data or settings"):
+    with pytest.raises(UserError, match=r"other inputs or settings \(config.n_val, data\)"):
         run_direction(cm, run, DirectionConfig(**{**LOOSE, "n_val": 1}), progress=False)
-    # thresholds only re-run the selection, from the stored scores
+    before = list(csv.DictReader(open(run / "candidates.csv")))
+    # thresholds only re-run the selection, from the stored scores; the table names the new survivors
     strict = run_direction(cm, run, DirectionConfig(**{**LOOSE, "prune_layer_fraction": 0.3}), progress=False)
     assert strict["layer"] < 2  # layer 2 of 3 is now pruned
-    assert (run / "candidates.csv").stat().st_mtime_ns == mtime
+    after = list(csv.DictReader(open(run / "candidates.csv")))
+    score_cols = ("position", "layer", "bypass", "induce", "kl", "norm")
+    assert [[r[c] for c in score_cols] for r in after] == [[r[c] for c in score_cols] for r in before]
+    for r in after:
+        if int(r["layer"]) == 2:
+            assert r["filtered_by"] in ("zero", "layer")
+        if (int(r["position"]), int(r["layer"])) == (strict["position"], strict["layer"]):
+            assert r["filtered_by"] == ""
+    assert sum(r["filtered_by"] != a["filtered_by"] for r, a in zip(after, before)) > 0
 
 
 def test_val_prompts_filtered_by_refusal_score_as_in_the_paper(data_files, monkeypatch):

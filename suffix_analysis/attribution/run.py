@@ -30,7 +30,6 @@ another model, direction, suffix, data or config is refused (use another ``--out
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -38,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -45,11 +45,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..artifacts import ensure_dir, write_json_atomic
+from ..artifacts import write_json_atomic
 from ..config import setting
 from ..errors import UserError
 from ..models.chat import pad_token_id
 from ..models.loading import ChatModel, fingerprint_mismatch
+from ..runs import Stage, digest, read_json
+from ..runs import open_run as open_run_folder
 from ..tables import read_table, table_path, write_table
 from .batches import batch_slices, unit_direction
 from .causal import check_layer, knockout_scores, last_position_run, patch_top_heads, share_restored, suffix_knockout
@@ -154,10 +156,16 @@ class _Run:
         return tqdm(total=total, desc=desc, unit="prompt", disable=not self.progress)
 
     def top_heads(self) -> dict:
-        return json.loads((self.out / "top_heads.json").read_text())
+        return _read(self.out, "top_heads.json")
 
 
 # --- inputs and the run record -------------------------------------------------------------------
+
+def _read(out: Path, name: str):
+    """A JSON file of the run, or one line saying it is corrupt and how to make it again."""
+    return read_json(out / name, f"remove it and rerun `suffix-analysis attribute --out {out}` (finished stages are "
+                                 "kept)")
+
 
 def direction_hash(direction: Tensor) -> str:
     """16 hex digits naming the direction's float32 values."""
@@ -170,7 +178,7 @@ def recorded_config(config: AttributionConfig) -> dict:
 
 
 def data_hash(harmful: Sequence[str], harmless: Sequence[str]) -> str:
-    return hashlib.sha256(json.dumps([list(harmful), list(harmless)]).encode()).hexdigest()[:16]
+    return digest([list(harmful), list(harmless)])
 
 
 def _instruction_list(items, what: str, limit: int) -> list[str]:
@@ -201,43 +209,29 @@ def _check_inputs(cm: ChatModel, direction, layer: int, position: int, harmful, 
     return harmful, harmless
 
 
-def _refuse(out: Path, what: str) -> UserError:
-    return UserError(f"run folder {out} was made {what}; use another --out")
+def _explain(new: dict, old: dict, changed: list[str]) -> str | None:
+    """What differs between a run folder (``old``) and this run (``new``), in words."""
+    if "direction" in changed:
+        d_old, d_new = old.get("direction", {}), new["direction"]
+        return (f"with another direction (layer {d_old.get('layer')}, position {d_old.get('position')}, hash "
+                f"{d_old.get('hash')}; this one: layer {d_new['layer']}, position {d_new['position']}, hash "
+                f"{d_new['hash']})")
+    if "suffix" in changed:
+        return f"with another suffix ({old.get('suffix')!r})"
+    if {"data", "n_harmful", "n_harmless"} & set(changed):
+        return f"with other instructions ({old.get('n_harmful')} harmful, {old.get('n_harmless')} harmless, or other ones)"
+    settings = [c.removeprefix("config.") for c in changed if c.startswith("config.")]
+    return f"with other settings ({', '.join(settings)})" if settings else None
 
 
 def open_run(cm: ChatModel, out: Path, record: dict) -> dict:
     """The run folder's record: ``record`` written into a new folder, or the folder's own if
     it was made from the same model, direction, suffix, data and config (else an error)."""
-    path = out / "run.json"
-    if not path.is_file():
-        if out.is_dir() and any(out.iterdir()):
-            raise UserError(f"{out} is not empty and holds no attribution run (no run.json); use another --out")
-        ensure_dir(out)
-        write_json_atomic(path, record)
-        return record
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise UserError(f"{path} is not readable JSON; use another --out") from None
-    if old.get("fingerprint") != record["fingerprint"]:
-        why = fingerprint_mismatch(old.get("fingerprint"), cm, f"run folder {out} (model '{old.get('model')}')")
-        raise UserError(f"{why}; use that model or another --out")
-    d_old, d_new = old.get("direction", {}), record["direction"]
-    if d_old != d_new:
-        raise _refuse(out, f"with another direction (layer {d_old.get('layer')}, position {d_old.get('position')}, "
-                           f"hash {d_old.get('hash')}; this one: layer {d_new['layer']}, position {d_new['position']}, "
-                           f"hash {d_new['hash']})")
-    if old.get("suffix") != record["suffix"]:
-        raise _refuse(out, f"with another suffix ({old.get('suffix')!r})")
-    if old.get("data") != record["data"]:
-        raise _refuse(out, f"with other instructions ({old.get('n_harmful')} harmful, {old.get('n_harmless')} "
-                           "harmless, or other ones)")
-    a, b = ({k: v for k, v in c.items() if k not in _FREE} for c in (old.get("config", {}), record["config"]))
-    if a != b:
-        changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-        raise _refuse(out, f"with other settings ({', '.join(changed)})")
-    old["config"] = record["config"]
-    return old
+    def same_model(old: dict) -> str | None:
+        return fingerprint_mismatch(old.get("fingerprint"), cm, f"run folder {out} (model '{old.get('model')}')")
+
+    return open_run_folder(out, "attribution", record, free=_FREE, explain=partial(_explain, record),
+                           same_model=same_model)
 
 
 # --- stages ----------------------------------------------------------------------------------------
@@ -558,26 +552,27 @@ def stage_generation(run: _Run) -> None:
         **stats, "refusal_rate": {k: sum(v) / n for k, v in refused.items()}, "prompts": rows})
 
 
-# name, function, outputs (tables by name, other files with their extension)
-STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("conditions", "stage_conditions", ("conditions.json",)),
-    ("cosine", "stage_cosine", ("cosine",)),
-    ("harmfulness", "stage_harmfulness", ("harmfulness",)),
-    ("heads", "stage_heads", ("heads", "top_heads.json")),
-    ("hijack", "stage_hijack", ("hijack", "hijack_dominance")),
-    ("suffix_tokens", "stage_suffix_tokens", ("suffix_tokens", "suffix_token_agreement")),
-    ("patching", "stage_patching", ("patching",)),
-    ("knockout", "stage_knockout", ("knockout",)),
-    ("generation", "stage_generation", ("knockout_completions.json",)),
-)
-
-
 def _exists(out: Path, output: str) -> bool:
+    """An output: a file by its name (``.json``) or a table by its name (CSV or parquet)."""
     return (out / output).is_file() if output.endswith(".json") else table_path(out, output) is not None
 
 
+# In order; outputs are tables by name, other files with their extension.
+STAGES: tuple[Stage, ...] = (
+    Stage("conditions", stage_conditions, ("conditions.json",), _exists),
+    Stage("cosine", stage_cosine, ("cosine",), _exists),
+    Stage("harmfulness", stage_harmfulness, ("harmfulness",), _exists),
+    Stage("heads", stage_heads, ("heads", "top_heads.json"), _exists),
+    Stage("hijack", stage_hijack, ("hijack", "hijack_dominance"), _exists),
+    Stage("suffix_tokens", stage_suffix_tokens, ("suffix_tokens", "suffix_token_agreement"), _exists),
+    Stage("patching", stage_patching, ("patching",), _exists),
+    Stage("knockout", stage_knockout, ("knockout",), _exists),
+    Stage("generation", stage_generation, ("knockout_completions.json",), _exists),
+)
+
+
 def _load_conditions(out: Path) -> list[Condition]:
-    return [Condition(**c) for c in json.loads((out / "conditions.json").read_text())["conditions"]]
+    return [Condition(**c) for c in _read(out, "conditions.json")["conditions"]]
 
 
 # --- the summary -----------------------------------------------------------------------------------
@@ -629,7 +624,7 @@ def build_summary(out: Path, record: dict) -> dict:
     cos = read_table(out, "cosine", ["condition", "site", "layer", "position", "cosine"])
     at = cos[(cos["site"] == "hook_resid_pre") & (cos["layer"] == layer) & (cos["position"] == position)]
     cosine = _by_kind(at.groupby("condition", observed=True)["cosine"].mean().to_dict(), conds)
-    top = json.loads((out / "top_heads.json").read_text())
+    top = _read(out, "top_heads.json")
     top8 = [tuple(x) for x in top["top8"]]
     hj = read_table(out, "hijack", ["condition", "layer", "head", "destination", "region", "mass"])
     hj = hj[(hj["destination"] == -1) & pd.MultiIndex.from_arrays([hj["layer"], hj["head"]]).isin(top8)]
@@ -651,7 +646,7 @@ def build_summary(out: Path, record: dict) -> dict:
     ko_rnd = ko_all[ko_all["condition"].map(kinds) == "random"]
     gen_path = out / "knockout_completions.json"
     if gen_path.is_file():
-        gen = json.loads(gen_path.read_text())
+        gen = _read(out, gen_path.name)
         restored, n_made = gen["restored"], gen["n_made_answer"]
         if n_made == 0:
             notes.append("knockout_restored: the suffix made no prompt answer that was refused without it")
@@ -673,7 +668,7 @@ def build_summary(out: Path, record: dict) -> dict:
     return {
         "model": record["model"], "fingerprint": record["fingerprint"],
         "layer": layer, "position": position, "hook": f"blocks.{layer}.hook_resid_pre",
-        "suffix": record["suffix"], "suffix_tokens": json.loads((out / "conditions.json").read_text())["suffix_tokens"],
+        "suffix": record["suffix"], "suffix_tokens": _read(out, "conditions.json")["suffix_tokens"],
         "n_harmful": record["n_harmful"], "n_harmless": record["n_harmless"],
         "n_random": sum(c.kind == "random" for c in conds),
         "random_suffixes": [c.suffix for c in conds if c.kind == "random"],
@@ -773,19 +768,20 @@ def run_attribution(
     run = _Run(cm, direction, int(layer), int(position), harmful, harmless, suffix, out, config, judge, progress,
                record)
     ran = False
-    for name, fn, outputs in STAGES:
+    for stage in STAGES:
+        name = stage.name
         if name == "suffix_tokens" and not config.token_effects:
             log.info("stage %s: off (token_effects)", name)
             continue
         if name == "generation" and judge is None:
-            if not _exists(out, outputs[0]):
+            if not stage.done(out):
                 log.info("stage %s: no judge given, answers under knockout not generated", name)
             continue
-        if all(_exists(out, o) for o in outputs):
+        if stage.done(out):
             log.info("stage %s: done before, skipped", name)
         else:
             t0 = time.perf_counter()
-            globals()[fn](run)  # looked up at call time, so a test can replace a stage
+            stage.run(run)
             record.setdefault("stages", {})[name] = round(time.perf_counter() - t0, 3)
             write_json_atomic(out / "run.json", record)
             log.info("stage %s: %.1f s", name, record["stages"][name])
@@ -798,4 +794,4 @@ def run_attribution(
         write_json_atomic(summary_path, summary)
         return summary
     log.info("stage summary: done before, skipped")
-    return json.loads(summary_path.read_text())
+    return _read(out, "summary.json")

@@ -14,9 +14,7 @@ other data or settings is refused rather than mixed.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import json
 import logging
 import random
 from dataclasses import asdict, dataclass
@@ -25,13 +23,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..artifacts import ensure_dir, write_json_atomic, write_text_atomic
+from ..artifacts import write_json_atomic, write_text_atomic
 from ..config import setting
 from ..datasets import load_instructions
 from ..errors import UserError
 from ..metrics import refusal_score
 from ..models.forward import run_batches
 from ..models.loading import ChatModel, fingerprint_mismatch
+from ..runs import RUN_FILE, digest, read_json, update_run
+from ..runs import open_run as open_run_folder
 from .extract import diff_in_means
 from .select import CandidateScore, SelectionConfig, score_candidates, scores_table, select_direction
 
@@ -87,10 +87,6 @@ def _sample(items: list[str], n: int, seed: int) -> list[str]:
     return items[:n]
 
 
-def _data_hash(*sets: list[str]) -> str:
-    return hashlib.sha256(json.dumps(sets).encode()).hexdigest()[:16]
-
-
 def _save_tensor(path: Path, name: str, t: torch.Tensor, meta: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({name: t.contiguous().cpu()}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
@@ -102,31 +98,40 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
     w = csv.DictWriter(buf, fieldnames=list(rows[0]))
     w.writeheader()
     w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    if not (path.is_file() and path.read_bytes() == buf.getvalue().encode()):  # bytes: csv ends lines in \r\n
+        write_text_atomic(path, buf.getvalue())
 
 
 # Selection thresholds only decide the last, cheap stage: a rerun may change them.
 _SELECTION_ONLY = ("prune_layer_fraction", "kl_threshold", "induce_threshold", "batch_size")
 
 
-def _stage_settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _SELECTION_ONLY}
-
-
 def check_run_model(run: Path, cm: ChatModel, allow_other_model: bool = False) -> dict:
     """The run's record, if it was made from ``cm``'s weights; a clear error if from other
     weights, unless ``allow_other_model`` (applying one model's direction to another, e.g. a
     base and its chat model, on purpose). ``other_model`` in the returned record says which."""
-    rec_path = run / "run.json"
+    rec_path = run / RUN_FILE
     if not rec_path.is_file():
         raise UserError(f"{run} is not a direction run folder (no run.json); make one with "
                         "`suffix-analysis direction --model M --out RUN`")
-    rec = json.loads(rec_path.read_text())
+    rec = read_json(rec_path, f"make the run again with `suffix-analysis direction --out {run}` in a new folder")
+    if not isinstance(rec, dict) or rec.get("kind", "direction") != "direction":
+        raise UserError(f"{run} is not a direction run folder; give the --out of `suffix-analysis direction`")
     why = fingerprint_mismatch(rec.get("fingerprint"), cm, f"run folder {run} (model '{rec.get('model')}')")
     if why and not allow_other_model:
         raise UserError(f"{why}; use that model, another --out, or --allow-other-model to apply it to this "
                         "model on purpose")
     return {**rec, "other_model": why is not None}
+
+
+def _load_tensor(path: Path, name: str, remedy: str) -> torch.Tensor:
+    try:
+        return load_file(str(path))[name]
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {remedy}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise UserError(f"{path} is not a readable safetensors file with '{name}' ({type(e).__name__}); "
+                        f"{remedy}") from None
 
 
 def load_direction(run: str | Path, cm: ChatModel, allow_other_model: bool = False) -> tuple[torch.Tensor, dict]:
@@ -139,8 +144,9 @@ def load_direction(run: str | Path, cm: ChatModel, allow_other_model: bool = Fal
     if not (run / "direction.safetensors").is_file():
         raise UserError(f"no direction.safetensors in {run}; run `suffix-analysis direction --out {run}` first")
     rec = check_run_model(run, cm, allow_other_model)
-    info = json.loads((run / "direction.json").read_text())
-    direction = load_file(str(run / "direction.safetensors"))["direction"]
+    remedy = f"select it again with `suffix-analysis direction --out {run}` (the earlier stages are kept)"
+    info = read_json(run / "direction.json", remedy)
+    direction = _load_tensor(run / "direction.safetensors", "direction", remedy)
     if direction.shape != (cm.d_model,):
         raise UserError(f"direction in {run} has width {tuple(direction.shape)}, the model {cm.d_model}")
     info["run"] = str(run)
@@ -167,23 +173,19 @@ def sample_prompts(cfg: DirectionConfig, data_dir: str | None) -> PromptSets:
 def open_run(cm: ChatModel, out: str | Path, cfg: DirectionConfig, prompts: PromptSets) -> tuple[Path, dict]:
     """The run folder and its record; refuses a folder made from another model or with
     other data or settings (selection thresholds may change)."""
-    run = ensure_dir(out)
     record = {
         "model": cm.name,
         "fingerprint": cm.fingerprint(),
         "n_layers": cm.n_layers,
         "d_model": cm.d_model,
         "eoi_positions": cm.chat.eoi_positions,
-        "data": _data_hash(prompts.harmful_train, prompts.harmless_train, prompts.harmful_val, prompts.harmless_val),
+        "data": digest([prompts.harmful_train, prompts.harmless_train, prompts.harmful_val, prompts.harmless_val]),
         "config": asdict(cfg),
     }
-    rec_path = run / "run.json"
-    if rec_path.is_file():
-        old = json.loads(rec_path.read_text())
-        check_run_model(run, cm)
-        if old.get("data") != record["data"] or _stage_settings(old.get("config", {})) != _stage_settings(record["config"]):
-            raise UserError(f"run folder {run} was made with other data or settings; use another --out")
-    write_json_atomic(rec_path, record)  # the selection thresholds of the latest run
+    run = Path(out).expanduser()
+    record = open_run_folder(run, "direction", record, free=_SELECTION_ONLY, same_model=lambda old: fingerprint_mismatch(
+        old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
+    update_run(run, record)  # the selection thresholds of the latest run
     return run, record
 
 
@@ -212,7 +214,7 @@ def filter_prompts(cm: ChatModel, run: Path, cfg: DirectionConfig, prompts: Prom
         if cfg.filter_val:
             record["harmful_val"], record["harmless_val"] = kept(prompts.harmful_val, prompts.harmless_val, "val")
         write_json_atomic(path, record)
-    record = json.loads(path.read_text())
+    record = read_json(path, f"remove it to filter again (`suffix-analysis direction --out {run}`)")
     out = PromptSets(**asdict(prompts))
     if cfg.filter_train:
         out.harmful_train, out.harmless_train = record["harmful"], record["harmless"]
@@ -232,7 +234,7 @@ def extract_candidates(cm: ChatModel, run: Path, cfg: DirectionConfig, prompts: 
         cands = diff_in_means(cm, prompts.harmful_train, prompts.harmless_train, positions=positions,
                               batch_size=cfg.batch_size, progress=progress)
         _save_tensor(path, "candidates", cands.float(), {"fingerprint": fingerprint})
-    return load_file(str(path))["candidates"]
+    return _load_tensor(path, "candidates", f"remove it to extract again (`suffix-analysis direction --out {run}`)")
 
 
 def score_all(cm: ChatModel, run: Path, cfg: DirectionConfig, prompts: PromptSets, cands: torch.Tensor,
@@ -241,14 +243,15 @@ def score_all(cm: ChatModel, run: Path, cfg: DirectionConfig, prompts: PromptSet
     path = run / "candidates.csv"
     if not path.is_file():
         scores = score_candidates(cm, cands, prompts.harmful_val, prompts.harmless_val, batch_size=cfg.batch_size,
-                                  progress=progress)
-        try:
-            select_direction(scores, cm.n_layers, selection_config(cfg))  # fills filtered_by
-        finally:
-            _write_csv(path, scores_table(scores))
-    with open(path, newline="") as f:
-        return [CandidateScore(int(r["position"]), int(r["layer"]), float(r["bypass"]), float(r["induce"]),
-                               float(r["kl"]), float(r["norm"])) for r in csv.DictReader(f)]
+                                  progress=progress, cfg=selection_config(cfg))
+        _write_csv(path, scores_table(scores))  # filtered_by is filled by selection (stage 4)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return [CandidateScore(int(r["position"]), int(r["layer"]), float(r["bypass"]), float(r["induce"]),
+                                   float(r["kl"]), float(r["norm"])) for r in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a candidates table this suite wrote (truncated or edited?); remove it to "
+                        f"score again (`suffix-analysis direction --out {run}`)") from None
 
 
 def selection_config(cfg: DirectionConfig) -> SelectionConfig:
@@ -257,8 +260,12 @@ def selection_config(cfg: DirectionConfig) -> SelectionConfig:
 
 def select_and_save(cm: ChatModel, run: Path, cfg: DirectionConfig, cands: torch.Tensor,
                     scores: list[CandidateScore], record: dict) -> dict:
-    """Stage 4: the filters and the lowest bypass score -> ``direction.safetensors``, ``direction.json``."""
-    best = select_direction(scores, cm.n_layers, selection_config(cfg))
+    """Stage 4: the filters and the lowest bypass score -> ``direction.safetensors``, ``direction.json``;
+    ``candidates.csv`` is rewritten with the filter that removed each candidate under these thresholds."""
+    try:
+        best = select_direction(scores, cm.n_layers, selection_config(cfg))
+    finally:  # the table names this selection's survivors (also when none survives)
+        _write_csv(run / "candidates.csv", scores_table(scores))
     pi = cm.chat.eoi_positions[-cands.shape[0]:].index(best.position)
     direction = cands[pi, best.layer]
     info = {**asdict(best), "model": cm.name, "fingerprint": record["fingerprint"], "data": record["data"],

@@ -95,6 +95,14 @@ def orthogonalize_(cm: ChatModel, direction: torch.Tensor) -> list[str]:
     return list(names)
 
 
+def _is_orthogonalized(folder: Path) -> bool:
+    """Whether ``folder`` is an orthogonalized model this suite exported (so a rerun may replace it)."""
+    try:
+        return json.loads((folder / MARKER_FILE).read_text()).get("orthogonalized") is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _marker(cm: ChatModel, n_edited: int, provenance: dict) -> str:
     marker = {"orthogonalized": True, "edited_parameters": n_edited, **provenance}
     if cm.preset:
@@ -114,7 +122,7 @@ def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Pat
     if cm.dispatched:
         return export_from_checkpoint(cm, direction, out, provenance)
     names = orthogonalize_(cm, direction)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, _is_orthogonalized, "an orthogonalized model folder") as tmp:
         cm.model.save_pretrained(tmp)
         cm.tokenizer.save_pretrained(tmp)
         (tmp / MARKER_FILE).write_text(_marker(cm, len(names), provenance))
@@ -162,7 +170,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
     tied = bool(getattr(text_cfg, "tie_word_embeddings", False) or getattr(cm.model.config, "tie_word_embeddings", False))
     head_name = f"{cm.arch.lm_head}.weight"
     seen: set[str] = set()
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, _is_orthogonalized, "an orthogonalized model folder") as tmp:
         for shard in shards:
             with safe_open(str(shard), framework="pt") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -200,7 +200,7 @@ def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.tie_weights()
-        with atomic_folder(final) as tmp:
+        with atomic_folder(final, lambda _: True, "a cache folder") as tmp:  # the suite's own cache
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf), "converted_from": "gguf"}))
@@ -289,7 +289,7 @@ def organism_folder(preset: Preset, progress: bool = True) -> Path:
     if merged_sha != delta.merged_sha256:
         raise UserError(f"merging {path} gave weights with SHA-256 {merged_sha[:16]}, not the recorded "
                         f"{delta.merged_sha256[:16]}; please report this with your torch version")
-    with atomic_folder(final) as tmp:
+    with atomic_folder(final, lambda _: True, "a cache folder") as tmp:  # the suite's own cache
         for f in Path(base_folder).iterdir():
             if f.is_file() and f.name not in ("model.safetensors", MARKER_FILE):
                 shutil.copy2(f, tmp / f.name)
