@@ -163,9 +163,7 @@ class LlamaGuardJudge:
     name = "llamaguard"
 
     def __init__(self, model: str, device: str = "auto", max_new_tokens: int = 8):
-        from transformers import AutoModelForCausalLM
-
-        from ..models.loading import load_tokenizer, resolve
+        from ..models.loading import load_tokenizer, load_weights, resolve
 
         location, _ = resolve(model)
         self.tokenizer = load_tokenizer(location)
@@ -174,8 +172,7 @@ class LlamaGuardJudge:
 
             raise UserError(f"judge model '{model}' has no chat template; Llama Guard builds its prompt from it")
         dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-        self.model = AutoModelForCausalLM.from_pretrained(str(location), dtype=torch.bfloat16 if dev != "cpu"
-                                                          else torch.float32).to(dev).eval()
+        self.model = load_weights(location, dtype=torch.bfloat16 if dev != "cpu" else torch.float32).to(dev).eval()
         self.max_new_tokens = max_new_tokens
 
     @torch.no_grad()

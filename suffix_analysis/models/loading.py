@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,12 +187,17 @@ def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    log.info("converting %s to a safetensors folder in %s (once, about 20 s)", gguf.name, final.parent)
     bars = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
     try:  # the loading and the saving bars; the dequantization's own bar is plain tqdm and always shows
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # reads the header: fails fast
+            log.info("converting %s to a safetensors folder in %s (once, about 20 s)", gguf.name, final.parent)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, OSError, KeyError, IndexError, struct.error) as e:  # what a foreign or cut file breaks
+            why = "it ends too early" if isinstance(e, struct.error) else str(e).splitlines()[0].rstrip(".")
+            raise UserError(f"could not read {gguf} as a GGUF model ({why}); is the file complete? download it "
+                            "again") from None
         config = loaded.config
         for attr in ("quantization_config",):
             if hasattr(config, attr):
@@ -305,7 +311,14 @@ def organism_folder(preset: Preset, progress: bool = True) -> Path:
 def _folder_preset(folder: Path) -> Preset | None:
     marker = folder / MARKER_FILE
     if marker.is_file():
-        name = json.loads(marker.read_text()).get("preset")
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{marker} (the suite's record of this folder) is not a JSON object (truncated or "
+                            "edited?); pass --preset NAME to name the model's preset, or write the folder again")
+        name = record.get("preset")
         if name in PRESETS:
             return PRESETS[name]
     return None
@@ -357,6 +370,26 @@ def load_tokenizer(location: Path | str, trust_remote_code: bool = False):
     return tok
 
 
+def load_weights(location: Path | str, how: str = "", **kwargs) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(location, **kwargs)`` from safetensors only: a
+    pickled checkpoint (``pytorch_model.bin``) can run code as it loads, so it is refused with
+    how to convert it. ``how`` ends the error message (e.g. the device map asked for)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(location)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"{folder} holds its weights only as a pickle (pytorch_model.bin) and the suite loads "
+                        "safetensors only (a pickle can run code as it loads); convert it once, if you trust it: "
+                        "python -c \"from transformers import AutoModelForCausalLM as M; "
+                        f"M.from_pretrained('{folder}').save_pretrained('{folder}')\"")
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(location), use_safetensors=True, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        hint = "; the suite loads safetensors weights only" if "safetensors" in str(e) else ""
+        raise UserError(f"could not load model weights from '{location}'{how}: {str(e).splitlines()[0]}{hint}") \
+            from None
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     preset: str | None = None,
@@ -373,8 +406,6 @@ def load_model(
     before the weights load, so a model without a chat template fails fast. ``progress``:
     bars while a GGUF file or an organism is made into a folder (once per cache).
     """
-    from transformers import AutoModelForCausalLM
-
     placement = placement or Placement()
     dev = _pick_device(device)  # settings first: resolving may build a model for minutes
     if dtype != "auto":
@@ -387,12 +418,8 @@ def load_model(
     dt = _pick_dtype(dtype, dev, pre)
     offload = cache_dir() / "offload" / hashlib.sha256(str(location).encode()).hexdigest()[:12]
     placed = pretrained_kwargs(placement, dt, offload)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dt, trust_remote_code=trust_remote_code,
-                                                     **placed)
-    except (OSError, ValueError, KeyError) as e:
-        how = " with --device-map " + placement.device_map if placement.device_map else ""
-        raise UserError(f"could not load model weights from '{location}'{how}: {str(e).splitlines()[0]}") from None
+    how = " with --device-map " + placement.device_map if placement.device_map else ""
+    model = load_weights(location, how, dtype=dt, trust_remote_code=trust_remote_code, **placed)
     if not placed:  # accelerate has placed a dispatched model; .to() would undo it
         model.to(dev)
     elif isinstance(placed["device_map"], dict):
