@@ -159,7 +159,14 @@ def _suffix_record(spec: str | None) -> dict | None:
     f = p / "suffix.json"
     if not f.is_file():
         raise UserError(f"{p} has no suffix.json; run `suffix-analysis attack ... --out {p}` first")
-    return json.loads(f.read_text())
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("suffix"), str):
+        raise UserError(f"{f} is not an attack record with a suffix (truncated or edited?); run "
+                        f"`suffix-analysis attack ... --out {p}` again")
+    return record
 
 
 def _suffix_text(spec: str | None) -> str | None:

@@ -89,3 +89,91 @@ def test_pickled_weights_are_refused_for_a_judge_too(pickled_folder):
 
     with pytest.raises(UserError, match="convert"):
         make_judge(f"llamaguard:{pickled_folder}", device="cpu")
+
+
+# --- 4. --targets FILE -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,content", [
+    ("t.txt", b"Sure, here is \xff\xfe a poem\nSure\n"),
+    ("t.json", b"[1, 2]"),
+    ("t.json", b'{"a": 1, "b": 2}'),
+    ("t.json", b'[{"target": 5}, {"target": ["x"]}]'),
+    ("t.csv", b"target\nSure\n\xff\n"),
+], ids=["txt-not-utf8", "json-numbers", "json-dict", "json-target-not-string", "csv-not-utf8"])
+def test_bad_targets_file_is_one_line_error(capsys, tmp_path, tiny_folder, instructions, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    code, _, err = run(capsys, "attack", "random", "--model", tiny_folder, "--instructions", instructions,
+                       "--n-prompts", "2", "--targets", f, "--out", tmp_path / "out")
+    assert code == 2
+    one_line_error(err, str(f), "expected")
+    assert not (tmp_path / "out").exists()
+
+
+# --- 5. organism check --position ------------------------------------------------------------------
+
+@pytest.mark.parametrize("position", ["0", "2", "-99"])
+def test_organism_check_position_outside_the_eoi_tokens(capsys, tmp_path, tiny_folder, instructions, position):
+    code, _, err = run(capsys, "organism", "check", "--model", tiny_folder, "--instructions", instructions,
+                       "--position", position, "--max-new-tokens", "1", "-q")
+    assert code == 2
+    one_line_error(err, f"--position {position}", "EOI position", "-1")
+
+
+# --- 6. a corrupt suffix.json, direction.json or direction.safetensors -----------------------------
+
+@pytest.mark.parametrize("content", [b'{"suffix": "! ! !", "suffix_ids": [1, 2', b"[]", b'{"losses": []}'],
+                         ids=["truncated", "not-an-object", "no-suffix"])
+@pytest.mark.parametrize("command", ["refusal", "attribute"])
+def test_corrupt_suffix_json_is_one_line_error(capsys, tmp_path, tiny_folder, instructions, content, command):
+    suffix_run = tmp_path / "attack"
+    suffix_run.mkdir()
+    (suffix_run / "suffix.json").write_bytes(content)
+    extra = ["--direction", tmp_path / "no-direction-needed-yet"] if command == "attribute" else []
+    code, _, err = run(capsys, command, "--model", tiny_folder, "--instructions", instructions,
+                       "--suffix", suffix_run, *extra, "--out", tmp_path / "out")
+    assert code == 2
+    one_line_error(err, str(suffix_run / "suffix.json"), "suffix-analysis attack")
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_suffix_json_of_a_reproduce_run_stops_figures(capsys, tmp_path):
+    run_folder = tmp_path / "run"
+    (run_folder / "attack").mkdir(parents=True)
+    (run_folder / "run.json").write_text(json.dumps({"model": "tiny"}))
+    (run_folder / "attack" / "suffix.json").write_text('{"model": "tiny", "suff')
+    code, _, err = run(capsys, "figures", run_folder, "--out", tmp_path / "figs")
+    assert code == 2
+    one_line_error(err, str(run_folder / "attack" / "suffix.json"), "--redo attack")
+    assert not (tmp_path / "figs").exists()
+
+
+@pytest.fixture
+def direction_run(tmp_path, tiny):
+    """A direction run folder of ``tiny`` (the tiny_folder model), written by hand: its record,
+    a direction and the direction's record."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "direction"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"kind": "direction", "model": "tiny", "fingerprint": tiny.fingerprint()}))
+    (folder / "direction.json").write_text(json.dumps({"position": -1, "layer": 0, "model": "tiny"}))
+    save_file({"direction": torch.randn(tiny.d_model)}, str(folder / "direction.safetensors"))
+    return folder
+
+
+@pytest.mark.parametrize("name,content", [
+    ("direction.json", b'{"position": -1, "lay'),
+    ("direction.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{\"direction\": "),
+], ids=["direction-json-truncated", "safetensors-truncated"])
+def test_corrupt_direction_run_is_one_line_error(capsys, tmp_path, tiny_folder, direction_run, name, content):
+    # the run is sound: the command works with it, until one of its files is corrupt
+    code, _, err = run(capsys, "orthogonalize", "--model", tiny_folder, "--direction", direction_run,
+                       "--out", tmp_path / "ok")
+    assert code == 0, err
+    (direction_run / name).write_bytes(content)
+    code, _, err = run(capsys, "orthogonalize", "--model", tiny_folder, "--direction", direction_run,
+                       "--out", tmp_path / "out")
+    assert code == 2
+    one_line_error(err, str(direction_run / name), "suffix-analysis direction")
+    assert not (tmp_path / "out").exists()

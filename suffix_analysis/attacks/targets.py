@@ -43,25 +43,46 @@ def default_target(instruction: str) -> str:
     return "Sure, here is " + text[0].lower() + text[1:]
 
 
+_TARGETS_FORMAT = ("one target per instruction: a .json list of strings or of {\"target\": \"...\"} objects, a .csv "
+                   "with a 'target' column, or a .txt with one per line (UTF-8)")
+
+
+def _json_target(x) -> str | None:
+    return x if isinstance(x, str) else x.get("target") if isinstance(x, dict) else None
+
+
+def _json_kind(data) -> str:
+    """What a JSON value that holds no targets is, for an error: 'a JSON object', 'a list with 1 among its items'."""
+    if isinstance(data, list):
+        bad = next(x for x in data if not isinstance(_json_target(x), str))
+        return f"a list with {json.dumps(bad)[:40]} among its items"
+    return "a JSON " + {dict: "object", str: "string", type(None): "null", bool: "boolean"}.get(type(data), "number")
+
+
 def load_targets(path: str | Path, n: int) -> list[str]:
     """Targets aligned with the instructions: ``.json`` list (strings or ``{"target": ...}``),
     ``.csv`` with a ``target``/``Target`` column, or ``.txt`` one per line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"targets file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); expected {_TARGETS_FORMAT}") from None
     if path.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{path} is not valid JSON ({e.msg})") from None
-        targets = [x if isinstance(x, str) else (x or {}).get("target", "") for x in data]
+            raise UserError(f"{path} is not valid JSON ({e.msg}); expected {_TARGETS_FORMAT}") from None
+        targets = [_json_target(x) for x in data] if isinstance(data, list) else []
+        if not isinstance(data, list) or any(not isinstance(t, str) for t in targets):
+            raise UserError(f"{path} holds {_json_kind(data)}; expected {_TARGETS_FORMAT}")
     elif path.suffix == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
         col = next((c for c in ("target", "Target") if rows and c in rows[0]), None)
         if col is None:
-            raise UserError(f"{path}: no 'target' column")
-        targets = [r[col] for r in rows]
+            raise UserError(f"{path}: no 'target' column; expected {_TARGETS_FORMAT}")
+        targets = [r[col] or "" for r in rows]  # a short row has None there: an empty target, refused below
     else:
         targets = [l.strip() for l in text.splitlines() if l.strip()]
     if len(targets) < n:

@@ -22,11 +22,14 @@ def ablation_sweep(cm: ChatModel, harmful_train: list[str], harmless_train: list
                    position: int = -1, layers: list[int] | None = None, max_new_tokens: int = 64,
                    progress: bool = False) -> tuple[float, list[SweepRow]]:
     """Baseline refusal rate on ``harmful_eval``, and the rate with each layer's direction ablated."""
+    from ..errors import UserError
+
     bad = [l for l in layers or [] if not 0 <= l < cm.n_layers]
     if bad:
-        from ..errors import UserError
-
         raise UserError(f"layers {bad} out of range for a model with {cm.n_layers} layers")
+    if position not in cm.chat.eoi_positions:  # elsewhere it would read the instruction's tokens, or past them
+        raise UserError(f"--position {position} is not an EOI position of this chat template, which puts "
+                        f"{cm.chat.n_eoi} tokens after the instruction; use -{cm.chat.n_eoi} .. -1")
     cands = diff_in_means(cm, harmful_train, harmless_train, positions=[position], progress=progress)[0]
     base = evaluate_refusal(cm, harmful_eval, max_new_tokens=max_new_tokens, batch_size=64, progress=False)
     rows = []

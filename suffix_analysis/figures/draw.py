@@ -46,7 +46,14 @@ class Tables:
 
     def json(self, rel: str) -> dict | list | None:
         path = self.run / rel
-        return json.loads(path.read_text()) if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            stage = f" --redo {rel.split('/')[0]}" if "/" in rel else ""
+            raise UserError(f"{path} is not valid JSON (truncated or edited?); make it again with "
+                            f"`suffix-analysis reproduce --out {self.run}{stage}`") from None
 
     def table(self, folder: str, name: str, columns=None) -> pd.DataFrame | None:
         where = self.run / folder
