@@ -177,3 +177,66 @@ def test_corrupt_direction_run_is_one_line_error(capsys, tmp_path, tiny_folder, 
     assert code == 2
     one_line_error(err, str(direction_run / name), "suffix-analysis direction")
     assert not (tmp_path / "out").exists()
+
+
+# --- 7. what the README, the example config and the dependencies say -----------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _required_flags(*command: str) -> set[str]:
+    import argparse
+
+    from suffix_analysis.cli import build_parser
+
+    parser = build_parser(list(command))
+    for name in command:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        parser = sub.choices[name]
+    return {a.option_strings[0] for a in parser._actions if a.required and a.option_strings}
+
+
+@pytest.mark.parametrize("attack", ["gcg", "random"])
+def test_readme_attack_commands_give_every_required_flag(attack):
+    required = _required_flags("attack", attack)
+    assert "--instructions" in required
+    lines = [l for l in (REPO / "README.md").read_text().splitlines()
+             if l.startswith(f"suffix-analysis attack {attack} ")]
+    assert lines
+    for line in lines:
+        missing = {flag for flag in required if flag not in line.split()}
+        assert not missing, f"README: {line!r} lacks {sorted(missing)}"
+
+
+def test_the_example_reproduce_config_documents_every_key():
+    """configs/reproduce.toml says it gives every key: each one, with a comment above it."""
+    from suffix_analysis.config import read_toml
+    from suffix_analysis.reproduce import build_config
+
+    path = REPO / "configs" / "reproduce.toml"
+    commented, section, previous = set(), None, ""
+    for line in path.read_text().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif " = " in line and previous.startswith("# "):
+            commented.add((section, line.split(" = ")[0]))
+        previous = line
+    given = read_toml(path)
+    for section, values in build_config("paper").sections().items():
+        assert set(given.get(section, {})) == set(values), f"[{section}]"
+        assert {(section, k) for k in values} <= commented, f"[{section}] has keys without a comment"
+
+
+def test_every_declared_dependency_is_used():
+    """A dependency in pyproject.toml is imported by the package, or is one that transformers
+    needs at run time without requiring it itself."""
+    import re
+
+    from suffix_analysis.config import read_toml
+
+    runtime_only = {"gguf": "transformers reads .gguf files with it", "jinja2": "transformers renders chat templates"}
+    source = "\n".join(p.read_text() for p in (REPO / "suffix_analysis").rglob("*.py"))
+    modules = [re.match(r"[A-Za-z0-9_.-]+", dep).group(0).replace("-", "_")
+               for dep in read_toml(REPO / "pyproject.toml")["project"]["dependencies"]]
+    unused = [m for m in modules if m not in runtime_only and not re.search(rf"^\s*(import|from) {m}\b", source, re.M)]
+    assert not unused, f"declared in pyproject.toml but never imported: {unused}"
