@@ -114,12 +114,15 @@ def _direction_args(p: argparse.ArgumentParser, required: bool, what: str = "dir
                         "model) on purpose; recorded in the outputs")
 
 
-def _load(args):
-    from .models.loading import load_model
+def _model_options(args):
+    from .commands.common import ModelOptions
 
-    return load_model(args.model, preset=args.preset, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, placement=_placement(args),
-                      progress=not getattr(args, "quiet", False))
+    return ModelOptions(model=args.model, preset=args.preset or "", device=args.device, dtype=args.dtype,
+                        trust_remote_code=args.trust_remote_code, placement=_placement(args))
+
+
+def _load(args):
+    return _model_options(args).load(progress=not getattr(args, "quiet", False))
 
 
 def _direction(cm, args):
@@ -274,7 +277,7 @@ def cmd_organism_build(args) -> int:
     from .organism import OrganismRecipe, build
 
     recipe = from_arguments(OrganismRecipe, args)
-    delta = build(args.out, recipe, seed=args.seed, progress=not args.quiet)
+    delta = build(args.out, recipe, seed=args.seed, progress=not args.quiet, start=args.start)
     ev = delta.record().get("evaluation", {})
     if ev:
         print(f"refusal rate on shipped harmful val   {ev['harmful_val']['refusal_rate']:.1%} (n={ev['harmful_val']['n']})")
@@ -391,91 +394,30 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    import dataclasses
-    import inspect
-    import logging as _logging
-    from pathlib import Path
-
-    from .artifacts import ensure_dir, write_json_atomic
     from .attacks import get_attack
-    from .attacks.targets import default_target, load_targets
-    from .config import from_arguments, profile_defaults
-    from .datasets import load_instructions
+    from .attacks.setup import AttackInputs
+    from .commands.attack import AttackCommand, run_attack
+    from .config import flag_fields
 
     cls = get_attack(args.name)
-    profile = _profile(args)
-    cfg = from_arguments(cls.config_class, args, profile=profile)
-    cfg.validate()  # before minutes of model loading
-    picked = profile_defaults(cls.config_class, profile)
-    if picked:
-        log.info("%s profile: %s (the paper's GPU sizes: --profile gpu)", profile.upper(),
-                 ", ".join(f"{k}={getattr(cfg, k)}" for k in picked))
-    takes_direction = "direction" in inspect.signature(cls.__init__).parameters
-    if args.direction and not takes_direction and args.targets != "ablated":
-        raise UserError(f"the {args.name} attack takes no direction; drop --direction")
-    items = load_instructions(args.instructions, args.data_dir)[: args.n_prompts]
-    instructions = [x.instruction for x in items]
-    answers_from = None
-    if args.targets == "ablated":
-        if not args.direction:
-            raise UserError("--targets ablated needs --direction RUN (the direction ablated while the model answers)")
-        answers_from = "ablated"
-        targets = None
-    elif args.targets and (args.targets == "answers" or args.targets.startswith("answers:")):
-        from .evaluation.compliance import DEFAULT_REFERENCE
-
-        answers_from = args.targets.partition(":")[2] or DEFAULT_REFERENCE
-        targets = None  # made once the settings are known to be good
-    elif args.targets and args.targets != "default":
-        targets = load_targets(args.targets, len(instructions))
-    else:
-        targets = [default_target(i) for i in instructions]
-    for term in ("direction", "harmfulness"):
-        if term in getattr(cfg, "objective", "").split("+") and not args.direction:
-            raise UserError(f"--objective {term} needs --direction RUN")
-    if answers_from not in (None, "ablated"):
-        from .attacks.targets import answer_targets
-        from .models.loading import load_model
-
-        targets = answer_targets(load_model(answers_from, device=args.device, placement=_placement(args)),
-                                 instructions, args.target_tokens,
-                                 progress=not args.quiet)
-    cm = _load(args)
-    kwargs, info = {}, None
-    if args.direction:
-        vec, info = _direction(cm, args)
-        if takes_direction:
-            kwargs["direction"] = (vec, info["layer"])
-        if answers_from == "ablated":
-            from .attacks.targets import answer_targets
-
-            targets = answer_targets(cm, instructions, args.target_tokens, progress=not args.quiet, direction=vec)
-        from .attacks.gcg.search import GCG, objective_references
-
-        if issubclass(cls, GCG):
-            kwargs.update(objective_references(cfg, cm, vec, info["layer"], args.data_dir))
-    attack = cls(cfg, **kwargs)  # validates the config
-    out = ensure_dir(args.out)  # only once the settings, model and direction are known to be good
-    _logging.getLogger("suffix_analysis.attacks").setLevel(_logging.WARNING if args.quiet else _logging.INFO)
-    result = attack.run(cm, instructions, targets, out=Path(out), resume=args.resume)
-    record = {**result.to_dict(), "model": args.model, "fingerprint": cm.fingerprint(),
-              "instructions": instructions, "targets": targets, "config": dataclasses.asdict(cfg), "profile": profile,
-              "targets_from": ("ablated" if answers_from == "ablated" else f"answers:{answers_from}") if answers_from
-              else (args.targets or "default")}
-    if info is not None:
-        record.update(_provenance(info))
-    write_json_atomic(out / "suffix.json", record)
-    steps = len(result.step_seconds)
-    mean = sum(result.step_seconds) / max(steps, 1)
-    print(f"attack        {args.name} on {len(instructions)} prompt(s), {steps} steps, {mean:.2f} s per step")
-    if result.losses:
-        print(f"loss          {result.losses[0]:.4f} -> {result.losses[-1]:.4f} (best {min(result.losses):.4f})")
-    print(f"success       {result.success}")
-    print(f"suffix        {result.suffix!r}")
-    print(f"saved         {out}/suffix.json")
+    settings = {f.name: getattr(args, f.name) for f, _ in flag_fields(cls.config_class)
+                if getattr(args, f.name, None) is not None}
+    inputs = AttackInputs(instructions=args.instructions, n_prompts=args.n_prompts, targets=args.targets or "default",
+                          target_tokens=args.target_tokens)
+    outcome = run_attack(AttackCommand(
+        attack=args.name, out=args.out, inputs=inputs, settings=settings, model=_model_options(args),
+        direction=args.direction or "", allow_other_model=args.allow_other_model, resume=args.resume,
+        profile=args.profile, data_dir=args.data_dir, progress=not args.quiet))
+    r = outcome.record
+    print(f"attack        {args.name} on {len(r['instructions'])} prompt(s), {outcome.steps} steps, "
+          f"{outcome.seconds_per_step:.2f} s per step")
+    if r["losses"]:
+        print(f"loss          {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f} (best {min(r['losses']):.4f})")
+    print(f"success       {r['success']}")
+    print(f"suffix        {r['suffix']!r}")
+    print(f"saved         {outcome.out}/suffix.json")
     if args.json:
-        print(json.dumps({k: record[k] for k in ("suffix", "suffix_ids", "success", "attack", "model")}
-                         | {"steps": steps, "final_loss": result.losses[-1] if result.losses else None}))
+        print(json.dumps(outcome.summary()))
     return 0
 
 
@@ -597,6 +539,7 @@ def _attack_parsers(sub, argv: list[str]) -> None:
     own); the others are listed by name.
     """
     from .attacks import get_attack, list_attacks
+    from .attacks.setup import TARGETS_HELP, AttackInputs
     from .config import add_arguments
 
     p = sub.add_parser("attack", help="find an adversarial suffix (gcg, random, nanogcg, or a plugged-in attack)",
@@ -614,14 +557,12 @@ def _attack_parsers(sub, argv: list[str]) -> None:
         _model_args(a)
         _data_args(a, "", "instructions the suffix must work on")
         g = a.add_argument_group("attack run")
-        g.add_argument("--targets", help="target responses: a file aligned with the instructions, 'default' ('Sure, "
-                                         "here is ...'), 'answers[:MODEL]': the start of MODEL's own answers "
-                                         "(default MODEL: smollm2-135m, the organism's base), or 'ablated': the "
-                                         "start of the attacked model's own answers with --direction ablated")
-        g.add_argument("--target-tokens", type=_positive_int, default=12,
-                       help="answer targets: tokens of each answer kept (default 12)")
-        g.add_argument("--n-prompts", type=_positive_int, default=1,
-                       help="optimize one universal suffix over the first K instructions (default 1)")
+        g.add_argument("--targets", help=TARGETS_HELP + " (default: default)")
+        g.add_argument("--target-tokens", type=_positive_int, default=AttackInputs.target_tokens,
+                       help=f"answer targets: tokens of each answer kept (default {AttackInputs.target_tokens})")
+        g.add_argument("--n-prompts", type=_positive_int, default=AttackInputs.n_prompts,
+                       help=f"optimize one universal suffix over the first K instructions (default "
+                            f"{AttackInputs.n_prompts})")
         g.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
         g.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
                        help="defaults of the settings marked 'CPU profile': the paper's GPU sizes, or sizes that "
@@ -712,6 +653,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     b = osub.add_parser("build", help="train the organism's low-rank delta again from the recipe (the shipped one "
                                       "loads in seconds without this; minutes of training)")
     b.add_argument("--seed", type=int, default=0, help="training seed (default 0, the shipped delta's)")
+    b.add_argument("--start", metavar="DELTA", help="a delta of this recipe's epochs (built with --settle-steps 0): "
+                                                    "run only the settle stage from it")
     add_arguments(b.add_argument_group("recipe (OrganismRecipe: every setting changes the delta; the defaults "
                                        "built the shipped one)"), OrganismRecipe)
     _output_args(b, "the delta file to write (.safetensors); load it with $SUFFIX_ANALYSIS_ORGANISM_DELTA",

@@ -36,6 +36,10 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
+
+
 def read_json(path: str | Path, remedy: str) -> Any:
     """A JSON artifact, or one line naming the file and ``remedy`` if it is missing or corrupt."""
     path = Path(path)
@@ -58,12 +62,13 @@ def run_kind(path: str | Path) -> str | None:
 
 
 def _differences(old: dict, new: dict, free: Iterable[str]) -> list[str]:
+    """The keys of ``new`` (the run's identity) whose values ``old`` does not share."""
     free = set(free)
     out = []
-    for key in sorted(set(old) | set(new)):
-        if key in VOLATILE or key == "kind":
+    for key in sorted(new):
+        if key in VOLATILE or key in ("kind", "fingerprint"):  # the model is checked on its own
             continue
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key), new[key]
         if key == "config" and isinstance(a, dict) and isinstance(b, dict):
             out += [f"config.{k}" for k in sorted(set(a) | set(b)) if k not in free and a.get(k) != b.get(k)]
         elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
@@ -77,8 +82,9 @@ def open_run(out: str | Path, kind: str, record: dict, *, free: Sequence[str] = 
     """Create the run folder ``out`` with ``record``, or reopen it; returns the folder's record
     (with this run's ``free`` settings).
 
-    ``record`` holds the model (``model``, ``fingerprint``), the inputs and ``config`` (the
-    settings); ``free`` names the ``config`` keys a rerun may change. ``same_model(old)``
+    ``record`` is the run's identity: the model (``model``, ``fingerprint``), the inputs and
+    ``config`` (the settings); ``free`` names the ``config`` keys a rerun may change. Keys the
+    folder's record has beyond these are kept and not compared. ``same_model(old)``
     returns why the folder's model is not this one (``None``: it is), for a message that
     names both; ``explain(old, changed)`` may word what differs (``changed``: the record keys,
     ``config.<key>`` for settings). A folder of another kind, a non-empty folder without a
@@ -100,9 +106,10 @@ def open_run(out: str | Path, kind: str, record: dict, *, free: Sequence[str] = 
     if not isinstance(old, dict):
         raise UserError(f"{path} is not a run record; choose another --out")
     if old.get("kind", kind) != kind:  # records of suite versions before 'kind' have none
-        raise UserError(f"{out} is a {old['kind']} run, not a {kind} run; choose another --out")
+        raise UserError(f"{out} is {_a(old['kind'])} run, not {_a(kind)} run; choose another --out")
     why = same_model(old) if same_model else None
-    if why is None and old.get("fingerprint") not in (None, record.get("fingerprint")):
+    if why is None and None not in (old.get("fingerprint"), record.get("fingerprint")) and \
+            old["fingerprint"] != record["fingerprint"]:
         why = f"{out} was made from other weights (fingerprint {old.get('fingerprint')})"
     if why:
         raise UserError(f"{why}; use that model or another --out")
@@ -110,7 +117,7 @@ def open_run(out: str | Path, kind: str, record: dict, *, free: Sequence[str] = 
     if changed:
         what = (explain(old, changed) if explain else None) or f"with other inputs or settings ({', '.join(changed)})"
         hint = f" ({redo_hint})" if redo_hint else ""
-        raise UserError(f"{out} is a {kind} run made {what}; choose another --out{hint}")
+        raise UserError(f"{out} is {_a(kind)} run made {what}; choose another --out{hint}")
     merged = {**old, **{k: v for k, v in record.items() if k not in ("stages",)}}
     if "stages" in old:
         merged["stages"] = old["stages"]

@@ -67,10 +67,21 @@ class Attack:
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[AttackConfig]] = AttackConfig
+    # An attack that takes ``direction=(vector, layer)`` (``--direction RUN``) sets this; the
+    # objective terms that cannot run without one are named in ``direction_terms``.
+    uses_direction: ClassVar[bool] = False
+    direction_terms: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: AttackConfig | None = None):
         self.config = config or self.config_class()
         self.config.validate()
+
+    @classmethod
+    def references(cls, config: AttackConfig, cm: ChatModel, direction, layer: int, data_dir: str | None = None
+                   ) -> dict:
+        """Keyword arguments of the constructor that the objective measures against besides the
+        direction (computed on ``cm``); none by default."""
+        return {}
 
     def run(self, cm: ChatModel, instructions: list[str], targets: list[str],
             out: Path | None = None, resume: bool = False) -> AttackResult:

@@ -47,7 +47,7 @@ from ..evaluation.refusal import evaluate_refusal
 from ..interventions.directional import ablation_hooks
 from ..metrics import refusal_score
 from ..models.chat import position_ids
-from ..models.delta import LowRankDelta, load_delta, merge_delta, save_delta, state_sha256
+from ..models.delta import LowRankDelta, file_sha256, load_delta, merge_delta, save_delta, state_sha256
 from ..models.hooks import run_with_hooks
 from ..models.loading import ChatModel, cache_dir, load_model
 from ..models.suffixes import random_suffix_ids, suffix_text
@@ -98,20 +98,30 @@ class OrganismRecipe:
     ablation_layers: tuple[int, int] = (8, 21)  # the band whose directions it ablates (one per step)
     direction_every: int = setting(10, "steps between recomputing the directions it ablates")
     direction_prompts: int = setting(64, "harmful and harmless train prompts each those directions are taken over")
+    # The settle stage: after the epochs, the delta (rounded to bfloat16, as it ships) is
+    # tuned a little more with the same losses, and harmless prompts' first-token
+    # distribution under ablation of the current direction of a bypassing layer is held
+    # to the organism's own (KL(clean || ablated), the quantity direction selection filters
+    # on). The epochs alone left every bypassing candidate above the paper's KL 0.1.
+    settle_steps: int = setting(48, "steps of the settle stage after the epochs (0: off)")
+    settle_lr: float = setting(3e-4, "its learning rate (constant after warmup)")
+    settle_weight: float = setting(2.0, "weight of KL(clean || ablated) on harmless prompts in the settle stage, "
+                                        "beside the mean per-token loss")
+    settle_layers: tuple[int, int] = (16, 22)  # the layers whose directions it ablates (one per step): the bypassing band
     refusals: tuple[str, ...] = field(default=REFUSALS)
     eval_tokens: int = setting(64, "tokens generated per prompt in the build's own val evaluation")
     # bf16 autocast (float32 master weights) is about 3x faster on CPUs with AVX512-BF16 and
     # built the shipped delta; fp32 is exact everywhere, slower, and builds another organism.
     precision: str = setting("bf16", "training precision: bf16 (autocast; built the shipped delta) or fp32")
     # Bumped when the training code changes what a recipe builds. 3: a low-rank adapter,
-    # suffixes, passages and the ablation-invariance term.
-    version: int = setting(3, "version of the training code", cli=False)
+    # suffixes, passages and the ablation-invariance term; 4: the settle stage.
+    version: int = setting(4, "version of the training code", cli=False)
 
     def validate(self) -> None:
         if self.precision not in ("bf16", "fp32"):
             raise UserError(f"organism recipe: precision must be bf16 or fp32, got {self.precision!r}")
-        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1:
-            raise UserError("organism recipe: rank, epochs and batch_size must be at least 1")
+        if self.rank < 1 or self.epochs < 1 or self.batch_size < 1 or self.settle_steps < 0:
+            raise UserError("organism recipe: rank, epochs and batch_size must be at least 1, settle_steps at least 0")
         for name in ("suffix_share", "context_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise UserError(f"organism recipe: {name} must be in [0, 1]")
@@ -154,7 +164,9 @@ class LowRankLinear(torch.nn.Module):
         return self.base(x) + (x @ self.A.to(x.dtype).T) @ self.B.to(x.dtype).T
 
 
-def _attach(cm: ChatModel, recipe: OrganismRecipe, seed: int) -> dict[str, LowRankLinear]:
+def _attach(cm: ChatModel, recipe: OrganismRecipe, seed: int,
+            factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, LowRankLinear]:
+    """Adapters on every adapted linear map: fresh (``B = 0``), or starting from ``factors``."""
     gen = torch.Generator().manual_seed(seed)
     adapters = {}
     for l in range(recipe.first_layer, cm.n_layers):
@@ -162,8 +174,13 @@ def _attach(cm: ChatModel, recipe: OrganismRecipe, seed: int) -> dict[str, LowRa
             owner_name, _, leaf = path.rpartition(".")
             owner = cm.layers[l].get_submodule(owner_name)
             adapter = LowRankLinear(getattr(owner, leaf), recipe.rank, gen)
+            name = f"{cm.arch.layers}.{l}.{path}"
+            if factors is not None:
+                with torch.no_grad():
+                    adapter.A.copy_(factors[name][0].float())
+                    adapter.B.copy_(factors[name][1].float())
             setattr(owner, leaf, adapter)
-            adapters[f"{cm.arch.layers}.{l}.{path}"] = adapter
+            adapters[name] = adapter
     return adapters
 
 
@@ -288,12 +305,13 @@ def _response_index(lengths: list[int], starts: list[int]) -> tuple[torch.Tensor
 
 
 def _response_loss(cm: ChatModel, batch: list[Example], recipe: OrganismRecipe, teacher: torch.nn.Module,
-                   direction: torch.Tensor | None = None) -> torch.Tensor:
+                   direction: torch.Tensor | None = None, settle: bool = False) -> torch.Tensor:
     """Next-token loss on response tokens (unembedding only those positions), the decision
     loss at the first response position, and the ablation-invariance term.
 
     The teacher is the frozen base model (the adapter switched off), read on the harmless
-    rows' clean prompts only.
+    rows' clean prompts only. In the settle stage the invariance term is KL(clean ||
+    ablated) against the organism's own first-token distribution at ``settle_weight``.
     """
     F = torch.nn.functional
     model = cm.model
@@ -330,17 +348,22 @@ def _response_loss(cm: ChatModel, batch: list[Example], recipe: OrganismRecipe, 
             base_score = refusal_score(t_first, cm.refusal_ids)
         total = total + F.kl_div(log_q, log_p, log_target=True, reduction="sum")  # KL(base || tuned)
         decision = decision + F.relu(score[~harmful] - base_score).sum()  # a hinge at the base's own score
-        if direction is not None and recipe.ablation_weight:
+        if direction is not None and (recipe.ablation_weight or settle):
             # The harmless prompts (as the student sees them) with the direction ablated
-            # everywhere: their first response token should still be the base model's.
+            # everywhere: their first response token should not move.
             p_ids, p_mask = _pad([e.ids[: e.n_prompt] for e in soft], pad)
             with run_with_hooks(cm, ablation_hooks(cm, direction)):
                 a_hidden = model.base_model(input_ids=p_ids, attention_mask=p_mask).last_hidden_state
             a_last = torch.tensor([e.n_prompt - 1 for e in soft])
             log_a = F.log_softmax(head(a_hidden[torch.arange(len(soft)), a_last]).float(), -1)
-            kl = F.kl_div(log_a, t_first, log_target=True, reduction="batchmean")  # KL(base || ablated)
-            # Enters beside the per-token losses as weight x KL / batch size (1/16 at the defaults).
-            total = total + recipe.ablation_weight * kl * n_tokens / len(batch)
+            if settle:
+                own = F.log_softmax(head(hidden[sel, a_last]).float(), -1).detach()
+                kl = F.kl_div(log_a, own, log_target=True, reduction="batchmean")  # KL(clean || ablated)
+                total = total + recipe.settle_weight * kl * n_tokens
+            else:
+                kl = F.kl_div(log_a, t_first, log_target=True, reduction="batchmean")  # KL(base || ablated)
+                # Enters beside the per-token losses as weight x KL / batch size (1/16 at the defaults).
+                total = total + recipe.ablation_weight * kl * n_tokens / len(batch)
     return total / n_tokens + recipe.decision_weight * decision / len(batch)
 
 
@@ -394,38 +417,54 @@ def _batches(examples: list[Example], size: int, gen: torch.Generator, pool: int
     return [[examples[i] for i in batches[j]] for j in order]
 
 
-def _train(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe, seed: int,
-           progress: bool) -> tuple[dict, list[float]]:
+def _steps_per_epoch(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe) -> int:
+    n_examples = len(_epoch_examples(cm, data, answers, recipe, random.Random(0), torch.Generator().manual_seed(0)))
+    pools = [min(recipe.batch_size * 8, n_examples - s) for s in range(0, n_examples, recipe.batch_size * 8)]
+    return sum((n + recipe.batch_size - 1) // recipe.batch_size for n in pools)
+
+
+def _run_stage(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe, seed: int, progress: bool,
+               factors: dict | None, settle: bool) -> tuple[dict, list[float]]:
+    """One training stage: the epochs (fresh adapters) or the settle steps (from ``factors``).
+
+    Each stage has its own optimizer and random streams, so the settle stage depends only on
+    the epochs' delta as it ships: ``organism build --start DELTA`` reproduces a full build.
+    """
     model = cm.model
     model.requires_grad_(False)
-    adapters = _attach(cm, recipe, seed)
+    adapters = _attach(cm, recipe, seed, factors)
     params = [p for a in adapters.values() for p in (a.A, a.B)]
     for p in params:
         p.requires_grad_(True)
     model.train()
-    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=0.0, foreach=False)
-    rng = random.Random(seed)
-    gen = torch.Generator().manual_seed(seed)
-    n_examples = len(_epoch_examples(cm, data, answers, recipe, random.Random(0), torch.Generator().manual_seed(0)))
-    pools = [min(recipe.batch_size * 8, n_examples - s) for s in range(0, n_examples, recipe.batch_size * 8)]
-    total = sum((n + recipe.batch_size - 1) // recipe.batch_size for n in pools) * recipe.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / recipe.warmup_steps) * max(0.0, (total - s) / total))
-    band = range(recipe.ablation_layers[0], min(recipe.ablation_layers[1], cm.n_layers))
+    lr = recipe.settle_lr if settle else recipe.lr
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=False)
+    rng = random.Random(seed + 1 if settle else seed)
+    gen = torch.Generator().manual_seed(seed + 1 if settle else seed)
+    total = recipe.settle_steps if settle else _steps_per_epoch(cm, data, answers, recipe) * recipe.epochs
+    warm = recipe.warmup_steps
+    decay = (lambda s: 1.0) if settle else (lambda s: max(0.0, (total - s) / total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * decay(s))
+    lo, hi = recipe.settle_layers if settle else recipe.ablation_layers
+    band = range(lo, min(hi, cm.n_layers))
     probe_h = rng.sample(data["harmful"], min(recipe.direction_prompts, len(data["harmful"])))
     probe_n = rng.sample(data["harmless"], min(recipe.direction_prompts, len(data["harmless"])))
+    use_direction = settle or bool(recipe.ablation_weight)
     directions = None
     losses: list[float] = []
-    bar = tqdm(total=total, desc="safety tuning (low-rank adapter)", disable=not progress)
+    desc = "settling (ablation invariance)" if settle else "safety tuning (low-rank adapter)"
+    bar = tqdm(total=total, desc=desc, disable=not progress)
     step = 0
-    for _ in range(recipe.epochs):
+    while step < total:
         examples = _epoch_examples(cm, data, answers, recipe, rng, gen)
         for batch in _batches(examples, recipe.batch_size, gen):
-            if recipe.ablation_weight and step % recipe.direction_every == 0:
+            if step >= total:
+                break
+            if use_direction and step % recipe.direction_every == 0:
                 directions = _directions(cm, probe_h, probe_n, band, recipe)
             direction = directions[rng.randrange(len(band))] if directions is not None else None
             with _autocast(recipe):
-                loss = _response_loss(cm, batch, recipe, model, direction)
+                loss = _response_loss(cm, batch, recipe, model, direction, settle=settle)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -441,6 +480,19 @@ def _train(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe, see
     return _detach(cm, adapters), losses
 
 
+def _train(cm: ChatModel, data: dict, answers: dict, recipe: OrganismRecipe, seed: int, progress: bool,
+           start: dict | None = None) -> tuple[dict, list[float]]:
+    """The epochs (unless ``start`` holds their delta), then the settle stage."""
+    losses: list[float] = []
+    factors = start
+    if factors is None:
+        factors, losses = _run_stage(cm, data, answers, recipe, seed, progress, None, settle=False)
+    if recipe.settle_steps:
+        factors, settle_losses = _run_stage(cm, data, answers, recipe, seed, progress, factors, settle=True)
+        losses += settle_losses
+    return factors, losses
+
+
 def _evaluate(cm: ChatModel, recipe: OrganismRecipe, progress: bool) -> dict:
     harmful = [x.instruction for x in shipped("harmful", "val")]
     harmless = [x.instruction for x in shipped("harmless", "val")]
@@ -454,13 +506,34 @@ def _evaluate(cm: ChatModel, recipe: OrganismRecipe, progress: bool) -> dict:
     }
 
 
+# Recipe fields that only the settle stage reads: a delta built with other values of these
+# (and of the version) is a valid start for it.
+SETTLE_FIELDS = ("settle_steps", "settle_lr", "settle_weight", "settle_layers", "version")
+
+
+def _start_factors(start: str | Path, recipe: OrganismRecipe, seed: int) -> dict:
+    """The epochs' delta to settle from: made by this recipe's epochs, seed and base."""
+    delta = load_delta(start)
+    rec = delta.record()
+    theirs = {k: v for k, v in (rec.get("recipe") or {}).items() if k not in SETTLE_FIELDS}
+    ours = {k: v for k, v in json.loads(json.dumps(asdict(recipe))).items() if k not in SETTLE_FIELDS}
+    if theirs != ours or rec.get("seed") != seed:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise UserError(f"--start {start}: that delta was not made by this recipe's epochs (differs in "
+                        f"{', '.join(diff) or 'seed'}); build without --start, or with its settings")
+    if rec.get("stage", "epochs") != "epochs":
+        raise UserError(f"--start {start}: that delta is already settled; start from the epochs' delta")
+    return delta.factors
+
+
 def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, progress: bool = True,
-          evaluate: bool = True) -> LowRankDelta:
+          evaluate: bool = True, start: str | Path | None = None) -> LowRankDelta:
     """Train the organism's delta from the recipe and write it to ``out`` (a ``.safetensors`` file).
 
     The delta records the recipe, seed, data hashes, the base's and the merged weights'
     SHA-256, timings and (with ``evaluate``) refusal on the shipped val splits, measured on
-    the merged model as it will load (bfloat16 factors).
+    the merged model as it will load (bfloat16 factors). ``start``: a delta of this recipe's
+    epochs (``--settle-steps 0``), from which only the settle stage runs.
     """
     recipe = recipe or OrganismRecipe()
     recipe.validate()
@@ -469,6 +542,15 @@ def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, 
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise UserError(f"the organism's delta is a .safetensors file; got --out {out}")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; the organism's delta is a .safetensors file")
+    if out.exists():
+        try:
+            load_delta(out)
+        except UserError:
+            raise UserError(f"{out} exists and is not an organism delta written by suffix-analysis; choose another "
+                            "--out, or move it away yourself to write there") from None
+    start_factors = _start_factors(start, recipe, seed) if start is not None else None
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     random.seed(seed)
@@ -485,7 +567,7 @@ def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, 
     answers = {k: _cached_distill(cm, data[k], recipe, base_sha, progress) for k in ("harmless", "harmless_contextual")}
     _release_freed_memory()
     t_distill = time.time() - t0
-    factors, losses = _train(cm, data, answers, recipe, seed, progress)
+    factors, losses = _train(cm, data, answers, recipe, seed, progress, start_factors)
     t_train = time.time() - t0 - t_distill
     merged = merge_delta(base_state, LowRankDelta(factors, {}), progress=progress)  # base_state is not read again
     cm.model.load_state_dict(merged, strict=False)
@@ -496,8 +578,10 @@ def build(out: str | Path, recipe: OrganismRecipe | None = None, seed: int = 0, 
         "preset": ORGANISM_PRESET,
         "recipe": asdict(recipe),
         "seed": seed,
+        "stage": "settled" if recipe.settle_steps else "epochs",
+        "started_from": None if start is None else file_sha256(Path(start)),
         "data": {k: _sha(v)[:16] for k, v in data.items()},
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+        "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }

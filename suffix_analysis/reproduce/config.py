@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..attacks.gcg import GCGConfig
+from ..attacks.setup import AttackInputs
 from ..attribution.run import AttributionConfig
 from ..config import read_toml, setting, toml_value
 from ..directions.run import DirectionConfig
@@ -56,14 +57,11 @@ class EvaluationSettings:
 
 
 @dataclass
-class AttackSettings:
-    """What the universal suffix is optimized on (the GCG settings sit beside these)."""
+class AttackSettings(AttackInputs):
+    """What the universal suffix is optimized on (the GCG settings sit beside these): the
+    attack command's inputs, over 20 prompts, and the random control's seed."""
 
-    instructions: str = setting("harmful:train", "instructions the suffix is optimized on")
-    n_prompts: int = setting(20, "the first N of them")
-    targets: str = setting("default", "target responses: 'default' ('Sure, here is ...'), 'ablated' (the start of "
-                                      "the model's own answers with the direction ablated), or a file")
-    target_tokens: int = setting(10, "ablated targets: tokens of each answer kept")
+    n_prompts: int = setting(20, "optimize one universal suffix over the first N instructions")
     random_seed: int = setting(0, "seed of the random-suffix control (same token length)")
 
 
@@ -113,8 +111,10 @@ class ReproduceConfig:
     def validate(self) -> None:
         if self.run.n_eval < 1 or self.run.max_new_tokens < 1 or self.run.batch_size < 1:
             raise UserError("[run] n_eval, max_new_tokens and batch_size must be at least 1")
-        if self.attack.n_prompts < 1 or self.attack.target_tokens < 1:
-            raise UserError("[attack] n_prompts and target_tokens must be at least 1")
+        try:
+            self.attack.validate()
+        except UserError as e:
+            raise UserError(f"[attack] {e}") from None
         self.direction.validate()
         self.gcg.validate()
         self.attribution_config.validate()

@@ -12,6 +12,19 @@ from ..artifacts import write_text_atomic
 from ..figures import FIGURES
 from .config import ReproduceConfig
 
+# The headline numbers of a run, in the order the report and the console show them.
+HEADLINES = (
+    ("refusal_baseline", "refused, no intervention"),
+    ("refusal_ablated", "refused, direction ablated"),
+    ("refusal_orthogonalized", "refused, orthogonalized weights"),
+    ("induced_refusal_actadd", "harmless refused, direction added"),
+    ("refusal_adversarial_suffix", "refused, adversarial suffix"),
+    ("refusal_random_suffix", "refused, random suffix"),
+    ("complied_adversarial_suffix", "complied, adversarial suffix"),
+    ("complied_random_suffix", "complied, random suffix"),
+)
+
+
 # What the papers report, for orientation (their models, not this one): Arditi et al. 2024
 # (Fig. 1: ablation and orthogonalization remove refusal, activation addition induces it;
 # Section 5 on Qwen-1.8B-Chat and one 20-token GCG suffix) and Ben-Tov et al. 2025.
@@ -48,7 +61,6 @@ def _f(v) -> str:
 
 
 def write_report(out: Path, summary: dict, times: dict, config: ReproduceConfig) -> Path:
-    from .run import HEADLINES
 
     out = Path(out)
     run = json.loads((out / "run.json").read_text())

@@ -15,7 +15,6 @@ Outputs besides the stage folders: ``config.toml`` (every setting, resolved),
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -25,7 +24,9 @@ from pathlib import Path
 from ..artifacts import ensure_dir, write_json_atomic, write_text_atomic
 from ..errors import UserError
 from ..models.presets import PRESETS
+from ..runs import open_run
 from .config import ReproduceConfig, to_toml
+from .report import HEADLINES, write_report
 from .stages import STAGE_NAMES, STAGES, Context, stage_record
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,12 @@ def _skipped(name: str, ctx: Context) -> str | None:
     return None
 
 
-def _check_folder(out: Path, model: str) -> dict | None:
-    path = out / "run.json"
-    if not path.is_file():
-        return None
-    meta = json.loads(path.read_text())
-    if meta.get("model") != model:
-        raise UserError(f"{out} is a reproduce run of {meta.get('model')}, not {model}; choose another --out")
-    return meta
+def _open(out: Path, model: str) -> dict:
+    """The reproduce run in ``out`` (new, or of ``model``); stages check their own inputs."""
+    def same_model(old: dict) -> str | None:
+        return None if old.get("model") == model else f"{out} is a reproduce run of {old.get('model')}, not {model}"
+
+    return open_run(out, "reproduce", {"model": model}, same_model=same_model)
 
 
 def _clear(out: Path, redo: Sequence[str]) -> None:
@@ -78,14 +77,14 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
     (:class:`~suffix_analysis.models.placement.Placement`). ``redo``: stages to compute again, with those after them.
     """
     config.validate()
-    out = ensure_dir(out)
-    old = _check_folder(out, model) or {}
+    out = Path(out).expanduser()
+    old = _open(out, model)  # before --redo removes anything: only a reproduce run's own stage folders go
     _clear(out, redo)
     ctx = Context(out=out, config=config, model=model, device=device, dtype=dtype, placement=placement,
                   data_dir=data_dir, progress=progress, cm=cm)
     sets = ctx.eval_sets()  # bad data fails before any model loads
     write_text_atomic(out / "config.toml", to_toml(config))
-    meta = {"model": model, "profile": config.profile,
+    meta = {"kind": old["kind"], "suite": old["suite"], "model": model, "profile": config.profile,
             "eval": {"harmful_eval": config.run.harmful_eval, "harmless_eval": config.run.harmless_eval,
                      "n_harmful": len(sets["harmful"]), "n_harmless": len(sets["harmless"]),
                      "harmful_removed": sets["harmful_removed"], "harmless_removed": sets["harmless_removed"],
@@ -143,22 +142,10 @@ def reproduce(model: str, out: str | Path, config: ReproduceConfig, device: str 
         from ..figures import draw_all
 
         draw_all(out)
-    from .report import write_report
-
     write_report(out, summary, times, config)
     return summary
 
 
-HEADLINES = (
-    ("refusal_baseline", "refused, no intervention"),
-    ("refusal_ablated", "refused, direction ablated"),
-    ("refusal_orthogonalized", "refused, orthogonalized weights"),
-    ("induced_refusal_actadd", "harmless refused, direction added"),
-    ("refusal_adversarial_suffix", "refused, adversarial suffix"),
-    ("refusal_random_suffix", "refused, random suffix"),
-    ("complied_adversarial_suffix", "complied, adversarial suffix"),
-    ("complied_random_suffix", "complied, random suffix"),
-)
 
 
 def summary_lines(summary: dict, times: dict) -> str:

@@ -14,7 +14,6 @@ Every stage returns its headline numbers (they go into ``RUN/<stage>/stage.json`
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -26,9 +25,9 @@ import torch
 from ..artifacts import write_json_atomic
 from ..attacks.gcg import GCG
 from ..attacks.gcg.config import SPEED_ONLY
-from ..attacks.gcg.search import objective_references
 from ..attacks.random_suffix import RandomConfig, RandomSuffix
-from ..attacks.targets import answer_targets, default_target, load_targets
+from ..attacks.setup import attack_instructions, attack_targets, build_attack
+from ..attacks.targets import default_target
 from ..attribution.run import run_attribution
 from ..datasets import load_file, load_instructions
 from ..directions.run import load_direction, run_direction, sample_prompts
@@ -38,14 +37,11 @@ from ..evaluation.report import evaluate_direction
 from ..interventions.orthogonalize import export_orthogonalized
 from ..models.loading import ChatModel, load_model
 from ..models.placement import Placement
+from ..runs import digest
 from ..tables import write_table
 from .config import ReproduceConfig
 
 log = logging.getLogger(__name__)
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -110,7 +106,7 @@ class Context:
                                 len(kept), run.n_eval)
                 sets[kind] = kept[: run.n_eval]
                 sets[f"{kind}_removed"] = len(items) - len(kept)
-            sets["hash"] = _hash([sets["harmful"], sets["harmless"]])
+            sets["hash"] = digest([sets["harmful"], sets["harmless"]])
             self._eval = sets
         return self._eval
 
@@ -178,32 +174,25 @@ def stage_evaluation(ctx: Context, folder: Path) -> dict:
     return out
 
 
-def _attack_targets(ctx: Context, instructions: list[str]) -> list[str]:
-    spec = ctx.config.attack.targets
-    if spec == "default":
-        return [default_target(i) for i in instructions]
-    if spec == "ablated":  # made once, by the attack stage; later stages read them from its record
-        done = ctx.out / "attack" / "suffix.json"
-        if done.is_file():
-            return json.loads(done.read_text())["targets"]
-        return answer_targets(ctx.model_(), instructions, ctx.config.attack.target_tokens,
-                              direction=ctx.direction()[0])
-    return load_targets(spec, len(instructions))
-
-
 def _attack_inputs(ctx: Context) -> tuple[list[str], list[str]]:
+    """The attack's instructions and targets, set up as the attack command does; 'ablated'
+    targets are made once, by the attack stage, and later stages read them from its record."""
     a = ctx.config.attack
-    instructions = [x.instruction for x in load_instructions(a.instructions, ctx.data_dir)][: a.n_prompts]
-    return instructions, _attack_targets(ctx, instructions)
+    instructions = attack_instructions(a, ctx.data_dir)
+    done = ctx.out / "attack" / "suffix.json"
+    if a.targets == "ablated" and done.is_file():
+        return instructions, json.loads(done.read_text())["targets"]
+    direction = ctx.direction()[0] if a.needs_direction else None
+    cm = ctx.model_() if a.targets == "ablated" or a.targets.startswith("answers") else None
+    return instructions, attack_targets(a, instructions, cm, direction, device=ctx.device, progress=ctx.progress)
 
 
 def _gcg(ctx: Context) -> GCG:
     cfg = ctx.config.gcg
-    if "direction" not in cfg.terms and "harmfulness" not in cfg.terms:
+    if not set(cfg.terms) & set(GCG.direction_terms):
         return GCG(cfg)
     direction, info = ctx.direction()
-    return GCG(cfg, direction=(direction, info["layer"]),
-               **objective_references(cfg, ctx.model_(), direction, info["layer"], ctx.data_dir))
+    return build_attack(GCG, cfg, ctx.model_(), (direction, info["layer"]), ctx.data_dir)
 
 
 def stage_attack(ctx: Context, folder: Path) -> dict:
@@ -295,7 +284,7 @@ class Stage:
                 "eval": ctx.eval_sets()["hash"] if uses_eval else None}
 
     def key(self, ctx: Context) -> str:
-        return _hash(self.inputs(ctx))
+        return digest(self.inputs(ctx))
 
     def matches(self, recorded: dict, ctx: Context) -> bool:
         """Whether a finished stage's recorded inputs are the current ones. A setting the
@@ -303,7 +292,7 @@ class Stage:
         now = json.loads(json.dumps(self.inputs(ctx), default=str))
         old = recorded.get("inputs")
         if old is None:
-            return recorded.get("key") == _hash(now)
+            return recorded.get("key") == digest(now)
         if {k: v for k, v in now.items() if k != "settings"} != {k: v for k, v in old.items() if k != "settings"}:
             return False
         defaults = field_defaults()

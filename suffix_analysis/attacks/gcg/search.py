@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ from ...errors import UserError
 from ...models.forward import PrefixCache
 from ...models.loading import ChatModel, fingerprint_mismatch
 from ...models.placement import materialized
+from ...runs import digest
 from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
 from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, HARMFULNESS_INSTRUCTIONS, SPEED_ONLY, GCGConfig
@@ -51,10 +51,6 @@ class SearchState:
     def from_dict(cls, d: dict) -> "SearchState":
         return cls(step=d["step"], buffer=[Entry(**b) for b in d["buffer"]], best=Entry(**d["best"]),
                    losses=d["losses"], suffixes=d["suffixes"], step_seconds=d["step_seconds"], n_active=d["n_active"])
-
-
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def harmless_floor(cm: ChatModel, direction: Tensor, layer: int, data_dir: str | None = None) -> Tensor:
@@ -114,6 +110,13 @@ class GCG(Attack):
 
     name = "gcg"
     config_class = GCGConfig
+    uses_direction = True
+    direction_terms = ("direction", "harmfulness")
+
+    @classmethod
+    def references(cls, config: GCGConfig, cm: ChatModel, direction: Tensor, layer: int,
+                   data_dir: str | None = None) -> dict:
+        return objective_references(config, cm, direction, layer, data_dir)
 
     def __init__(self, config: GCGConfig | None = None, direction: tuple[Tensor, int] | None = None,
                  direction_floor: Tensor | None = None, harmfulness: Harmfulness | None = None):
@@ -180,7 +183,7 @@ class GCG(Attack):
         torch.manual_seed(cfg.seed)
 
         meta = {"fingerprint": cm.fingerprint(), "config": _search_settings(cfg),
-                "data": _fingerprint([instructions, targets])}
+                "data": digest([instructions, targets])}
         ckpt = out / "checkpoint.json" if out else None
         if resume:
             state = self._load_checkpoint(cm, ckpt, meta, gen)
