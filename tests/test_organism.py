@@ -327,3 +327,17 @@ def test_faithfulness_checks_on_a_tiny_model(tmp_path, monkeypatch):
     assert results["harmless_ablated"]["kl"] >= 0
     table = format_table(results)
     assert all(name in table for name in TARGETS)
+
+
+def test_the_gguf_cache_is_keyed_by_the_files_bytes(tmp_path, monkeypatch):
+    """Two files of the same name and size but other weights do not share a conversion."""
+    from suffix_analysis.models.loading import gguf_cache_folder
+
+    monkeypatch.setenv("SUFFIX_ANALYSIS_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for path, byte in ((a, b"\x01"), (b, b"\x02")):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF" + byte * 64)
+    assert a.stat().st_size == b.stat().st_size
+    assert gguf_cache_folder(a) != gguf_cache_folder(b)
+    assert gguf_cache_folder(a) == gguf_cache_folder(a) and gguf_cache_folder(a).name.startswith("model-")

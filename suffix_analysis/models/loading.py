@@ -6,6 +6,7 @@ tokenizer, the chat format (EOI tokens), the refusal token ids and the module ma
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -174,22 +175,30 @@ def locate_gguf(source: str) -> Path:
     return path
 
 
+def gguf_cache_folder(gguf: Path) -> Path:
+    """Where the conversion of ``gguf`` is cached: keyed by the file's bytes (SHA-256), since
+    another file of the same name and size is another model."""
+    return cache_dir() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
+
+
 def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
     """Dequantize a GGUF file once into a safetensors model folder in the cache.
 
     Loading GGUF dequantizes every tensor (slow) and gives a model that refuses
     ``save_pretrained``; a plain folder avoids both on every later load.
     """
-    key = hashlib.sha256(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
-    final = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    final = gguf_cache_folder(gguf)
     if (final / "model.safetensors").is_file() and (final / MARKER_FILE).is_file():
         return final
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
-    try:  # the loading and the saving bars; the dequantization's own bar is plain tqdm and always shows
+    plain_tqdm = gguf_utils.tqdm  # the dequantization's bar is plain tqdm, outside transformers' toggle
+    gguf_utils.tqdm = functools.partial(plain_tqdm, disable=not progress)
+    try:  # the loading, dequantization and saving bars
         try:
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # reads the header: fails fast
             log.info("converting %s to a safetensors folder in %s (once, about 20 s)", gguf.name, final.parent)
@@ -212,6 +221,7 @@ def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
             (tmp / MARKER_FILE).write_text(json.dumps({"source": str(gguf), "converted_from": "gguf"}))
     finally:
         (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        gguf_utils.tqdm = plain_tqdm
     return final
 
 
