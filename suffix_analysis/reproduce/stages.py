@@ -37,7 +37,7 @@ from ..evaluation.report import evaluate_direction
 from ..interventions.orthogonalize import export_orthogonalized
 from ..models.loading import ChatModel, load_model
 from ..models.placement import Placement
-from ..runs import digest
+from ..runs import digest, read_json
 from ..tables import write_table
 from .config import ReproduceConfig
 
@@ -181,7 +181,7 @@ def _attack_inputs(ctx: Context) -> tuple[list[str], list[str]]:
     instructions = attack_instructions(a, ctx.data_dir)
     done = ctx.out / "attack" / "suffix.json"
     if a.targets == "ablated" and done.is_file():
-        return instructions, json.loads(done.read_text())["targets"]
+        return instructions, _attack_record(ctx, "suffix.json")["targets"]
     direction = ctx.direction()[0] if a.needs_direction else None
     cm = ctx.model_() if a.targets == "ablated" or a.targets.startswith("answers") else None
     return instructions, attack_targets(a, instructions, cm, direction, device=ctx.device, progress=ctx.progress)
@@ -218,10 +218,18 @@ def stage_attack(ctx: Context, folder: Path) -> dict:
             "attack_loss_random": control_loss, "attack_prompts_used": result.extra.get("prompts_used")}
 
 
+def _attack_record(ctx: Context, name: str) -> dict:
+    """``RUN/attack/NAME``, or one line saying how to make it again."""
+    again = f"make it again with `suffix-analysis reproduce --out {ctx.out} --redo attack`"
+    rec = read_json(ctx.out / "attack" / name, again)
+    if not isinstance(rec, dict) or not isinstance(rec.get("suffix"), str):
+        raise UserError(f"{ctx.out / 'attack' / name} is not an attack record (edited?); {again}")
+    return rec
+
+
 def _suffixes(ctx: Context) -> dict[str, str]:
-    folder = ctx.out / "attack"
-    return {"adversarial": json.loads((folder / "suffix.json").read_text())["suffix"],
-            "random": json.loads((folder / "random.json").read_text())["suffix"]}
+    return {"adversarial": _attack_record(ctx, "suffix.json")["suffix"],
+            "random": _attack_record(ctx, "random.json")["suffix"]}
 
 
 def stage_transfer(ctx: Context, folder: Path) -> dict:
