@@ -72,14 +72,19 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
 def toml_value(section: str, key: str, value, cls) -> object:
     """A TOML ``value`` for field ``key`` of config class ``cls``, checked against the field's
     type (ints are accepted for floats)."""
-    kind = typing.get_type_hints(cls)[key]
+    return typed_value(f"[{section}] {key}", value, typing.get_type_hints(cls)[key])
+
+
+def typed_value(where: str, value, kind) -> object:
+    """``value`` checked against the type ``kind`` (a scalar; other types pass unchecked), or a
+    one-line error that starts with ``where``; ints are accepted for floats."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if kind is float and isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"[{section}] {key} must be finite, got {value}")
-    if kind in (int, float, str, bool) and (type(value) is not kind):
+        raise UserError(f"{where} must be finite, got {value}")
+    if kind in _SCALARS and (type(value) is not kind):
         name = "a number" if kind is float else kind.__name__
-        raise UserError(f"[{section}] {key} must be {name}, got {type(value).__name__} {value!r}")
+        raise UserError(f"{where} must be {name}, got {type(value).__name__} {value!r}")
     return value
 
 

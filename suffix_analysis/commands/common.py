@@ -1,15 +1,23 @@
-"""What every command shares: the model it loads, the device profile, the direction it reads."""
+"""What every command shares: the model it loads, the device profile, the direction and suffix
+it reads, its judges and interventions."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
+from ..attacks.targets import default_target, load_targets
 from ..config import setting
 from ..directions.run import load_direction
 from ..errors import UserError
+from ..evaluation.compliance import ComplianceConfig
+from ..evaluation.refusal import make_judges
+from ..interventions.directional import ablate_direction, add_direction
 from ..models.loading import ChatModel, load_model
 from ..models.placement import Placement
 
@@ -55,3 +63,72 @@ def provenance(info: dict) -> dict:
     """What outputs record about the direction they used."""
     return {"direction_run": info["run"], "direction_model": info["model"], "direction_other_model": info["other_model"],
             "position": info["position"], "layer": info["layer"]}
+
+
+def suffix_record(spec: str | None) -> dict | None:
+    """The attack record (suffix.json) of a suffix given as a run folder, else None."""
+    p = Path(spec).expanduser() if spec else None
+    if p is None or not p.is_dir():
+        return None
+    f = p / "suffix.json"
+    if not f.is_file():
+        raise UserError(f"{p} has no suffix.json; run `suffix-analysis attack ... --out {p}` first")
+    try:
+        record = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("suffix"), str):
+        raise UserError(f"{f} is not an attack record with a suffix (truncated or edited?); run "
+                        f"`suffix-analysis attack ... --out {p}` again")
+    return record
+
+
+def suffix_text(spec: str | None) -> str | None:
+    """A suffix: an attack run folder (its suffix.json) or the suffix text itself."""
+    record = suffix_record(spec)
+    return record["suffix"] if record is not None else (spec or None)
+
+
+def judges(spec: str, config: ComplianceConfig, device: str) -> tuple:
+    """(refusal judge, compliance judge or None) of ``--judge`` (empty: the default) and the
+    compliance settings; logs why the default compliance judge is off, if it is."""
+    config.validate()
+    judge, compliance, note = make_judges(spec or None, config, device)
+    if note:
+        log.warning(note)
+    return judge, compliance
+
+
+def eval_targets(targets: str, suffix: str, instructions: list[str]) -> list[str] | None:
+    """Targets for the exact-match rate: a file, ``default`` ("Sure, here is ..."), or, for a
+    suffix run made with the default targets, those targets for these instructions."""
+    if targets == "default":
+        return [default_target(i) for i in instructions]
+    if targets:
+        return load_targets(targets, len(instructions))
+    rec = suffix_record(suffix)
+    if rec and rec.get("targets") and rec["targets"] == [default_target(i) for i in rec.get("instructions", [])]:
+        return [default_target(i) for i in instructions]
+    return None
+
+
+INTERVENTIONS = ("none", "ablate", "actadd")
+
+
+def intervention(cm: ChatModel, kind: str, run: str, allow_other_model: bool = False,
+                 coeff: float = 1.0) -> tuple[contextlib.AbstractContextManager, dict | None]:
+    """The context manager that ablates (everywhere) or adds (at its layer, times ``coeff``) the
+    direction of ``run``, and the direction's record; ``kind`` 'none': no change, no record."""
+    if kind == "none":
+        return contextlib.nullcontext(), None
+    direction, info = direction_of(cm, run, allow_other_model)
+    if kind == "ablate":
+        return ablate_direction(cm, direction), info
+    return add_direction(cm, direction, info["layer"], coeff), info
+
+
+def positive(**values: int) -> None:
+    """Refuse a count below 1 (the command line's own check, for configs built elsewhere)."""
+    for name, v in values.items():
+        if v < 1:
+            raise UserError(f"{name} must be at least 1, got {v}")

@@ -1,0 +1,37 @@
+"""``orthogonalize``: bake the direction's ablation into the weights and save the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import UserError
+from ..interventions.orthogonalize import export_orthogonalized
+from .common import ModelOptions, direction_of, provenance
+
+
+@dataclass
+class OrthogonalizeCommand:
+    direction: str = ""  # the direction run folder
+    out: str = ""  # folder for the edited model
+    model: ModelOptions = field(default_factory=ModelOptions)
+    allow_other_model: bool = False
+    progress: bool = True
+
+
+@dataclass
+class OrthogonalizeOutcome:
+    out: Path
+    record: dict  # what the saved model records about its source
+
+    def summary(self) -> dict:
+        return {"out": str(self.out), **self.record}
+
+
+def run_orthogonalize(cmd: OrthogonalizeCommand) -> OrthogonalizeOutcome:
+    if not cmd.direction or not cmd.out:
+        raise UserError("orthogonalize needs a direction run (--direction) and a folder (--out)")
+    cm = cmd.model.load(progress=cmd.progress)
+    direction, info = direction_of(cm, cmd.direction, cmd.allow_other_model)
+    record = {"source_model": cmd.model.model, **provenance(info)}
+    return OrthogonalizeOutcome(export_orthogonalized(cm, direction, cmd.out, record), record)
