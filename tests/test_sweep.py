@@ -1,6 +1,7 @@
-"""Sweeps: the sweep file checked against the command's own flags, jobs that each write their
-own run folder, a failing job recorded without stopping the others, reruns that finish only
-what is missing, and a local Ray cluster giving the same table as the in-process path."""
+"""Sweeps: the sweep file checked against the command's own settings, jobs that each run the
+command's function in-process into their own run folder (the same result as calling it
+directly), a failing job recorded without stopping the others, reruns that finish only what
+is missing, and a local Ray cluster giving the same table as the in-process path."""
 
 import importlib.util
 import json
@@ -51,17 +52,30 @@ def four_jobs(tmp_path, tiny_folder) -> Path:
     return sweep_file(tmp_path, tiny_folder, FOUR.format(t=tmp_path))
 
 
-def test_jobs_are_the_grid_of_the_commands_flags(tmp_path, tiny_folder):
+def test_jobs_are_the_grid_of_the_commands_settings(tmp_path, tiny_folder, monkeypatch):
     f = sweep_file(tmp_path, tiny_folder, f'instructions = ["{tmp_path}/a.txt", "{tmp_path}/b.txt"]\nseed = [0, 1, 2]',
                    settings="allow-non-ascii = false")
     spec = load_sweep(f)
     assert len(spec.jobs) == 6 and len({j.id for j in spec.jobs}) == 6
     job = spec.jobs[0]
-    assert job.command == ["attack", "gcg"]
-    assert job.argv[job.argv.index("--num-steps") + 1] == "2" and "--no-allow-non-ascii" in job.argv
+    assert job.command == "attack gcg"
+    assert job.settings["num_steps"] == 2 and job.settings["allow_non_ascii"] is False
     assert job.values == {"instructions": f"{tmp_path}/a.txt", "seed": 0}
     assert job.id.startswith("instructions=a_seed=0-")
-    assert "--quiet" in job.argv  # no progress bars in the job's log
+    # the config the job runs: [settings] and its grid values, in the command's own nested configs
+    from suffix_analysis.commands import Command
+
+    ran = []
+    monkeypatch.setattr(Command, "run", lambda self, cfg: ran.append(cfg) or (_ for _ in ()).throw(RuntimeError("x")))
+    rec = run_mod.run_job(job.to_dict(), str(tmp_path / "out"))
+    cfg = ran[0]
+    assert rec["status"] == "failed" and rec["error"] == "RuntimeError: x"
+    assert (cfg.attack, cfg.inputs.instructions, cfg.model.model, cfg.model.device) == (
+        "gcg", f"{tmp_path}/a.txt", str(tiny_folder), "cpu")
+    assert cfg.settings == {"num_steps": 2, "search_width": 8, "topk": 8, "suffix_len": 4, "allow_non_ascii": False,
+                            "seed": 0}
+    assert cfg.out == str(tmp_path / "out" / "jobs" / job.id / "run")
+    assert cfg.progress is False  # no progress bars in the job's log
     from suffix_analysis.sweep.spec import _slug
 
     assert _slug("Qwen/Qwen2.5-7B-Instruct") == "Qwen2.5-7B-Instruct" and _slug("data/x.jsonl") == "x"
@@ -69,6 +83,9 @@ def test_jobs_are_the_grid_of_the_commands_flags(tmp_path, tiny_folder):
 
 @pytest.mark.parametrize("grid,settings,head,needle", [
     ("seed = [0]", "serch-width = 4", "", "unknown key 'serch-width' for this command; did you mean 'search-width'?"),
+    ("seed = ['a']", "", "", "[grid] seed must be int, got str 'a'"),
+    ("seed = [0]", "allow-non-ascii = 1", "", "[settings] allow-non-ascii must be bool"),
+    ("seed = [0]", "quiet = true", "", "the sweep sets --quiet"),
     ("", "", "", "[grid] is empty"),
     ("seed = []", "", "", "[grid] seed is an empty list"),
     ("seed = [0]", "out = 'x'", "", "the sweep sets --out"),
@@ -87,7 +104,10 @@ def test_bad_sweep_files_are_one_line_errors(tmp_path, tiny_folder, grid, settin
 
 def test_unknown_command_and_section(tmp_path, tiny_folder):
     f = sweep_file(tmp_path, tiny_folder, "seed = [0]")
-    f.write_text(f.read_text().replace('command = "attack gcg"', 'command = "atack gcg"'))
+    f.write_text(f.read_text().replace('command = "attack gcg"', 'command = "organism build"'))
+    with pytest.raises(UserError, match="'organism build' has no --out and --json"):
+        load_sweep(f)
+    f.write_text(f.read_text().replace('command = "organism build"', 'command = "atack gcg"'))
     with pytest.raises(UserError, match="'atack' is not a suffix-analysis command.*'attack'"):
         load_sweep(f)
     f.write_text(f.read_text().replace('command = "atack gcg"', 'command = "attack gcg"') + "\n[grdi]\nx = 1\n")
@@ -123,7 +143,7 @@ def test_in_process_sweep_records_a_failure_and_reruns_only_what_is_missing(tmp_
     assert ran == [spec.jobs[3].id]  # finished jobs are never run again
 
 
-def test_changed_flags_rerun_the_job(tmp_path, tiny_folder, monkeypatch):
+def test_changed_settings_rerun_the_job(tmp_path, tiny_folder, monkeypatch):
     f = sweep_file(tmp_path, tiny_folder, f'instructions = ["{tmp_path}/a.txt"]')
     run_sweep(load_sweep(f), local=True, figures=False)
     f.write_text(f.read_text().replace("steps = 2", "steps = 1"))
@@ -212,3 +232,40 @@ def test_a_killed_sweep_finishes_only_what_was_missing(tmp_path, tiny_folder, mo
     df = run_sweep(spec, local=True, figures=False)
     assert ran == [j.id for j in spec.jobs if j.id not in done]
     assert (df["status"] == "ok").all()
+
+
+def _flat(summary, prefix: str = "") -> dict:
+    """``summary`` as result columns: nested keys joined with dots, lists as JSON text."""
+    if isinstance(summary, dict):
+        return {k2: v2 for k, v in summary.items() for k2, v2 in _flat(v, f"{prefix}{k}.").items()}
+    return {prefix[:-1]: json.dumps(summary) if isinstance(summary, list) else summary}
+
+
+def test_a_jobs_row_is_the_summary_of_the_command_run_directly(tmp_path, tiny_folder):
+    """The sweep builds the command's config from flat settings and calls it in-process; the
+    same config built by hand and run directly gives the same numbers."""
+    from suffix_analysis.commands.common import ModelOptions
+    from suffix_analysis.commands.refusal import RefusalCommand, run_refusal
+
+    f = sweep_file(tmp_path, tiny_folder, f'instructions = ["{tmp_path}/a.txt", "{tmp_path}/b.txt"]')
+    text = f.read_text().replace('command = "attack gcg"', 'command = "refusal"')
+    text = text.split("steps = 2")[0] + 'judge = "substring"\nmax-new-tokens = 3\nbatch-size = 1\n' + \
+        text.split("suffix-len = 4")[1]
+    f.write_text(text)
+    spec = load_sweep(f)
+    df = run_sweep(spec, local=True, figures=False).set_index("job")
+    assert list(df["status"]) == ["ok", "ok"]
+    for job, name in zip(spec.jobs, ["a", "b"]):
+        direct = run_refusal(RefusalCommand(
+            instructions=f"{tmp_path}/{name}.txt", out=str(tmp_path / "direct" / name), judge="substring",
+            max_new_tokens=3, batch_size=1, model=ModelOptions(model=str(tiny_folder), device="cpu"), progress=False))
+        want = _flat(direct.summary())
+        assert want["n"] == 2 and want["judge"] == "substring"
+        row = df.loc[job.id]
+        got = {k: row[k if k not in job.values else f"result.{k}"] for k in want}
+        assert got == want
+        # and the run folder holds what the direct run wrote
+        run = spec.out / "jobs" / job.id / "run"
+        assert json.loads((run / "refusal.json").read_text()) == direct.summary()
+        assert (json.loads((run / "completions.json").read_text())
+                == json.loads((tmp_path / "direct" / name / "completions.json").read_text()))

@@ -2,7 +2,7 @@
 cluster with ``address``), else one after another in this process; then one table of every
 job's headline numbers and a figure per metric.
 
-A rerun skips jobs whose ``result.json`` says ok for the same flags and runs the rest
+A rerun skips jobs whose ``result.json`` says ok for the same settings and runs the rest
 (failed, interrupted or new). A job that fails does not stop the others.
 """
 
@@ -66,7 +66,7 @@ def _ray_jobs(spec: SweepSpec, todo: list, address: str | None, workers: int | N
         try:
             rec = ray.get(done[0])
         except Exception as e:  # noqa: BLE001 - the worker died past its retries
-            rec = {"id": job.id, "status": FAILED, "seconds": None, "argv": job.argv, "values": job.values,
+            rec = {"id": job.id, "status": FAILED, "seconds": None, "settings": job.settings, "values": job.values,
                    "numbers": {}, "error": f"Ray: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             write_json_atomic(ensure_dir(spec.out / "jobs" / job.id) / "result.json", rec)
         log.info("sweep: %s %s (%d left)", rec["id"], rec["status"], len(pending))
@@ -100,7 +100,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, workers: int | None =
     records: dict[str, dict] = {}
     todo = []
     for job in spec.jobs:
-        rec = finished(out / "jobs" / job.id, job.argv)
+        rec = finished(out / "jobs" / job.id, job.settings)
         if rec is not None:
             records[job.id] = rec
         else:
