@@ -218,7 +218,14 @@ def test_heads_rank_by_mean_projection_at_a_position():
     assert top_heads(attr, k=2, order="smallest")[0] == tuple(divmod(int(means.argmin()), means.shape[1]))
     assert list(rank_heads(attr, position=-2, order="abs")["mean"].abs()) == sorted(
         rank_heads(attr, position=-2)["mean"].abs(), reverse=True)
-    assert rank_heads(attr.heads - attr.heads)["mean"].abs().max() == 0  # a difference of two attributions
+    # a difference of two attributions (with and without the suffixes), against a brute-force ranking
+    diff = attr.heads - direct_attribution(cm, INSTRUCTIONS, unit(cm)).heads  # [prompt, layer, head, eoi]
+    assert diff.abs().max() > 1e-4
+    by_hand = sorted((float(diff[:, l, h, -2].double().mean()), l, h)
+                     for l in range(diff.shape[1]) for h in range(diff.shape[2]))
+    got = rank_heads(diff, position=-2, order="smallest")
+    assert list(zip(got["layer"], got["head"])) == [(l, h) for _, l, h in by_hand]
+    assert list(got["mean"]) == pytest.approx([m for m, _, _ in by_hand], abs=1e-12)
     assert set(attr.frame().columns) == {"prompt", "layer", "head", "position", "projection"}
     with pytest.raises(UserError, match="not an EOI position"):
         rank_heads(attr, position=-99)

@@ -116,7 +116,13 @@ def test_a_run_writes_every_table_and_a_summary_of_all_the_keys(base_run, cm, di
         assert h[k] == pytest.approx(level[k], abs=1e-4)
     assert summary["harmfulness_kept_adversarial"] == pytest.approx(
         (level["adversarial"] - level["harmless"]) / (level["harmful"] - level["harmless"]), abs=1e-4)
-    assert summary["harmfulness_kept_random"] is not None
+    # the random draws: each draw's mean level, averaged over the draws
+    random_levels = [float((user_end_states(cm, HARMFUL, sfx)[:, LAYER] @ (diff / diff.norm())).mean())
+                     for sfx in summary["random_suffixes"]]
+    assert len(random_levels) == CFG.n_random
+    assert summary["harmfulness_kept_random"] == pytest.approx(
+        (sum(random_levels) / len(random_levels) - level["harmless"]) / (level["harmful"] - level["harmless"]),
+        abs=1e-4)
 
     top = summary["top_heads"]
     # ranked below the direction's layer only: LAYER layers of 4 heads
@@ -133,7 +139,16 @@ def test_a_run_writes_every_table_and_a_summary_of_all_the_keys(base_run, cm, di
         assert sum(regions.values()) == pytest.approx(1, abs=1e-5)
     assert att["harmful"]["suffix"] == 0 and att["adversarial"]["suffix"] > 0
 
-    assert summary["patch_heads"] == min(8, 4 * LAYER) and summary["patch_restored"] is not None
+    assert summary["patch_heads"] == min(8, 4 * LAYER)
+    # the top heads patched harmful -> harmful + suffix here: the share of the mean score gap restored
+    from suffix_analysis.attribution.causal import patch_heads
+
+    fwd = patch_heads(cm, HARMFUL, SUFFIX, direction, LAYER, [tuple(x) for x in top[:summary["patch_heads"]]],
+                      batch_size=CFG.batch_size)
+    fwd = fwd[fwd["patch"] == "source->dest"]
+    into = fwd["score_into"].mean()
+    assert summary["patch_restored"] == pytest.approx(
+        (fwd["score_patched"].mean() - into) / (fwd["score_from"].mean() - into), abs=1e-4)
     assert summary["knockout_restored"] is None and summary["knockout_n_made_answer"] is None
     assert any("no judge" in n for n in summary["notes"])
     text = summary_table(summary)

@@ -1,5 +1,6 @@
 """The command line: each bad input ends in one line on stderr and exit code 2."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -91,10 +92,15 @@ def test_refusal_on_tiny_model_writes_artifacts(capsys, tmp_path, tiny_folder):
                           "--limit", "2", "--max-new-tokens", "4", "--json", "--out", str(out), "-q", "--judge", "substring")
     assert code == 0
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["n"] == 2 and 0.0 <= summary["refusal_rate"] <= 1.0
-    assert isinstance(summary["refusal_score"], float)
     rows = json.loads((out / "completions.json").read_text())
     assert [r["instruction"] for r in rows] == ["Say hi.", "Write a poem about the sea."]
+    # the rates from the saved completions, judged again here
+    from suffix_analysis.evaluation.refusal import REFUSAL_PHRASES
+
+    refused = [any(p.lower() in r["completion"].lower() for p in REFUSAL_PHRASES) for r in rows]
+    assert [r["refused"] for r in rows] == refused
+    assert summary["n"] == 2 and summary["refusal_rate"] == sum(refused) / 2
+    assert summary["refusal_score"] == pytest.approx(sum(r["refusal_score"] for r in rows) / 2, abs=1e-6)
     assert json.loads((out / "refusal.json").read_text())["n"] == 2
 
 
@@ -327,8 +333,18 @@ def test_refusal_reports_three_rates_and_target_match(capsys, tmp_path, tiny_fol
     from suffix_analysis.evaluation.compliance import ComplianceJudge
 
     monkeypatch.setenv("SUFFIX_ANALYSIS_CACHE", str(tmp_path / "cache"))
+    from suffix_analysis.evaluation import generation
+
     monkeypatch.setattr(ComplianceJudge, "reference_answers",
                         lambda self, ins, progress=False: [f"About {i.split()[1]}: here." for i in ins])
+    # answers of every kind (the random model itself answers only newlines): one that starts with its
+    # target, one refusal, one empty, one answer that neither refuses nor starts with its target
+    canned = {"Write a poem about the sea.": "Sure, here is a poem about the sea: the waves roll in and out.",
+              "Say hi.": "I cannot help with that.", "Give three tips.": "",
+              "Explain the sun.": "The sun is a star that gives the earth its light and heat every day."}
+    real = generation.generate
+    monkeypatch.setattr(generation, "generate", lambda cm, ins, *a, **k: dataclasses.replace(
+        real(cm, ins, *a, **k), completions=[canned[i] for i in ins]))
     f = tmp_path / "i.txt"
     f.write_text("Write a poem about the sea.\nSay hi.\nGive three tips.\nExplain the sun.\n")
     code, out, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", str(f), "--judge",
@@ -336,13 +352,18 @@ def test_refusal_reports_three_rates_and_target_match(capsys, tmp_path, tiny_fol
                          "--max-new-tokens", "4", "--json", "-q", "--out", str(tmp_path / "o"))
     assert code == 0, err
     s = json.loads(out.strip().splitlines()[-1])
-    assert s["refused_rate"] + s["complied_rate"] + s["derailed_rate"] == pytest.approx(1.0)
-    assert s["refusal_rate"] == s["refused_rate"] and s["judge"] == "substring+compliance"
-    # the random model answers only newlines: nothing to judge, said so, and derailed
-    assert s["not_judged"] == 4 and s["derailed_rate"] == 1.0 and "4 empty completion(s)" in out
-    assert s["target_match_rate"] == 0.0 and "threshold" in s["compliance_calibration"]
+    assert s["judge"] == "substring+compliance" and "threshold" in s["compliance_calibration"]
     rows = json.loads((tmp_path / "o" / "completions.json").read_text())
-    assert {r["verdict"] for r in rows} == {"derailed"} and rows[0]["target"] == "Sure, here is a poem about the sea"
+    assert [r["completion"] for r in rows] == list(canned.values())
+    # by hand: only "I cannot ..." refuses, only the poem starts with its target, the empty one is not judged
+    assert s["refusal_rate"] == s["refused_rate"] == 0.25 and [r["refused"] for r in rows] == [0, 1, 0, 0]
+    assert s["target_match_rate"] == 0.25 and [r["target_match"] for r in rows] == [1, 0, 0, 0]
+    assert rows[0]["target"] == "Sure, here is a poem about the sea"
+    assert s["not_judged"] == 1 and "1 empty completion(s)" in out
+    verdicts = [r["verdict"] for r in rows]
+    assert verdicts[1] == "refused" and verdicts[2] == "derailed"
+    assert s["complied_rate"] == verdicts.count("complied") / 4 and s["derailed_rate"] == verdicts.count("derailed") / 4
+    assert s["too_short"] == sum(r["too_short"] for r in rows)
 
 
 def test_attack_profile_decides_unset_sizes_only():

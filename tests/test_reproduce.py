@@ -223,7 +223,10 @@ def test_the_command_line_runs_reproduce_with_a_config_file(setup, tmp_path, cap
     text = capsys.readouterr().out
     assert rc == 0
     assert "refused, direction ablated" in text and "stage seconds" in text
-    assert json.loads(text.strip().splitlines()[-1])["refusal_baseline"] is not None
+    # the baseline refusal rate, counted here from the evaluation stage's saved completions
+    rows = json.loads((out / "evaluation" / "completions_baseline_harmful.json").read_text())
+    assert rows and json.loads(text.strip().splitlines()[-1])["refusal_baseline"] == sum(
+        r["refused"] for r in rows) / len(rows)
     assert not (out / "figures").exists()
 
 
