@@ -565,3 +565,33 @@ def test_words_only_suffixes_use_word_tokens(cm):
     cfg = GCGConfig(num_steps=3, search_width=16, topk=8, suffix_len=4, words_only=True, early_stop=False)
     res = GCG(cfg).run(cm, INSTR[:1], TARGETS[:1])
     assert all(words[t] or t == init for t in res.suffix_ids) and res.suffix_ids != [init] * 4
+
+
+def test_the_attention_objective_draws_attention_to_the_suffix_and_leaves_sdpa_in_place():
+    """The attention term reads attn.hook_pattern (eager attention) during the search only: the
+    model is back on its own attention afterwards (it stayed on eager before), and the loss
+    it minimizes is minus the share of attention the last prompt token pays to the suffix,
+    as a plain eager forward measures it."""
+    cm = tiny_chat_model("llama")
+    cm.model.set_attn_implementation("sdpa")
+    cfg = GCGConfig(num_steps=3, search_width=16, topk=8, suffix_len=4, objective="attention", early_stop=False)
+    result = GCG(cfg).run(cm, INSTR[:1], TARGETS[:1])
+    assert cm.model.config._attn_implementation == "sdpa"
+
+    def suffix_share(ids: list[int]) -> float:
+        """Mean over heads and layers of the attention the last prompt token pays to the suffix."""
+        gcg = GCG(cfg)
+        p = gcg._prompts(cm, INSTR[:1], TARGETS[:1])[0]
+        seq = torch.tensor([p.before + ids + p.after])
+        cm.model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                att = cm.model(input_ids=seq, output_attentions=True).attentions
+        finally:
+            cm.model.set_attn_implementation("sdpa")
+        lo, hi = len(p.before), len(p.before) + len(ids)
+        return torch.stack([a[0, :, -1, lo:hi].sum(-1).mean() for a in att]).mean().item()
+
+    first = GCG(cfg)._init_ids(cm)
+    assert suffix_share(result.suffix_ids) > suffix_share(first)
+    assert result.losses[-1] == pytest.approx(-suffix_share(result.suffix_ids), abs=1e-4)

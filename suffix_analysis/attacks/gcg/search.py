@@ -170,6 +170,15 @@ class GCG(Attack):
     # -- the loop -----------------------------------------------------------------------------------
     def run(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None = None,
             resume: bool = False) -> AttackResult:
+        impl = getattr(cm.model.config, "_attn_implementation", None)
+        try:
+            return self._search(cm, instructions, targets, out, resume)
+        finally:  # the attention objective needs eager attention for its own passes, not for good
+            if impl is not None and cm.model.config._attn_implementation != impl:
+                cm.model.set_attn_implementation(impl)
+
+    def _search(self, cm: ChatModel, instructions: list[str], targets: list[str], out: Path | None,
+                resume: bool) -> AttackResult:
         cfg = self.config
         prompts = self._prompts(cm, instructions, targets)
         objective = self._objective(cm)
