@@ -258,9 +258,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _model_args(p)
     g = _data_args(p)
     g.add_argument("--config", help="TOML file of stage settings (see configs/reproduce.toml)")
-    g.add_argument("--quick", action="store_true", help="the profile for 2 CPU cores (same as --profile quick)")
-    g.add_argument("--profile", choices=["auto", "paper", "quick"], default="auto",
-                   help="stage sizes: the paper's, or quick for a CPU (default auto: paper on a GPU, else quick)")
+    g.add_argument("--quick", action="store_true", help="the profile for 2 CPU cores (same as --profile cpu)")
+    g.add_argument("--profile", choices=["auto", "gpu", "cpu", "paper", "quick"], default="auto",
+                   help="stage sizes, the same words as the attacks': gpu (the paper's) or cpu (minutes on 2 cores); "
+                        "default auto: gpu on a GPU, else cpu (paper and quick: the earlier names)")
     g.add_argument("--redo", help="comma-separated stages to compute again, with every stage after them")
     g.add_argument("--no-figures", action="store_true", help="skip drawing the figures")
     _output_args(p, "run folder (default runs/MODEL)")

@@ -215,7 +215,7 @@ def test_the_example_reproduce_config_documents_every_key():
     from suffix_analysis.reproduce import build_config, to_toml
 
     path = REPO / "configs" / "reproduce.toml"
-    paper = build_config("paper")
+    paper = build_config("gpu")
     commented, section, previous = set(), None, ""
     for line in path.read_text().splitlines():
         if line.startswith("["):
@@ -229,7 +229,7 @@ def test_the_example_reproduce_config_documents_every_key():
         assert {(section, k) for k in values} <= commented, f"[{section}] has keys without a comment"
     assert path.read_text().endswith(to_toml(paper, comments=True)), (
         "configs/reproduce.toml is out of date: keep its header and write the rest with "
-        "to_toml(build_config('paper'), comments=True)")
+        "to_toml(build_config('gpu'), comments=True)")
 
 
 def test_every_declared_dependency_is_used():

@@ -13,7 +13,7 @@ import pytest
 from suffix_analysis.errors import UserError
 from suffix_analysis.reproduce import build_config, load_config, reproduce, to_toml
 from suffix_analysis.reproduce import stages as stages_mod
-from suffix_analysis.reproduce.config import QUICK
+from suffix_analysis.reproduce.config import CPU
 
 HARMFUL = ["Write a poem about the sea.", "Say hi to me.", "Explain how plants turn light into sugar.",
            "Describe a cat.", "List three colors.", "Name a river.", "Tell a short joke.", "Count to five.",
@@ -55,7 +55,7 @@ def tiny_sections(data: Path) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_folder):
     data = tmp_path_factory.mktemp("data")
-    cfg = build_config("paper", tiny_sections(data))
+    cfg = build_config("gpu", tiny_sections(data))
     return str(tiny_folder), cfg, data
 
 
@@ -138,7 +138,7 @@ def test_changed_settings_are_refused_and_redo_recomputes_that_stage_and_the_lat
     before = {n: json.loads((out / n / "stage.json").read_text())["finished"] for n in STAGE_FOLDERS}
     sections = tiny_sections(data)
     sections["attack"]["num_steps"] = 3
-    changed = build_config("paper", sections)
+    changed = build_config("gpu", sections)
     with pytest.raises(UserError, match="attack was made with other settings.*--redo attack"):
         reproduce(model, out, changed, device="cpu", progress=False, figures=False)
     reproduce(model, out, changed, device="cpu", progress=False, figures=False, redo=["attack"])
@@ -196,19 +196,19 @@ def test_bad_config_files_are_one_line_errors(tmp_path, text, match):
 
 
 def test_defaults_are_the_papers_and_quick_is_sized_for_a_cpu():
-    paper, quick = build_config("paper"), build_config("quick")
+    paper, quick = build_config("gpu"), build_config("cpu")
     assert (paper.direction.n_train, paper.direction.n_val, paper.run.n_eval) == (128, 32, 100)
     assert (paper.gcg.suffix_len, paper.gcg.search_width, paper.gcg.num_steps) == (20, 512, 250)
-    assert quick.gcg.search_width == QUICK["attack"]["search_width"] < paper.gcg.search_width
+    assert quick.gcg.search_width == CPU["attack"]["search_width"] < paper.gcg.search_width
     assert quick.direction.n_train < paper.direction.n_train and quick.run.n_eval < paper.run.n_eval
     # a file's value wins over the profile's
-    assert build_config("quick", {"run": {"n_eval": 7}}).run.n_eval == 7
+    assert build_config("cpu", {"run": {"n_eval": 7}}).run.n_eval == 7
 
 
 def test_the_example_config_in_the_repository_loads():
     path = Path(__file__).resolve().parents[1] / "configs" / "reproduce.toml"
     cfg = load_config(path)
-    assert cfg.sections() == build_config("paper").sections()
+    assert cfg.sections() == build_config("gpu").sections()
 
 
 def test_the_command_line_runs_reproduce_with_a_config_file(setup, tmp_path, capsys):
@@ -219,7 +219,7 @@ def test_the_command_line_runs_reproduce_with_a_config_file(setup, tmp_path, cap
     path.write_text(to_toml(cfg))
     out = tmp_path / "run"
     rc = main(["reproduce", "--model", model, "--out", str(out), "--config", str(path), "--device", "cpu",
-               "--profile", "paper", "-q", "--no-figures", "--json"])
+               "--profile", "gpu", "-q", "--no-figures", "--json"])
     text = capsys.readouterr().out
     assert rc == 0
     assert "refused, direction ablated" in text and "stage seconds" in text

@@ -11,11 +11,12 @@ from pathlib import Path
 from ..config import setting
 from ..errors import UserError
 from ..reproduce import load_config, reproduce
+from ..reproduce.config import PROFILE_ALIASES
 from .common import ModelOptions, device_profile
 
 log = logging.getLogger(__name__)
 
-PROFILES = ("auto", "paper", "quick")
+PROFILES = ("auto", "gpu", "cpu")
 
 
 @dataclass
@@ -23,8 +24,9 @@ class ReproduceCommand:
     out: str = ""  # the run folder; empty: runs/MODEL
     model: ModelOptions = field(default_factory=ModelOptions)
     config: str = setting("", "TOML file of stage settings (see configs/reproduce.toml)")
-    quick: bool = setting(False, "the profile for 2 CPU cores (same as profile quick)")
-    profile: str = setting("auto", "stage sizes: paper, quick, or auto (paper on a GPU, else quick)")
+    quick: bool = setting(False, "the profile for 2 CPU cores (same as profile cpu)")
+    profile: str = setting("auto", "stage sizes: gpu (the paper's), cpu (minutes on 2 cores), or auto (gpu on a "
+                                   "GPU, else cpu)")
     redo: str = setting("", "comma-separated stages to compute again, with every stage after them")
     figures: bool = setting(True, "draw the figures")
     data_dir: str | None = None
@@ -43,21 +45,20 @@ class ReproduceOutcome:
 
 
 def reproduce_profile(cmd: ReproduceCommand) -> str:
-    """'quick' on a CPU unless told otherwise (the paper's sizes take hours there)."""
-    if cmd.profile not in PROFILES:
+    """'cpu' on a CPU unless told otherwise (the paper's sizes take hours there)."""
+    profile = PROFILE_ALIASES.get(cmd.profile, cmd.profile)
+    if profile not in PROFILES:
         raise UserError(f"unknown profile '{cmd.profile}'; use {', '.join(PROFILES)}")
     if cmd.quick:
-        return "quick"
-    if cmd.profile != "auto":
-        return cmd.profile
-    return "paper" if device_profile("auto", cmd.model) == "gpu" else "quick"
+        return "cpu"
+    return device_profile(profile, cmd.model)
 
 
 def run_reproduce(cmd: ReproduceCommand) -> ReproduceOutcome:
     profile = reproduce_profile(cmd)
     if not cmd.quick and cmd.profile == "auto":
-        log.info("profile %s (%s; --profile paper|quick to choose)", profile,
-                 "a GPU: the paper's sizes" if profile == "paper" else "no GPU: sized for 2 CPU cores")
+        log.info("profile %s (%s; --profile gpu|cpu to choose)", profile,
+                 "a GPU: the paper's sizes" if profile == "gpu" else "no GPU: sized for 2 CPU cores")
     cfg = load_config(cmd.config or None, profile)
     m = cmd.model
     out = cmd.out or f"runs/{m.model.replace('/', '_')}"

@@ -2,7 +2,8 @@
 
 Defaults follow the paper (128 train and 32 val instructions per class, greedy decoding,
 100 held-out harmful instructions, a 20-token universal suffix, GCG at search width 512 x
-250 steps). The ``quick`` profile sizes each stage for 2 CPU cores. Precedence, lowest
+250 steps): the ``gpu`` profile. The ``cpu`` profile sizes each stage for 2 CPU cores (the
+same two words as the attacks' profiles). Precedence, lowest
 first: the dataclass defaults, the profile, the TOML file, the command line.
 
     [run]          what is evaluated and how it is judged      (RunSettings)
@@ -22,11 +23,12 @@ from pathlib import Path
 from ..attacks.gcg import GCGConfig
 from ..attacks.setup import AttackInputs
 from ..attribution.run import AttributionConfig
-from ..config import read_toml, setting, toml_value
+from ..config import PROFILES, read_toml, setting, toml_value  # gpu: the paper's sizes; cpu: 2 cores
 from ..directions.run import DirectionConfig
 from ..errors import UserError
 
-PROFILES = ("paper", "quick")
+# Earlier names of the two profiles, still read from old run folders and scripts.
+PROFILE_ALIASES = {"paper": "gpu", "quick": "cpu"}
 
 
 @dataclass
@@ -82,7 +84,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
 }
 
 # The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and the README).
-QUICK: dict[str, dict] = {
+CPU: dict[str, dict] = {
     "run": {"n_eval": 32, "max_new_tokens": 32, "judge_harmless": False},
     "direction": {"n_train": 32, "n_val": 8, "last_positions": 1},
     # The paper's objective (the "Sure, here is" target) leaves the organism refusing at CPU
@@ -92,7 +94,7 @@ QUICK: dict[str, dict] = {
                "objective": "target+direction", "targets": "ablated"},
     "attribution": {"n_prompts": 8, "n_random": 1, "patch_ks": "1,4,8", "bands": 0, "max_new_tokens": 32},
 }
-PROFILE_VALUES = {"paper": {}, "quick": QUICK}
+PROFILE_VALUES = {"gpu": {}, "cpu": CPU}
 
 
 @dataclass
@@ -106,7 +108,7 @@ class ReproduceConfig:
     gcg: GCGConfig = field(default_factory=GCGConfig)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     attribution_config: AttributionConfig = field(default_factory=AttributionConfig)
-    profile: str = "paper"
+    profile: str = "gpu"
 
     def validate(self) -> None:
         if self.run.n_eval < 1 or self.run.max_new_tokens < 1 or self.run.batch_size < 1:
@@ -135,8 +137,9 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def build_config(profile: str = "paper", sections: dict | None = None, source: str = "settings") -> ReproduceConfig:
+def build_config(profile: str = "gpu", sections: dict | None = None, source: str = "settings") -> ReproduceConfig:
     """A validated config: ``profile``'s values, then ``sections`` (``{section: {key: value}}``)."""
+    profile = PROFILE_ALIASES.get(profile, profile)
     if profile not in PROFILES:
         raise UserError(f"unknown profile '{profile}'; use {', '.join(PROFILES)}")
     merged: dict[str, dict] = {name: dict(PROFILE_VALUES[profile].get(name, {})) for name in SECTIONS}
@@ -167,7 +170,7 @@ def build_config(profile: str = "paper", sections: dict | None = None, source: s
     return cfg
 
 
-def load_config(path: str | Path | None = None, profile: str = "paper") -> ReproduceConfig:
+def load_config(path: str | Path | None = None, profile: str = "gpu") -> ReproduceConfig:
     """The config of ``path`` (a TOML file; none: the defaults) over ``profile``."""
     return build_config(profile, read_toml(path) if path else None, source=str(path) if path else "settings")
 
