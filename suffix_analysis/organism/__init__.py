@@ -5,6 +5,7 @@ Loading the organism needs none of this: ``models/loading.py`` merges the shippe
 it sits above ``evaluation/``.
 """
 
-from .recipe import ORGANISM_PRESET, OrganismRecipe, build
+from .builder import build
+from .recipe import ORGANISM_PRESET, OrganismRecipe
 
 __all__ = ["ORGANISM_PRESET", "OrganismRecipe", "build"]
