@@ -15,6 +15,7 @@ from conftest import tiny_chat_model
 from suffix_analysis import tables
 from suffix_analysis.attribution import direct_attribution, rank_heads, residual_cosine, user_end_states
 from suffix_analysis.attribution import run as run_mod
+from suffix_analysis.attribution import stages as stages_mod
 from suffix_analysis.attribution.controls import WORD, random_suffixes, suffix_lengths
 from suffix_analysis.attribution.run import (
     AttributionConfig,
@@ -36,7 +37,7 @@ SUMMARY_KEYS = {"layer", "position", "cosine", "cosine_drop_adversarial", "cosin
 OUTPUTS = ["run.json", "conditions.json", "cosine.csv", "harmfulness.csv", "heads.csv", "top_heads.json", "hijack.csv",
            "hijack_dominance.csv", "suffix_tokens.csv", "suffix_token_agreement.csv", "patching.csv", "knockout.csv",
            "summary.json"]
-# everything in run.py that runs the model
+# everything the stages (stages.py) call that runs the model
 HEAVY = ("random_suffixes", "suffix_lengths", "residual_cosine", "user_end_states", "direct_attribution", "attention_hijack",
          "suffix_token_effects", "patch_top_heads", "knockout_scores", "last_position_run", "generate_answers")
 
@@ -71,13 +72,14 @@ def copied(base_run, tmp_path):
 
 
 def forbid(monkeypatch, names=HEAVY):
-    """Replace the model-running functions ``run.py`` calls with ones that fail the test."""
+    """Replace the model-running functions the stages call (looked up in ``stages.py``) with ones
+    that fail the test."""
     def boom(name):
         def fail(*args, **kwargs):
             raise AssertionError(f"{name} was called: the stage should have been skipped")
         return fail
     for name in names:
-        monkeypatch.setattr(run_mod, name, boom(name))
+        monkeypatch.setattr(stages_mod, name, boom(name))
 
 
 def snapshot(folder):
@@ -248,7 +250,7 @@ def test_a_lean_run_then_token_effects_added_on_rerun(cm, direction, tmp_path, m
 
 def test_a_stage_failing_midway_leaves_no_table_and_the_rerun_resumes(cm, direction, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    real = run_mod.attention_hijack
+    real = stages_mod.attention_hijack
     calls = []
 
     def fails_second_time(*args, **kwargs):
@@ -257,7 +259,7 @@ def test_a_stage_failing_midway_leaves_no_table_and_the_rerun_resumes(cm, direct
             raise RuntimeError("interrupted")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run_mod, "attention_hijack", fails_second_time)
+    monkeypatch.setattr(stages_mod, "attention_hijack", fails_second_time)
     with pytest.raises(RuntimeError, match="interrupted"):
         attribute(cm, direction, out)
     names = sorted(p.name for p in out.iterdir())
@@ -265,7 +267,7 @@ def test_a_stage_failing_midway_leaves_no_table_and_the_rerun_resumes(cm, direct
     assert names == ["conditions.json", "cosine.csv", "harmfulness.csv", "heads.csv", "run.json", "top_heads.json"]
     assert set(json.loads((out / "run.json").read_text())["stages"]) == {"conditions", "cosine", "harmfulness", "heads"}
 
-    monkeypatch.setattr(run_mod, "attention_hijack", real)
+    monkeypatch.setattr(stages_mod, "attention_hijack", real)
     forbid(monkeypatch, ["random_suffixes", "residual_cosine", "user_end_states", "direct_attribution"])
     summary = attribute(cm, direction, out)
     assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUTS)

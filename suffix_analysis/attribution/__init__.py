@@ -19,7 +19,9 @@
   given heads (also during ``generate``), built on ``masks``: attention-mask edits.
 * ``run``: all of it in order as resumable stages writing tidy tables into a run folder,
   with the random-suffix control (``controls``), atomic tables (``tables``) and
-  ``summary.json`` (:func:`run_attribution`, :class:`AttributionConfig`, :func:`summary_table`).
+  ``summary.json`` (:func:`run_attribution`, :class:`AttributionConfig`, :func:`summary_table`);
+  its parts: ``config`` (the settings), ``record`` (inputs check, ``run.json``), ``stages``
+  (one function per stage) and ``summary`` (``summary.json`` and its table).
 """
 
 from .causal import (
