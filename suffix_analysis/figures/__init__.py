@@ -4,6 +4,7 @@
 PNG and PDF; ``suffix-analysis figures RUN`` does the same from the command line.
 """
 
-from .draw import FIGURES, Tables, draw_all
+from .draw import FIGURES, draw_all
+from .run_tables import Tables
 
 __all__ = ["FIGURES", "Tables", "draw_all"]
