@@ -74,7 +74,7 @@ def cmd_refusal(args) -> int:
 def cmd_organism_build(args) -> int:
     from .commands.organism import OrganismBuildCommand, run_organism_build
     from .config import from_arguments
-    from .models.loading import ORGANISM_DELTA_ENV
+    from .models.materialize import ORGANISM_DELTA_ENV
     from .organism import OrganismRecipe
 
     o = run_organism_build(OrganismBuildCommand(out=args.out, recipe=from_arguments(OrganismRecipe, args),

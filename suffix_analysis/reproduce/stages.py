@@ -114,7 +114,7 @@ class Context:
 # --- the stages ---------------------------------------------------------------------------------
 
 def stage_organism(ctx: Context, folder: Path) -> dict:
-    from ..models.loading import ORGANISM_RECORD
+    from ..models.materialize import ORGANISM_RECORD
 
     cm = ctx.model_()  # loading the preset merges the shipped delta on first use (seconds)
     record = json.loads((Path(cm.model.name_or_path) / ORGANISM_RECORD).read_text())
