@@ -203,6 +203,8 @@ def stage_attack(ctx: Context, folder: Path) -> dict:
     resume = (folder / "checkpoint.json").is_file()
     if resume:
         log.info("attack: resuming from %s", folder / "checkpoint.json")
+    # GCG's bar follows its logger, as in the attack command: -q hides it here too
+    logging.getLogger("suffix_analysis.attacks").setLevel(logging.INFO if ctx.progress else logging.WARNING)
     result = gcg.run(cm, instructions, targets, out=folder, resume=resume)
     control = RandomSuffix(RandomConfig(suffix_len=cfg.suffix_len, seed=ctx.config.attack.random_seed)).run(
         cm, instructions, targets)
