@@ -268,7 +268,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     _figures_parser(sub)
 
-    p = sub.add_parser("sweep", help="a grid of commands (models x attacks x seeds x instruction sets) as Ray tasks, "
+    p = sub.add_parser("sweep", help="a grid of one command's settings (models x seeds x instruction sets...) as Ray tasks, "
                                      "or one after another without Ray; then results.csv and a figure per metric")
     p.add_argument("file", help="sweep file (TOML; see configs/sweep.toml)")
     p.add_argument("--address", help="a Ray cluster to run on (default: a local one, started and stopped here)")
