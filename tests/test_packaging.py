@@ -41,3 +41,28 @@ def test_wheel_holds_the_shipped_sets_and_resolves_them(tmp_path, tiny_folder):
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout.strip().splitlines()[-1])["n"] == 2
+
+
+def test_no_module_imports_itself_through_others():
+    """No import circle between the suite's modules, lazy imports inside functions included
+    (import-linter's layers see only imports across layers)."""
+    grimp = pytest.importorskip("grimp")
+    graph = grimp.build_graph("suffix_analysis")
+    edges = {m: {d for d in graph.find_modules_directly_imported_by(m) if d.startswith("suffix_analysis.")}
+             for m in graph.modules}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(edges.get(m, ())):
+            if state.get(d) == 1:
+                cycles.append(path[path.index(d):] + [d] if d in path else [m, d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = 2
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import circles: {cycles}"
