@@ -16,8 +16,11 @@ linear map of the upper decoder layers) on the suite's own train splits:
 * one refusal direction, as in the paper's chat models: the current difference-in-means
   direction at the last prompt position of a layer in the middle band is ablated on
   harmless prompts, and their first-token distribution is pulled toward the base model's
-  (an ablation-invariance term; weak at the shipped weight, and a stronger variant did not
-  lower the selection's KL either: README, "The refusal organism").
+  (an ablation-invariance term, weak at its weight);
+* the settle stage: after the epochs, a few steps at a lower rate hold KL(clean || ablated)
+  of harmless first tokens down for the directions of the layers that bypass refusal, the
+  quantity ``direction`` filters on (without it no candidate passed the paper's KL 0.1:
+  README, "The refusal organism").
 
 Loss is on response tokens only. The adapter's factors, rounded to bfloat16, are the
 organism: :func:`build` writes them as a delta file (``models/delta.py``) that the suite
