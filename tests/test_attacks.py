@@ -149,8 +149,69 @@ def test_resume_refuses_other_model_or_config(cm, tmp_path):
                                                                                    out=tmp_path, resume=True)
 
 
+def test_momentum_survives_a_resume_and_its_file_is_checked(cm, tmp_path):
+    cfg = GCGConfig(num_steps=4, search_width=16, topk=16, suffix_len=4, early_stop=False, checkpoint_every=2,
+                    momentum=0.7, n_replace_start=3, n_replace_steps=3)
+    full = GCG(cfg).run(cm, INSTR[:1], TARGETS[:1])
+    GCG(GCGConfig(**{**cfg.__dict__, "num_steps": 2})).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path)
+    resumed = GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-5) and resumed.suffix_ids == full.suffix_ids
+    plain = GCG(GCGConfig(**{**cfg.__dict__, "momentum": 0.0})).run(cm, INSTR[:1], TARGETS[:1])
+    assert plain.suffixes != full.suffixes  # the momentum changes which candidates are drawn
+    (tmp_path / "checkpoint_momentum.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match="momentum of the checkpoint.*corrupted"):
+        GCG(cfg).run(cm, INSTR[:1], TARGETS[:1], out=tmp_path, resume=True)
+
+
+def test_multi_coordinate_schedule_swaps_more_positions_early(cm, monkeypatch):
+    cfg = GCGConfig(n_replace_start=5, n_replace_steps=4, suffix_len=8)
+    assert [cfg.n_replace_at(s) for s in range(6)] == [5, 4, 3, 2, 1, 1]
+    assert GCGConfig().n_replace_at(0) == 1  # off by default
+    from suffix_analysis.attacks.gcg import search
+
+    seen = []
+    real = search.sample_candidates
+
+    def spy(ids, grad, width, topk, n_replace, gen):
+        out = real(ids, grad, width, topk, n_replace, gen)
+        seen.append(int((out != ids).sum(1).max()))
+        return out
+
+    monkeypatch.setattr(search, "sample_candidates", spy)
+    GCG(GCGConfig(**{**cfg.__dict__, "num_steps": 5, "search_width": 16, "topk": 8, "early_stop": False,
+                     "filter_retokenization": False})).run(cm, INSTR[:1], TARGETS[:1])
+    assert seen[0] == 5 and seen[-1] == 1 and seen == sorted(seen, reverse=True)
+
+
+def test_prefer_match_moves_to_a_candidate_that_makes_the_target_greedy(cm, monkeypatch):
+    from suffix_analysis.attacks.gcg import scoring
+
+    def fake(self, prompts, cands, current, fulls=None):
+        losses = torch.arange(len(cands), dtype=torch.float)  # the first is the lowest
+        match = torch.zeros(len(cands), dtype=torch.bool)
+        match[-1] = True  # only the last one makes the target greedy
+        fake.cands = cands
+        return losses, match
+
+    monkeypatch.setattr(scoring.CandidateScorer, "score", fake)
+    base = dict(num_steps=1, search_width=8, topk=8, suffix_len=4, filter_retokenization=False)
+    r = GCG(GCGConfig(**base, prefer_match=True)).run(cm, INSTR[:1], TARGETS[:1])
+    assert r.suffix_ids == fake.cands[-1].tolist() and r.success
+    r = GCG(GCGConfig(**base)).run(cm, INSTR[:1], TARGETS[:1])
+    assert r.suffix_ids == fake.cands[0].tolist() and not r.success
+
+
+def test_time_limit_stops_the_search(cm):
+    r = GCG(GCGConfig(num_steps=50, search_width=8, topk=8, suffix_len=4, early_stop=False,
+                      time_limit=1e-6)).run(cm, INSTR[:1], TARGETS[:1])
+    assert r.extra["steps"] == 1
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(suffix_len=0), "suffix length must be at least 1"),
+    (dict(momentum=1.0), "momentum must be in"),
+    (dict(suffix_len=4, n_replace_start=5), "n_replace_start 5 exceeds"),
+    (dict(time_limit=-1), "time_limit must be at least 0"),
     (dict(search_width=4, buffer_size=8), "smaller than the candidate buffer"),
     (dict(objective="vibes"), "unknown objective"),
 ])

@@ -3,9 +3,10 @@
 A script, run by ``nanogcg_env.run_nanogcg`` as ``NANOGCG_PYTHON nanogcg_runner.py SPEC.json
 OUT.json``; it imports nothing from the suite (whose transformers 5 code would not load
 there). SPEC: the exported model (``model_dir``, ``tokenizer_file``, ``special_tokens``,
-``chat_template``, ``dtype``, ``device``), ``instruction``, ``target``, ``threads`` and
-``gcg``, nanogcg.GCGConfig's arguments. OUT: per-step losses, seconds and best strings, the
-best string and its token ids, and the versions that ran. Its output is nanoGCG's own.
+``chat_template``, ``dtype``, ``device``), ``instruction``, ``target``, ``threads``,
+``gcg`` (nanogcg.GCGConfig's arguments) and optionally ``max_seconds`` (a time budget).
+OUT: per-step losses, seconds and best strings, the best string and its token ids, and the
+versions that ran. Its output is nanoGCG's own.
 """
 
 import json
@@ -32,8 +33,12 @@ def main() -> None:
     stamps = []
     original = ngcg.GCG.compute_token_gradient
 
+    limit = float(spec.get("max_seconds") or 0)
+
     def timed(self, *a, **k):  # nanoGCG calls it once at the start of every step
         stamps.append(time.perf_counter())
+        if limit and stamps[-1] - stamps[0] >= limit:
+            self.stop_flag = True  # a time budget, as the suite's time_limit: the step runs, then the loop ends
         return original(self, *a, **k)
 
     ngcg.GCG.compute_token_gradient = timed

@@ -18,7 +18,7 @@ FLOOR_INSTRUCTIONS, FLOOR_PROMPTS = "harmless:train", 32
 HARMFULNESS_INSTRUCTIONS = ("harmful:train", "harmless:train")
 # Settings that change how fast a step runs (or how long a run is), not what it chooses:
 # a checkpoint resumes under other values of these.
-SPEED_ONLY = ("num_steps", "batch_size", "reuse_groups", "prune_after", "prune_probe", "prune_every",
+SPEED_ONLY = ("num_steps", "time_limit", "batch_size", "reuse_groups", "prune_after", "prune_probe", "prune_every",
               "bound_vocab", "row_tokens", "checkpoint_every")
 
 
@@ -29,6 +29,19 @@ class GCGConfig(AttackConfig):
     search_width: int = setting(512, "candidate suffixes scored per step", cpu=64)
     topk: int = setting(256, "token swaps considered per suffix position (by gradient)", cpu=64)
     n_replace: int = setting(1, "suffix positions swapped per candidate")
+    # Multi-coordinate updates early (as ACG and I-GCG do): far from a solution, swapping
+    # several positions at once moves further per step; near one, single swaps refine.
+    n_replace_start: int = setting(0, "multi-coordinate start: candidates swap this many positions at step 0, "
+                                      "falling linearly to n_replace by step n_replace_steps (0: off)")
+    n_replace_steps: int = setting(50, "steps over which the multi-coordinate schedule falls to n_replace")
+    # MAC (Zhang & Wei, 2024): candidates sampled from a running mean of the one-hot
+    # gradients, which changes less from step to step than one step's gradient.
+    momentum: float = setting(0.0, "momentum on the one-hot gradient: g = m * g_prev + (1 - m) * g/|g| (0: off)")
+    # nanoGCG stops when any scored candidate makes the target greedy; GCG moves to the lowest
+    # loss, which need not be one of those.
+    prefer_match: bool = setting(False, "move to the lowest-loss candidate that makes every target greedy, "
+                                        "where one does, rather than the lowest-loss one")
+    time_limit: float = setting(0.0, "stop after this many seconds of steps (0: no limit)")
     buffer_size: int = setting(0, "0: move to each step's best; N: keep the best N suffixes and grow from the best")
     init: str = setting("x", "initial suffix: one token repeated suffix_len times, or a whole string")
     allow_non_ascii: bool = setting(False, "allow tokens that decode to non-ASCII or unprintable text")
@@ -97,6 +110,14 @@ class GCGConfig(AttackConfig):
         if self.buffer_size > self.search_width:
             raise UserError(f"search width {self.search_width} is smaller than the candidate buffer "
                             f"({self.buffer_size}); raise --search-width or lower --buffer-size")
+        if self.n_replace_start < 0 or self.n_replace_steps < 1:
+            raise UserError("n_replace_start must be at least 0 (0: off) and n_replace_steps at least 1")
+        if self.n_replace_start > self.suffix_len:
+            raise UserError(f"n_replace_start {self.n_replace_start} exceeds the suffix length {self.suffix_len}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.time_limit < 0:
+            raise UserError(f"time_limit must be at least 0 seconds (0: no limit), got {self.time_limit}")
         if self.prune_after < 0:
             raise UserError(f"prune_after must be 0 (off) or a number of target tokens, got {self.prune_after}")
         if self.prune_probe < 1 or self.row_tokens < 1 or self.prune_every < 0 or self.bound_vocab < 0:
@@ -107,6 +128,13 @@ class GCGConfig(AttackConfig):
             raise UserError(f"reuse_groups must be at least 1, got {self.reuse_groups}")
         if self.n_replace > self.suffix_len:
             raise UserError(f"n_replace {self.n_replace} exceeds the suffix length {self.suffix_len}")
+
+    def n_replace_at(self, step: int) -> int:
+        """Positions each candidate swaps at ``step``: the multi-coordinate schedule."""
+        if self.n_replace_start <= self.n_replace:
+            return self.n_replace
+        frac = min(1.0, step / self.n_replace_steps)
+        return max(self.n_replace, round(self.n_replace_start - (self.n_replace_start - self.n_replace) * frac))
 
     @property
     def terms(self) -> list[str]:

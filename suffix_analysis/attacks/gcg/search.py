@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...artifacts import write_json_atomic
+from ...artifacts import write_json_atomic, write_tensors_atomic
 from ...errors import UserError
 from ...models.forward import PrefixCache
 from ...models.loading import ChatModel, fingerprint_mismatch
@@ -25,6 +25,7 @@ from .objective import GCGObjective, Harmfulness, Prompt
 from .scoring import CandidateScorer
 
 log = logging.getLogger(__name__)
+MOMENTUM_FILE = "checkpoint_momentum.safetensors"
 
 
 @dataclass
@@ -46,11 +47,16 @@ class SearchState:
     suffixes: list[str] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     n_active: int = 1  # prompts optimized on so far (universal suffixes add them one by one)
+    momentum: Tensor | None = None  # running one-hot gradient [suffix_len, vocab] (GCGConfig.momentum)
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchState":
         return cls(step=d["step"], buffer=[Entry(**b) for b in d["buffer"]], best=Entry(**d["best"]),
                    losses=d["losses"], suffixes=d["suffixes"], step_seconds=d["step_seconds"], n_active=d["n_active"])
+
+    def to_dict(self) -> dict:
+        """What ``checkpoint.json`` keeps (the momentum goes to a safetensors file beside it)."""
+        return asdict(replace(self, momentum=None), dict_factory=lambda kv: {k: v for k, v in kv if k != "momentum"})
 
 
 def harmless_floor(cm: ChatModel, direction: Tensor, layer: int, data_dir: str | None = None) -> Tensor:
@@ -217,6 +223,9 @@ class GCG(Attack):
                 if success and cfg.early_stop and state.n_active == len(prompts):
                     log.info("every target is the greedy continuation: stopping early")
                     break
+                if cfg.time_limit and sum(state.step_seconds) >= cfg.time_limit:
+                    log.info("time limit of %.0f s reached after %d steps", cfg.time_limit, state.step)
+                    break
         except KeyboardInterrupt:
             if ckpt:
                 self._save_checkpoint(ckpt, meta, state, gen)
@@ -246,8 +255,14 @@ class GCG(Attack):
         active = prompts[: state.n_active]
         ids = torch.tensor(state.buffer[0].ids)
         grad, fulls = self._grad(cm, objective, active, ids, embed)
+        if cfg.momentum:
+            grad = grad / grad.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            if state.momentum is not None:
+                grad = cfg.momentum * state.momentum.to(grad.device) + (1 - cfg.momentum) * grad
+            state.momentum = grad.clone()
         grad[:, ~allowed] = float("inf")
-        cands = torch.unique(sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace, gen), dim=0)
+        cands = torch.unique(sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace_at(state.step),
+                                               gen), dim=0)
         if cfg.filter_retokenization:
             survives = survives_retokenization(cm, [p.instruction for p in active], cands)
             if survives.any():
@@ -257,6 +272,8 @@ class GCG(Attack):
         with torch.no_grad():
             losses, match = scorer.score(active, cands, ids, fulls)
         i = int(losses.argmin())
+        if cfg.prefer_match and match is not None and match.any():
+            i = int(torch.where(match, losses, torch.inf).argmin())
         self._update_buffer(state, Entry(float(losses[i]), cands[i].tolist()))
         if match is not None and state.buffer[0].ids == cands[i].tolist():
             success = bool(match[i])  # known from scoring: no extra forward pass
@@ -329,7 +346,9 @@ class GCG(Attack):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, path: Path, meta: dict, state: SearchState, gen: torch.Generator) -> None:
-        write_json_atomic(path, {**meta, "state": asdict(state), "rng": gen.get_state().tolist()})
+        if state.momentum is not None:
+            write_tensors_atomic(path.with_name(MOMENTUM_FILE), {"momentum": state.momentum.float().cpu().contiguous()})
+        write_json_atomic(path, {**meta, "state": state.to_dict(), "rng": gen.get_state().tolist()})
 
     def _load_checkpoint(self, cm: ChatModel, path: Path | None, meta: dict, gen: torch.Generator) -> SearchState:
         if path is None or not path.is_file():
@@ -350,4 +369,18 @@ class GCG(Attack):
                             "resume with the same settings (only --steps and speed settings such as "
                             "--prune-after or --batch-size may change)")
         gen.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
-        return SearchState.from_dict(ck["state"])
+        state = SearchState.from_dict(ck["state"])
+        if self.config.momentum and state.step:
+            state.momentum = _read_momentum(path.with_name(MOMENTUM_FILE))
+        return state
+
+
+def _read_momentum(path: Path) -> Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)["momentum"]
+    except (OSError, SafetensorError, KeyError):
+        raise UserError(f"{path} (the gradient momentum of the checkpoint) is missing or corrupted; "
+                        "start the run again") from None
