@@ -92,6 +92,35 @@ def percentile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def summarize(runs: list[dict], engines: list[str]) -> dict:
+    """Print per engine the success rate, median time to success with its interquartile range,
+    steps to success and s/step, and each engine's ratios against nanoGCG; returns the runs
+    ``{engine: {(prompt, seed): run}}``."""
+    by = {e: {(r["prompt"], r["seed"]): r for r in runs if r["engine"] == e} for e in engines}
+    med = {}
+    for e in engines:
+        rows = list(by[e].values())
+        tts = [r["tts"] for r in rows]
+        ok = [r for r in rows if math.isfinite(r["tts"])]
+        med[e] = statistics.median(tts)
+        spt = sum(r["seconds"] for r in rows) / max(1, sum(r["steps"] for r in rows))
+        print(f"{e:12s} success {len(ok)}/{len(rows)}  median TTS {med[e]:7.1f} s  IQR [{percentile(tts, .25):.1f}, "
+              f"{percentile(tts, .75):.1f}]  median steps to success "
+              f"{statistics.median([r['steps'] for r in ok]) if ok else float('nan'):.0f}  {spt:.2f} s/step")
+    if "nanogcg" in by:
+        for e in engines:
+            if e == "nanogcg":
+                continue
+            pairs = [by["nanogcg"][k]["tts"] / by[e][k]["tts"] for k in by[e]
+                     if math.isfinite(by[e][k]["tts"]) and math.isfinite(by["nanogcg"][k]["tts"])]
+            spread = (f"median per-run ratio {statistics.median(pairs):.2f}x, IQR [{percentile(pairs, .25):.2f}, "
+                      f"{percentile(pairs, .75):.2f}] over {len(pairs)} runs both solved") if pairs else "no run both solved"
+            ratio = (f"{med['nanogcg'] / med[e]:.2f}x" if math.isfinite(med[e]) and math.isfinite(med["nanogcg"])
+                     else "n/a (a median is above the budget)")
+            print(f"{e:12s} vs nanogcg: ratio of median TTS {ratio}; {spread}")
+    return by
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-refusal")
@@ -191,28 +220,7 @@ def main() -> None:
     print(f"--- {args.dtype}, {threads} threads, {len(prompts)} prompts x {len(seeds)} seeds, budget "
           f"{args.max_steps} steps / {args.max_seconds:g} s; time to success in seconds (failures count as above "
           f"the budget)")
-    by = {e: {(r["prompt"], r["seed"]): r for r in runs if r["engine"] == e} for e in engines}
-    med = {}
-    for e in engines:
-        rows = list(by[e].values())
-        tts = [r["tts"] for r in rows]
-        ok = [r for r in rows if math.isfinite(r["tts"])]
-        med[e] = statistics.median(tts)
-        spt = sum(r["seconds"] for r in rows) / max(1, sum(r["steps"] for r in rows))
-        print(f"{e:12s} success {len(ok)}/{len(rows)}  median TTS {med[e]:7.1f} s  IQR [{percentile(tts, .25):.1f}, "
-              f"{percentile(tts, .75):.1f}]  median steps to success "
-              f"{statistics.median([r['steps'] for r in ok]) if ok else float('nan'):.0f}  {spt:.2f} s/step")
-    if "nanogcg" in by:
-        for e in engines:
-            if e == "nanogcg":
-                continue
-            pairs = [by["nanogcg"][k]["tts"] / by[e][k]["tts"] for k in by[e]
-                     if math.isfinite(by[e][k]["tts"]) and math.isfinite(by["nanogcg"][k]["tts"])]
-            spread = (f"median per-run ratio {statistics.median(pairs):.2f}x, IQR [{percentile(pairs, .25):.2f}, "
-                      f"{percentile(pairs, .75):.2f}] over {len(pairs)} runs both solved") if pairs else "no run both solved"
-            ratio = (f"{med['nanogcg'] / med[e]:.2f}x" if math.isfinite(med[e]) and math.isfinite(med["nanogcg"])
-                     else "n/a (a median is above the budget)")
-            print(f"{e:12s} vs nanogcg: ratio of median TTS {ratio}; {spread}")
+    by = summarize(runs, engines)
     if args.judge:
         from suffix_analysis.evaluation.compliance import load_compliance_judge
         from suffix_analysis.evaluation.refusal import evaluate_refusal

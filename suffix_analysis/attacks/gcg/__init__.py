@@ -26,6 +26,17 @@ Where the time goes, and what this implementation does about it:
 * the allowed-token mask is built once per tokenizer from one batched decode, and the
   retokenization filter encodes all candidates in one batched call.
 
+Doing fewer steps per success (options, off by default until a time-to-success benchmark,
+``benchmarks/bench_gcg_tts.py``, shows they cut it without costing successes):
+
+* ``n_replace_start``/``n_replace_steps``: multi-coordinate updates early (ACG, I-GCG):
+  candidates swap several positions at first, falling linearly to ``n_replace``;
+* ``momentum``: candidates drawn from a running mean of the normalized one-hot gradients
+  (MAC), kept across a resume;
+* ``prefer_match``: move to a candidate that already makes the target greedy, where the
+  step found one, rather than to the lowest loss (nanoGCG stops on any such candidate);
+* ``buffer_size``: a buffer of the best suffixes seen (as nanoGCG's).
+
 The package reads the way the algorithm does:
 
     config.py     GCGConfig: every setting, its default and its help
