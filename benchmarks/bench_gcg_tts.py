@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:key=value,...",
                     help="also run the suite's GCG with these settings (repeatable)")
     ap.add_argument("--no-nanogcg", action="store_true", help="only the suite's engines")
+    ap.add_argument("--no-ours", action="store_true", help="only the variants (and nanoGCG): the suite's defaults "
+                                                           "were measured in an earlier run")
     ap.add_argument("--judge", action="store_true", help="judge each found suffix's completion three ways")
     ap.add_argument("--out", help="write every run's record here (JSON)")
     ap.add_argument("--nanogcg-python", default=os.environ.get("NANOGCG_PYTHON"))
@@ -152,7 +154,9 @@ def main() -> None:
         sys.exit("bench_gcg_tts: --judge contrasts each prompt with others: pass --prompts 3 or more")
     if args.dtype not in ("float32", "bfloat16"):
         sys.exit(f"bench_gcg_tts: --dtype is float32 or bfloat16, got {args.dtype!r}")
-    variants = [("ours", {})] + [variant(v) for v in args.variant]
+    variants = ([] if args.no_ours else [("ours", {})]) + [variant(v) for v in args.variant]
+    if not variants and args.no_nanogcg:
+        sys.exit("bench_gcg_tts: nothing to run: --no-ours and --no-nanogcg without a --variant")
     if not (args.nanogcg_python or args.make_env or args.no_nanogcg):
         from suffix_analysis.attacks.nanogcg_env import resolve_python
 

@@ -26,6 +26,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     (["--variant", "fast:n_replace_start=x"], "n_replace_start must be int"),
     (["--nanogcg-python", "/nonexistent/python"], "/nonexistent/python"),
     (["--judge", "--prompts", "2", "--no-nanogcg"], "pass --prompts 3 or more"),
+    (["--no-ours", "--no-nanogcg"], "nothing to run"),
 ])
 def test_time_to_success_bad_input_is_one_line(args, message):
     r = _run("bench_gcg_tts.py", *args)
