@@ -39,7 +39,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_gcg_tts import summarize  # noqa: E402
+from bench_gcg_tts import summarize, time_to_success  # noqa: E402
 
 SHAPES = {
     # Llama-3-8B (config of meta-llama/Meta-Llama-3-8B-Instruct)
@@ -185,8 +185,8 @@ def main() -> None:
                 steps, secs, suffix = fn(instr, target, num_steps=args.max_steps, early_stop=True,
                                          time_limit=args.max_seconds)
                 ok = target_is_greedy(cm, instr, suffix, target)
-                tts = sum(secs) if ok and sum(secs) <= args.max_seconds else float("inf")
-                runs.append(dict(engine=name, prompt=p, seed=0, steps=steps, seconds=sum(secs), tts=tts))
+                runs.append(dict(engine=name, prompt=p, seed=0, steps=steps, seconds=sum(secs),
+                                 tts=time_to_success(ok, sum(secs), args.max_seconds)))
                 print(f"{name:8s} prompt {p}: target {target!r}: {steps} steps {sum(secs):.1f} s "
                       f"{'success' if ok else 'no success'}", flush=True)
         summarize(runs, [e for e, _ in engines])

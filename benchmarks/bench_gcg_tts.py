@@ -83,6 +83,12 @@ def variant(text: str) -> tuple[str, dict]:
     return name, settings
 
 
+def time_to_success(ok: bool, seconds: float, budget: float) -> float:
+    """A run's time to success: its seconds of steps, or inf where it failed or its last step
+    (started inside the budget) ended past it."""
+    return seconds if ok and seconds <= budget else math.inf
+
+
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     k = (len(xs) - 1) * q
@@ -193,11 +199,8 @@ def main() -> None:
     def record(engine, p, seed, steps, seconds, suffix):
         instr, target = prompts[p]
         ok = target_is_greedy(cm, instr, suffix, target)
-        row = dict(engine=engine, prompt=p, seed=seed, steps=steps, seconds=round(seconds, 2), success=ok,
-                   suffix=suffix, tts=seconds if ok and seconds <= args.max_seconds * 1.0 else math.inf)
-        if ok and seconds > args.max_seconds:  # the last step started inside the budget and ended past it
-            row["tts"] = math.inf
-        runs.append(row)
+        runs.append(dict(engine=engine, prompt=p, seed=seed, steps=steps, seconds=round(seconds, 2), success=ok,
+                         suffix=suffix, tts=time_to_success(ok, seconds, args.max_seconds)))
         print(f"{engine:12s} prompt {p:2d} seed {seed}: {steps:4d} steps {seconds:7.1f} s  "
               f"{'success' if ok else 'no success'}", flush=True)
 

@@ -41,22 +41,6 @@ def write_json_atomic(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def write_tensors_atomic(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
-    """A safetensors file, written to a temporary sibling and renamed into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 

@@ -12,12 +12,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ...artifacts import write_json_atomic, write_tensors_atomic
+from ...artifacts import write_json_atomic
 from ...errors import UserError
 from ...models.forward import PrefixCache
 from ...models.loading import ChatModel, fingerprint_mismatch
 from ...models.placement import materialized
 from ...runs import digest
+from ...tables import atomic_path
 from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
 from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, HARMFULNESS_INSTRUCTIONS, SPEED_ONLY, GCGConfig
@@ -56,7 +57,9 @@ class SearchState:
 
     def to_dict(self) -> dict:
         """What ``checkpoint.json`` keeps (the momentum goes to a safetensors file beside it)."""
-        return asdict(replace(self, momentum=None), dict_factory=lambda kv: {k: v for k, v in kv if k != "momentum"})
+        d = asdict(replace(self, momentum=None))  # no deep copy of the tensor
+        del d["momentum"]
+        return d
 
 
 def harmless_floor(cm: ChatModel, direction: Tensor, layer: int, data_dir: str | None = None) -> Tensor:
@@ -347,7 +350,10 @@ class GCG(Attack):
     # -- checkpoints --------------------------------------------------------------------------------
     def _save_checkpoint(self, path: Path, meta: dict, state: SearchState, gen: torch.Generator) -> None:
         if state.momentum is not None:
-            write_tensors_atomic(path.with_name(MOMENTUM_FILE), {"momentum": state.momentum.float().cpu().contiguous()})
+            from safetensors.torch import save_file
+
+            with atomic_path(path.with_name(MOMENTUM_FILE)) as tmp:
+                save_file({"momentum": state.momentum.float().cpu().contiguous()}, str(tmp))
         write_json_atomic(path, {**meta, "state": state.to_dict(), "rng": gen.get_state().tolist()})
 
     def _load_checkpoint(self, cm: ChatModel, path: Path | None, meta: dict, gen: torch.Generator) -> SearchState:
