@@ -21,7 +21,8 @@ per-(prompt, seed) ratios; with ``--judge``, each found suffix's completion on i
 prompt judged refused / complied / derailed (the three-way judge), and a few of them.
 
     python benchmarks/bench_gcg_tts.py --make-env ~/.cache/nanogcg-venv --prompts 10 --seeds 3 \\
-        --variant mc:n_replace_start=4 --variant momentum:momentum=0.5
+        --variant mc:n_replace_start=4 --variant momentum:momentum=0.5 \\
+        --variant probe:draft=layers:12,probe_factor=4
 
 Run it on an otherwise idle machine: the engines run one after another.
 """
@@ -182,6 +183,15 @@ def main() -> None:
         sys.exit(f"bench_gcg_tts: --prompts {args.prompts}: the shipped harmful val split has {len(val)}")
     cm = load_model(args.model, device="cpu", dtype=args.dtype)
     tok = cm.tokenizer
+    for name, settings in variants:  # a draft the model cannot use ends here too
+        if settings.get("draft"):
+            from suffix_analysis.errors import UserError
+            from suffix_analysis.models.draft import load_draft
+
+            try:
+                load_draft(settings["draft"], cm)
+            except UserError as e:
+                sys.exit(f"bench_gcg_tts: variant {name!r}: {e}")
     prompts = []
     for instr in val[: args.prompts]:
         ids = tok(default_target(instr), add_special_tokens=False)["input_ids"][: args.target_tokens]

@@ -656,3 +656,55 @@ def test_the_attention_objective_draws_attention_to_the_suffix_and_leaves_sdpa_i
     first = GCG(cfg)._init_ids(cm)
     assert suffix_share(result.suffix_ids) > suffix_share(first)
     assert result.losses[-1] == pytest.approx(-suffix_share(result.suffix_ids), abs=1e-4)
+
+
+def test_first_layers_draft_is_the_logit_lens_of_the_model_and_shares_its_weights(cm):
+    from suffix_analysis.models.draft import first_layers
+
+    draft = first_layers(cm, 2)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        h = cm.model(input_ids=ids, output_hidden_states=True).hidden_states[2]  # after block 2
+        lens = cm.model.lm_head(cm.model.model.norm(h))
+        assert torch.allclose(draft.model(input_ids=ids).logits, lens, atol=1e-5)
+    assert draft.n_layers == 2 and cm.n_layers == 3 and cm.model.config.num_hidden_layers == 3  # the model is untouched
+    assert draft.model.lm_head.weight is cm.model.lm_head.weight
+    for spec, match in [("layers:3", "1 <= N < 3"), ("layers:x", "layers:N")]:
+        with pytest.raises(UserError, match=match):
+            GCG(GCGConfig(num_steps=1, draft=spec)).run(cm, INSTR[:1], TARGETS[:1])
+
+
+def test_spearman():
+    from suffix_analysis.attacks.gcg.probe import spearman
+
+    x = torch.tensor([0.3, 2.0, -1.0, 5.0])
+    assert spearman(x, x * 3 + 1) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(x[:1], x[:1]) == 0.0
+
+
+def test_probe_sampling_scores_fewer_candidates_on_the_model(tiny, tiny_folder):
+    base = dict(num_steps=3, search_width=32, topk=16, suffix_len=6, early_stop=False, probe_factor=4)
+    # a draft that is the model itself agrees perfectly: the model scores the probe set and
+    # the draft's best, which is the step's best, so the search goes where plain GCG goes
+    r = GCG(GCGConfig(**base, draft=str(tiny_folder))).run(tiny, INSTR[:1], TARGETS[:1])
+    assert r.extra["probe_agreement"] == pytest.approx([1.0] * 3)
+    assert all(n <= 32 // 4 + 1 for n in r.extra["model_scored"])
+    plain = GCG(GCGConfig(**base)).run(tiny, INSTR[:1], TARGETS[:1])
+    assert r.suffixes == plain.suffixes and r.losses == pytest.approx(plain.losses, abs=1e-5)
+    # a draft that ranks badly makes the model score more (up to probe set + width / probe_r)
+    r = GCG(GCGConfig(**base, draft="layers:1", probe_r=2)).run(tiny, INSTR[:1], TARGETS[:1])
+    assert len(r.extra["model_scored"]) == 3 and all(n <= 8 + 16 for n in r.extra["model_scored"])
+    assert all(-1 <= a <= 1 for a in r.extra["probe_agreement"])
+
+
+def test_probe_sampling_bad_drafts(tiny, tmp_path):
+    from conftest import make_tokenizer, tiny_llama
+
+    tok = make_tokenizer("llama3")
+    tiny_llama(len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="another tokenizer"):
+        GCG(GCGConfig(num_steps=1, draft=str(tmp_path))).run(tiny, INSTR[:1], TARGETS[:1])
+    with pytest.raises(UserError, match="target objective only"):
+        GCG(GCGConfig(draft="layers:1", objective="target+refusal"))

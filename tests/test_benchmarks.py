@@ -27,12 +27,24 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     (["--nanogcg-python", "/nonexistent/python"], "/nonexistent/python"),
     (["--judge", "--prompts", "2", "--no-nanogcg"], "pass --prompts 3 or more"),
     (["--no-ours", "--no-nanogcg"], "nothing to run"),
+    (["--variant", "probe:draft=layers:4,objective='target+refusal'"], "target objective only"),
 ])
 def test_time_to_success_bad_input_is_one_line(args, message):
     r = _run("bench_gcg_tts.py", *args)
     assert r.returncode != 0
     assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert "Loading weights" not in r.stderr  # refused before any model loads
+
+
+def test_time_to_success_refuses_a_python_without_nanogcg_and_a_foreign_draft(tmp_path, tiny_folder):
+    r = _run("bench_gcg_tts.py", "--nanogcg-python", sys.executable, "--prompts", "1", "--seeds", "1")
+    if "no nanogcg installed" not in r.stderr:
+        pytest.skip("this test's python has nanogcg")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "Loading weights" not in r.stderr, r.stderr
+    r = _run("bench_gcg_tts.py", "--no-nanogcg", "--model", str(tiny_folder), "--prompts", "1", "--seeds", "1",
+             "--variant", "probe:draft=smollm2-135m")
+    assert r.returncode != 0 and "another tokenizer" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "prompt  0" not in r.stdout  # nothing measured
 
 
 def test_gpu_benchmark_without_a_tokenizer_names_the_fix(tmp_path):

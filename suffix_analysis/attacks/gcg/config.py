@@ -41,6 +41,13 @@ class GCGConfig(AttackConfig):
     # loss, which need not be one of those.
     prefer_match: bool = setting(False, "move to the lowest-loss candidate that makes every target greedy, "
                                         "where one does, rather than the lowest-loss one")
+    # Probe sampling (Zhao et al., 2024; see probe.py): the draft ranks every candidate, the
+    # model scores a random probe set and as many of the draft's best as the two disagree.
+    draft: str = setting("", "probe sampling's draft model: layers:N (the model's own first N layers and its "
+                              "unembedding) or a model with the same tokenizer ('': off; target objective only)")
+    probe_factor: int = setting(16, "probe sampling: one candidate in this many is scored on both models")
+    probe_r: float = setting(8.0, "probe sampling: the model also scores the draft's best "
+                                  "(1 - rank agreement) x search_width / probe_r candidates")
     time_limit: float = setting(0.0, "stop after this many seconds of steps (0: no limit)")
     buffer_size: int = setting(0, "0: move to each step's best; N: keep the best N suffixes and grow from the best")
     init: str = setting("x", "initial suffix: one token repeated suffix_len times, or a whole string")
@@ -116,6 +123,10 @@ class GCGConfig(AttackConfig):
             raise UserError(f"n_replace_start {self.n_replace_start} exceeds the suffix length {self.suffix_len}")
         if not 0.0 <= self.momentum < 1.0:
             raise UserError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.draft and self.terms != ["target"]:
+            raise UserError(f"probe sampling (--draft) scores the target objective only, not '{self.objective}'")
+        if self.probe_factor < 1 or self.probe_r <= 0:
+            raise UserError("probe_factor must be at least 1 and probe_r above 0")
         if self.time_limit < 0:
             raise UserError(f"time_limit must be at least 0 seconds (0: no limit), got {self.time_limit}")
         if self.prune_after < 0:

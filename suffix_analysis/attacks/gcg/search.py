@@ -23,6 +23,7 @@ from ..base import Attack, AttackResult
 from ..tokens import allowed_token_mask, sample_candidates, suffix_text, survives_retokenization
 from .config import FLOOR_INSTRUCTIONS, FLOOR_PROMPTS, HARMFULNESS_INSTRUCTIONS, SPEED_ONLY, GCGConfig
 from .objective import GCGObjective, Harmfulness, Prompt
+from .probe import ProbeSampler
 from .scoring import CandidateScorer
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,7 @@ class GCG(Attack):
                                      cfg.words_only).to(cm.device)
         for p in prompts:
             p.cache = PrefixCache(cm, p.before)
+        probe = ProbeSampler(cm, cfg, objective, prompts) if cfg.draft else None
         gen = torch.Generator().manual_seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -218,7 +220,7 @@ class GCG(Attack):
                    disable=not log.isEnabledFor(logging.INFO))
         try:
             while state.step < cfg.num_steps:
-                success = self._step(cm, objective, scorer, prompts, state, allowed, embed, gen)
+                success = self._step(cm, objective, scorer, prompts, state, allowed, embed, gen, probe)
                 bar.update(1)
                 bar.set_postfix(loss=f"{state.buffer[0].loss:.3f}", prompts=f"{state.n_active}/{len(prompts)}")
                 if ckpt and cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -247,11 +249,13 @@ class GCG(Attack):
             step_seconds=state.step_seconds,
             success=bool(success and state.n_active == len(prompts)),
             attack=self.name,
-            extra={"objective": cfg.objective, "prompts_used": state.n_active, "steps": state.step},
+            extra={"objective": cfg.objective, "prompts_used": state.n_active, "steps": state.step,
+                   **({"probe_agreement": probe.agreement, "model_scored": probe.model_scored} if probe else {})},
         )
 
     def _step(self, cm: ChatModel, objective: GCGObjective, scorer: CandidateScorer, prompts: list[Prompt],
-              state: SearchState, allowed: Tensor, embed, gen: torch.Generator) -> bool:
+              state: SearchState, allowed: Tensor, embed, gen: torch.Generator,
+              probe: ProbeSampler | None = None) -> bool:
         """One GCG step; returns whether the buffer's best suffix now works on every active prompt."""
         cfg = self.config
         t0 = time.perf_counter()
@@ -273,7 +277,10 @@ class GCG(Attack):
             else:
                 log.warning("step %d: no candidate survives retokenization; keeping them all", state.step)
         with torch.no_grad():
-            losses, match = scorer.score(active, cands, ids, fulls)
+            if probe is not None:
+                losses, match = probe.score(scorer, active, cands, ids, fulls, state.step)
+            else:
+                losses, match = scorer.score(active, cands, ids, fulls)
         i = int(losses.argmin())
         if cfg.prefer_match and match is not None and match.any():
             i = int(torch.where(match, losses, torch.inf).argmin())
