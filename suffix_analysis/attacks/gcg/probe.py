@@ -4,9 +4,9 @@ Each step, every candidate gets its target loss on the draft (``GCGConfig.draft`
 random probe set (one candidate in ``probe_factor``) also gets its exact loss on the
 model, and the Spearman rank correlation ``a`` of the two losses over the probe set says
 how far the draft can be trusted this step. The model then scores the draft's best
-``(1 - a) * width / probe_r`` other candidates as well (the usual scoring, with early
-rejection; at least the draft's best), and the step moves to the best of all the model
-scored. A good draft thus costs few model passes; a draft that ranks no better than chance
+``(1 - a) * width / probe_r`` candidates as well (``a`` below 0 counts as 0; at least the
+draft's best; the usual scoring, with early rejection), and the step moves to the best of
+all the model scored. A good draft thus costs few model passes; a draft that ranks no better than chance
 falls back to ``width / probe_r`` of the draft's picks plus the probe set.
 """
 
@@ -72,7 +72,7 @@ class ProbeSampler:
         losses[probe], match[probe] = self.exact.score(prompts, cands[probe], current, fulls)
         a = spearman(draft[probe], losses[probe])
         # the draft's best, at least its very best, where the probe set has not scored them
-        size = max(1, int(max(0.0, 1.0 - a) * n / cfg.probe_r))
+        size = max(1, int((1.0 - min(max(a, 0.0), 1.0)) * n / cfg.probe_r))  # disagreement counts as none
         rest = draft.argsort()[:size]
         rest = rest[losses[rest].isinf()]
         if len(rest):
