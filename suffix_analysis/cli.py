@@ -140,6 +140,29 @@ def cmd_direction(args) -> int:
     return 0
 
 
+def cmd_rdo(args) -> int:
+    from .commands.rdo import RDOCommand, run_rdo_command
+    from .config import flag_fields
+    from .directions.rdo import RDOConfig
+
+    settings = {f.name: getattr(args, f.name) for f, _ in flag_fields(RDOConfig) if getattr(args, f.name, None) is not None}
+    o = run_rdo_command(RDOCommand(direction=args.direction, out=args.out, model=_model_options(args),
+                                   settings=settings, profile=args.profile, data_dir=args.data_dir,
+                                   progress=_progress(args)))
+    info, start = o.info, o.info["start"]
+    print(f"RDO direction       position {info['position']}, layer {info['layer']}, {info['steps']} steps; cosine "
+          f"{info['cosine_to_start']:.3f} to the start")
+    print(f"                    RDO       difference in means (val prompts of {start['run']})")
+    print(f"bypass score        {info['bypass']:+8.3f}  {start['bypass']:+8.3f}   (mean refusal score, harmful, ablated)")
+    print(f"induce score        {info['induce']:+8.3f}  {start['induce']:+8.3f}   (mean refusal score, harmless, added)")
+    print(f"KL                  {info['kl']:8.4f}  {start['kl']:8.4f}   (first token, harmless, ablated vs clean)")
+    print(f"saved               {args.out}/direction.safetensors, direction.json, losses.csv (--direction {args.out} "
+          "works wherever a direction run does)")
+    if args.json:
+        print(json.dumps(o.summary()))
+    return 0
+
+
 def cmd_orthogonalize(args) -> int:
     from .commands.orthogonalize import OrthogonalizeCommand, run_orthogonalize
 
@@ -269,7 +292,7 @@ def cmd_presets(args) -> int:
     return 0
 
 
-HANDLERS = {"refusal": cmd_refusal, "direction": cmd_direction, "orthogonalize": cmd_orthogonalize,
+HANDLERS = {"refusal": cmd_refusal, "direction": cmd_direction, "rdo": cmd_rdo, "orthogonalize": cmd_orthogonalize,
             "evaluate": cmd_evaluate, "attack": cmd_attack, "attribute": cmd_attribute,
             "organism build": cmd_organism_build, "organism evaluate": cmd_organism_evaluate,
             "organism check": cmd_organism_check, "reproduce": cmd_reproduce, "figures": cmd_figures,

@@ -156,6 +156,7 @@ def _attack_parsers(sub, argv: list[str]) -> None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .attribution.run import AttributionConfig
     from .config import add_arguments
+    from .directions.rdo import RDOConfig
     from .directions.run import DirectionConfig
     from .organism import OrganismRecipe
     from .organism.faithfulness import FaithfulnessConfig
@@ -188,6 +189,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _data_args(p)
     add_arguments(p.add_argument_group("direction run (DirectionConfig)"), DirectionConfig)
     _output_args(p, "run folder (rerunning skips finished stages)", out_required=True)
+
+    p = sub.add_parser("rdo", help="learn a refusal direction by gradient (RDO), starting from a direction run")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument_group("direction").add_argument(
+        "--direction", required=True, help="the direction run RDO starts from (its direction, layer and prompts; from "
+                                           "`suffix-analysis direction`)")
+    p.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="default sizes: the paper's (gpu) or CPU-sized (cpu); auto follows the device")
+    add_arguments(p.add_argument_group("RDO (RDOConfig)"), RDOConfig)
+    _output_args(p, "RDO run folder (rerunning resumes)", out_required=True)
 
     p = sub.add_parser("orthogonalize", help="bake the direction's ablation into the weights and save the model")
     _model_args(p)

@@ -127,6 +127,23 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     code, out, err = run(capsys, "orthogonalize", "--model", str(tiny_folder), "--direction", "run", "--out", "ortho")
     assert code == 0, err
 
+    # RDO from the run; its folder serves as a direction run
+    rdo = ["rdo", "--model", str(tiny_folder), "--direction", "run", "--steps", "2", "--batch", "2",
+           "--target-tokens", "2", "--n-prompts", "3", "-q"]
+    code, out, err = run(capsys, *rdo, "--out", "rdo", "--json")
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 2 and "difference in means" in out
+    code, out, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tiny_folder), "--instructions",
+                         "hv.json", "--direction", "rdo", "--intervention", "ablate", "--max-new-tokens", "2", "-q")
+    assert code == 0, err
+    code, _, err = run(capsys, *rdo, "--out", "rdo2", "--lr", "0")
+    assert code == 2
+    one_line_error(err, "lr must be above 0")
+    assert not (tmp_path / "rdo2").exists()
+    code, _, err = run(capsys, *rdo, "--out", "rdo3", "--direction", "rdo")
+    assert code == 2
+    one_line_error(err, "RDO starts from the difference-in-means direction")
+
     # attacks given the direction: the harmfulness term's reference, and an attack without objective terms
     code, out, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", "hv.json",
                          "--direction", "run", "--objective", "target+direction+harmfulness", "--steps", "1",

@@ -170,12 +170,14 @@ def _fixed_commands() -> dict[str, Command]:
         run_organism_evaluate,
     )
     from .orthogonalize import OrthogonalizeCommand, run_orthogonalize
+    from .rdo import RDOCommand, run_rdo_command
     from .refusal import RefusalCommand, run_refusal
     from .reproduce import ReproduceCommand, run_reproduce
 
     commands = [
         Command("refusal", RefusalCommand, run_refusal),
         Command("direction", DirectionCommand, run_direction_command),
+        Command("rdo", RDOCommand, run_rdo_command),
         Command("evaluate", EvaluateCommand, run_evaluate),
         Command("attribute", AttributeCommand, run_attribute),
         Command("reproduce", ReproduceCommand, run_reproduce),

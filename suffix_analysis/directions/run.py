@@ -102,6 +102,10 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         write_text_atomic(path, buf.getvalue())
 
 
+# Run kinds whose folder holds a direction (direction.safetensors, direction.json) any
+# command can load: the paper's selection and refusal direction optimization (rdo.py).
+DIRECTION_KINDS = ("direction", "rdo")
+
 # Selection thresholds only decide the last, cheap stage: a rerun may change them.
 _SELECTION_ONLY = ("prune_layer_fraction", "kl_threshold", "induce_threshold", "batch_size")
 
@@ -115,8 +119,9 @@ def check_run_model(run: Path, cm: ChatModel, allow_other_model: bool = False) -
         raise UserError(f"{run} is not a direction run folder (no run.json); make one with "
                         "`suffix-analysis direction --model M --out RUN`")
     rec = read_json(rec_path, f"make the run again with `suffix-analysis direction --out {run}` in a new folder")
-    if not isinstance(rec, dict) or rec.get("kind", "direction") != "direction":
-        raise UserError(f"{run} is not a direction run folder; give the --out of `suffix-analysis direction`")
+    if not isinstance(rec, dict) or rec.get("kind", "direction") not in DIRECTION_KINDS:
+        raise UserError(f"{run} is not a direction run folder; give the --out of `suffix-analysis direction` "
+                        "(or of `suffix-analysis rdo`)")
     why = fingerprint_mismatch(rec.get("fingerprint"), cm, f"run folder {run} (model '{rec.get('model')}')")
     if why and not allow_other_model:
         raise UserError(f"{why}; use that model, another --out, or --allow-other-model to apply it to this "

@@ -1,0 +1,296 @@
+"""Refusal direction optimization (RDO, after Wollschläger et al., ICML 2025): a direction
+learned by gradient, starting from a direction run's difference-in-means direction.
+
+A unit vector ``r`` (at the direction run's layer for addition) is trained so that
+
+* ablation: with ``r`` removed everywhere (``interventions.directional.ablation_hooks``),
+  harmful train prompts continue with the answers the model gives with the difference-in-means
+  direction ablated (cross-entropy of those target tokens);
+* addition: with ``norm * r`` added at ``blocks.{layer}.hook_resid_pre`` (``norm``: the
+  difference-in-means direction's), harmless train prompts continue with the refusals the
+  model gives with that direction added;
+* retain: with ``r`` removed, harmless prompts keep the model's own next-token distributions
+  (KL(clean || ablated) over the last prompt token and the model's own answer).
+
+The targets come from the difference-in-means direction, generated greedily once. Adam on
+``r``, renormalized after each step. The run folder::
+
+    RDO/run.json                 the model, the direction run it starts from, data and config
+    RDO/targets.json             the generated targets (stage 1)
+    RDO/checkpoint.safetensors   r and Adam's moments, with checkpoint.json (step, losses, RNG)
+    RDO/losses.csv               the three terms per step
+    RDO/direction.safetensors    the learned direction, scaled to the starting direction's norm
+    RDO/direction.json           its position and layer (the starting direction's), and the
+                                 val bypass, induce and KL of both directions
+
+``direction.safetensors`` and ``direction.json`` read as a direction run's, so every
+command that takes ``--direction RUN`` takes an RDO run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..artifacts import write_json_atomic
+from ..config import setting
+from ..errors import UserError
+from ..interventions.directional import ablate_direction, ablation_hooks, add_direction, addition_hooks
+from ..metrics import first_token_kl, refusal_score
+from ..models.chat import pad_left, pad_token_id, position_ids
+from ..models.forward import run_batches
+from ..models.hooks import run_with_hooks
+from ..models.loading import ChatModel, fingerprint_mismatch
+from ..runs import digest, open_run, read_json, update_run
+from ..tables import atomic_path
+from .run import DirectionConfig, check_run_model, filter_prompts, load_direction, sample_prompts
+
+log = logging.getLogger(__name__)
+KIND = "rdo"
+
+
+@dataclass(frozen=True)
+class RDOConfig:
+    """RDO settings (the paper trains with Adam at a learning rate of about 1e-2)."""
+
+    steps: int = setting(200, "optimization steps", cpu=60)
+    lr: float = setting(1e-2, "Adam learning rate")
+    batch: int = setting(16, "prompts per term per step", cpu=8)
+    target_tokens: int = setting(24, "tokens of each generated target (answers, refusals, the model's own answers)",
+                                 cpu=16)
+    n_prompts: int = setting(64, "train prompts per class the targets are generated for (from the direction "
+                                 "run's filtered train prompts)", cpu=32)
+    ablation_weight: float = setting(1.0, "weight of the ablation term (harmful prompts answer)")
+    addition_weight: float = setting(0.2, "weight of the addition term (harmless prompts refuse)")
+    retain_weight: float = setting(1.0, "weight of the retain term (harmless behaviour kept under ablation)")
+    seed: int = setting(0, "seed of the prompt batches")
+    checkpoint_every: int = setting(10, "steps between checkpoints (0: only at the end)")
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch < 1 or self.target_tokens < 1 or self.n_prompts < 1:
+            raise UserError("steps, batch, target_tokens and n_prompts must be at least 1")
+        if self.lr <= 0:
+            raise UserError(f"lr must be above 0, got {self.lr}")
+        if min(self.ablation_weight, self.addition_weight, self.retain_weight) < 0:
+            raise UserError("the term weights must be at least 0")
+        if self.checkpoint_every < 0:
+            raise UserError("checkpoint_every must be at least 0")
+
+
+# Settings that change how long a run is, not what it learns up to a step.
+_FREE = ("steps", "checkpoint_every")
+
+
+@torch.no_grad()
+def _greedy(cm: ChatModel, instructions: list[str], n: int, batch_size: int = 16) -> list[list[int]]:
+    """The first ``n`` greedy tokens after each prompt (cut after an EOS)."""
+    out = []
+    eos = cm.tokenizer.eos_token_id
+    for s in range(0, len(instructions), batch_size):
+        batch = cm.chat.encode(instructions[s:s + batch_size], device=cm.device)
+        seq = cm.model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=pad_token_id(cm.tokenizer))
+        for row in seq[:, batch["input_ids"].shape[1]:].tolist():
+            out.append(row[: row.index(eos) + 1] if eos in row else row)
+    return out
+
+
+def _batch(cm: ChatModel, prompts: list[list[int]], targets: list[list[int]]) -> tuple[dict, torch.Tensor]:
+    """Model kwargs for prompt + target rows (left-padded), and a ``[batch, pos]`` mask of the
+    positions whose next token is a target token (the last prompt token and all but the last
+    target token)."""
+    rows = [p + t for p, t in zip(prompts, targets)]
+    enc = pad_left(rows, pad_token_id(cm.tokenizer), cm.device)
+    width = enc["input_ids"].shape[1]
+    pred = torch.zeros(len(rows), width, dtype=torch.bool, device=cm.device)
+    for i, t in enumerate(targets):
+        pred[i, width - len(t) - 1: width - 1] = True
+    return {**enc, "position_ids": position_ids(enc["attention_mask"])}, pred
+
+
+def _target_ce(cm: ChatModel, kwargs: dict, pred: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the target tokens (the tokens after the ``pred`` positions)."""
+    logits = cm.model(**kwargs).logits.float()
+    nxt = kwargs["input_ids"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits[:, :-1][pred[:, :-1]], nxt[pred[:, :-1]])
+
+
+def _log_probs(cm: ChatModel, kwargs: dict, pred: torch.Tensor) -> torch.Tensor:
+    return cm.model(**kwargs).logits.float()[pred].log_softmax(-1)
+
+
+@torch.no_grad()
+def score_direction(cm: ChatModel, direction: torch.Tensor, layer: int, harmful: list[str], harmless: list[str],
+                    batch_size: int = 32) -> dict:
+    """The direction run's three scores of one direction on val prompts: bypass (mean refusal
+    score of harmful prompts, ablated), induce (of harmless prompts, added at ``layer``) and
+    the first-token KL of harmless prompts under ablation."""
+    harmful_rows, harmless_rows = cm.chat.tokenize(harmful), cm.chat.tokenize(harmless)
+    clean = run_batches(cm, harmless_rows, batch_size)
+    with ablate_direction(cm, direction):
+        bypass = refusal_score(run_batches(cm, harmful_rows, batch_size), cm.refusal_ids).mean().item()
+        kl = first_token_kl(clean, run_batches(cm, harmless_rows, batch_size)).mean().item()
+    with add_direction(cm, direction, layer):
+        induce = refusal_score(run_batches(cm, harmless_rows, batch_size), cm.refusal_ids).mean().item()
+    return {"bypass": bypass, "induce": induce, "kl": kl}
+
+
+class _Targets:
+    """Stage 1: the generated targets, in ``targets.json``."""
+
+    def __init__(self, cm: ChatModel, run: Path, cfg: RDOConfig, dim: torch.Tensor, layer: int, harmful: list[str],
+                 harmless: list[str]):
+        path = run / "targets.json"
+        if not path.is_file():
+            log.info("RDO: generating %d-token targets for %d harmful and %d harmless prompts", cfg.target_tokens,
+                     len(harmful), len(harmless))
+            with ablate_direction(cm, dim):
+                answers = _greedy(cm, harmful, cfg.target_tokens)
+            with add_direction(cm, dim, layer):
+                refusals = _greedy(cm, harmless, cfg.target_tokens)
+            own = _greedy(cm, harmless, cfg.target_tokens)
+            write_json_atomic(path, {"harmful": harmful, "harmless": harmless, "answers": answers,
+                                     "refusals": refusals, "own": own})
+        rec = read_json(path, f"remove it to generate the targets again (`suffix-analysis rdo --out {run}`)")
+        try:
+            self.harmful = cm.chat.tokenize(rec["harmful"])
+            self.harmless = cm.chat.tokenize(rec["harmless"])
+            self.answers, self.refusals, self.own = rec["answers"], rec["refusals"], rec["own"]
+        except (KeyError, TypeError):
+            raise UserError(f"{path} is not an RDO targets file this suite wrote; remove it to generate them "
+                            "again") from None
+
+
+def _save_checkpoint(run: Path, v: torch.Tensor, opt: torch.optim.Adam, step: int, losses: list[dict],
+                     gen: torch.Generator) -> None:
+    st = opt.state.get(v, {})
+    tensors = {"v": v.detach().cpu()}
+    if st:
+        tensors.update(exp_avg=st["exp_avg"].cpu(), exp_avg_sq=st["exp_avg_sq"].cpu())
+    with atomic_path(run / "checkpoint.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json_atomic(run / "checkpoint.json", {"step": step, "losses": losses, "rng": gen.get_state().tolist()})
+
+
+def _load_checkpoint(run: Path, v: torch.Tensor, opt: torch.optim.Adam, gen: torch.Generator) -> tuple[int, list]:
+    remedy = f"remove {run}/checkpoint.* to start the optimization again"
+    ck = read_json(run / "checkpoint.json", remedy)
+    try:
+        t = load_file(str(run / "checkpoint.safetensors"))
+        with torch.no_grad():
+            v.copy_(t["v"])
+        if "exp_avg" in t:
+            opt.state[v] = {"step": torch.tensor(float(ck["step"])), "exp_avg": t["exp_avg"].to(v),
+                            "exp_avg_sq": t["exp_avg_sq"].to(v)}
+        gen.set_state(torch.tensor(ck["rng"], dtype=torch.uint8))
+        return int(ck["step"]), list(ck["losses"])
+    except Exception as e:  # safetensors' own errors for a truncated file, shape errors for another model's
+        raise UserError(f"the checkpoint in {run} is unreadable or from another model ({type(e).__name__}); "
+                        f"{remedy}") from None
+
+
+def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOConfig = RDOConfig(),
+            data_dir: str | None = None, progress: bool = True) -> dict:
+    """Learn a refusal direction from the direction run ``direction_run`` into the run folder
+    ``out`` (rerunning resumes from the last checkpoint); returns ``direction.json``'s record."""
+    cfg.validate()
+    src = Path(direction_run).expanduser()
+    dim, info = load_direction(src, cm)
+    layer = info["layer"]
+    drec = check_run_model(src, cm)
+    if drec.get("kind", "direction") != "direction":
+        raise UserError(f"{src} is {drec.get('kind')!r} run; RDO starts from the difference-in-means direction of a "
+                        "`suffix-analysis direction` run")
+    dcfg = DirectionConfig(**{k: v for k, v in drec.get("config", {}).items() if k in DirectionConfig.__dataclass_fields__})
+    prompts = filter_prompts(cm, src, dcfg, sample_prompts(dcfg, data_dir))
+    harmful, harmless = prompts.harmful_train[: cfg.n_prompts], prompts.harmless_train[: cfg.n_prompts]
+    run = Path(out).expanduser()
+    record = {"model": cm.name, "fingerprint": cm.fingerprint(), "d_model": cm.d_model, "direction_run": str(src),
+              "start": {"position": info["position"], "layer": layer, "data": info["data"]},
+              "data": digest([harmful, harmless]), "config": asdict(cfg)}
+    record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
+        old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
+    update_run(run, record)
+    targets = _Targets(cm, run, cfg, dim, layer, harmful, harmless)
+
+    norm = dim.norm().item()
+    v = (dim.float() / norm).to(cm.device).clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, losses = 0, []
+    if (run / "checkpoint.json").is_file():
+        step, losses = _load_checkpoint(run, v, opt, gen)
+        log.info("RDO: resuming at step %d", step)
+    trainable = [p for p in cm.model.parameters() if p.requires_grad]
+    for p in trainable:  # only r is learned: no gradients for the weights
+        p.requires_grad_(False)
+    bar = tqdm(total=cfg.steps, initial=min(step, cfg.steps), desc="RDO", unit="step", disable=not progress)
+    try:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            hi = torch.randperm(len(targets.harmful), generator=gen)[: cfg.batch].tolist()
+            ni = torch.randperm(len(targets.harmless), generator=gen)[: cfg.batch].tolist()
+            terms = {}
+            unit = v / v.norm()
+            if cfg.ablation_weight:
+                kw, pred = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
+                with run_with_hooks(cm, ablation_hooks(cm, unit)):
+                    terms["ablation"] = _target_ce(cm, kw, pred)
+            if cfg.addition_weight:
+                kw, pred = _batch(cm, [targets.harmless[i] for i in ni], [targets.refusals[i] for i in ni])
+                with run_with_hooks(cm, addition_hooks(cm, unit * norm, layer)):
+                    terms["addition"] = _target_ce(cm, kw, pred)
+            if cfg.retain_weight:
+                kw, pred = _batch(cm, [targets.harmless[i] for i in ni], [targets.own[i] for i in ni])
+                with torch.no_grad():
+                    clean = _log_probs(cm, kw, pred)
+                with run_with_hooks(cm, ablation_hooks(cm, unit)):
+                    ablated = _log_probs(cm, kw, pred)
+                terms["retain"] = (clean.exp() * (clean - ablated)).sum(-1).mean()
+            weights = {"ablation": cfg.ablation_weight, "addition": cfg.addition_weight, "retain": cfg.retain_weight}
+            loss = sum(weights[k] * t for k, t in terms.items())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                v /= v.norm()
+            step += 1
+            losses.append({"step": step, **{k: round(t.item(), 5) for k, t in terms.items()},
+                           "seconds": round(time.perf_counter() - t0, 3)})
+            bar.update(1)
+            bar.set_postfix({k: f"{t.item():.3f}" for k, t in terms.items()})
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                _save_checkpoint(run, v, opt, step, losses, gen)
+    finally:
+        bar.close()
+        for p in trainable:
+            p.requires_grad_(True)
+    _save_checkpoint(run, v, opt, step, losses, gen)
+    return _finish(cm, run, v.detach(), norm, dim, info, record, losses, prompts, data_dir)
+
+
+def _finish(cm: ChatModel, run: Path, v: torch.Tensor, norm: float, dim: torch.Tensor, info: dict, record: dict,
+            losses: list[dict], prompts, data_dir: str | None) -> dict:
+    """The learned direction and its val scores beside the starting direction's."""
+    from .run import _write_csv
+
+    _write_csv(run / "losses.csv", losses)
+    direction = (v / v.norm()).float().cpu() * norm
+    layer = info["layer"]
+    scores = score_direction(cm, direction, layer, prompts.harmful_val, prompts.harmless_val)
+    start = score_direction(cm, dim, layer, prompts.harmful_val, prompts.harmless_val)
+    cos = torch.nn.functional.cosine_similarity(direction, dim.float().cpu(), dim=0).item()
+    out = {"position": info["position"], "layer": layer, **scores, "norm": norm, "model": cm.name,
+           "fingerprint": record["fingerprint"], "data": info["data"], "steps": len(losses), "method": "rdo",
+           "cosine_to_start": cos, "start": {"run": str(record["direction_run"]), **start}}
+    with atomic_path(run / "direction.safetensors") as tmp:
+        save_file({"direction": direction.contiguous()}, str(tmp),
+                  metadata={"position": str(info["position"]), "layer": str(layer),
+                            "fingerprint": record["fingerprint"]})
+    write_json_atomic(run / "direction.json", out)
+    return out

@@ -1,0 +1,82 @@
+"""Refusal direction optimization: its terms move the direction, the run resumes exactly,
+its folder reads as a direction run, bad input is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_chat_model
+from test_pipeline import LOOSE, data_files  # noqa: F401  (fixture)
+
+from suffix_analysis.directions.rdo import RDOConfig, run_rdo, score_direction
+from suffix_analysis.directions.run import DirectionConfig, load_direction, run_direction
+from suffix_analysis.errors import UserError
+
+FAST = dict(steps=4, batch=2, target_tokens=3, n_prompts=4, lr=0.02, checkpoint_every=2)
+
+
+@pytest.fixture
+def start(data_files):  # noqa: F811
+    cm = tiny_chat_model("llama")
+    run_direction(cm, data_files / "dim", DirectionConfig(**LOOSE), progress=False)
+    return cm, data_files
+
+
+def test_rdo_learns_a_direction_that_loads_like_a_direction_run(start):
+    cm, d = start
+    before = [p.detach().clone() for p in cm.model.parameters()]
+    info = run_rdo(cm, d / "dim", d / "rdo", RDOConfig(**FAST), progress=False)
+    assert all(torch.equal(a, p) for a, p in zip(before, cm.model.parameters()))  # weights untouched
+    assert all(p.requires_grad for p in cm.model.parameters())  # and as trainable as before
+    dim, dim_info = load_direction(d / "dim", cm)
+    direction, rdo_info = load_direction(d / "rdo", cm)  # every --direction consumer takes it
+    assert rdo_info["layer"] == dim_info["layer"] and rdo_info["method"] == "rdo"
+    assert direction.norm().item() == pytest.approx(dim.norm().item(), rel=1e-4)  # scaled as the start
+    assert 0.5 < info["cosine_to_start"] < 1.0  # it moved, from where it started
+    losses = [json.loads(x) for x in [json.dumps(r) for r in json.loads((d / "rdo" / "checkpoint.json").read_text())
+                                      ["losses"]]]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4] and {"ablation", "addition", "retain"} <= set(losses[0])
+    # the recorded scores are what scoring the saved direction gives
+    again = score_direction(cm, direction, rdo_info["layer"], ["Do A.", "Do B."], ["Do C.", "Do D."])
+    assert again == pytest.approx({k: info[k] for k in again}, abs=1e-5)
+
+
+def test_rdo_resumes_to_the_same_direction(start):
+    cm, d = start
+    whole = run_rdo(cm, d / "dim", d / "whole", RDOConfig(**FAST), progress=False)
+    run_rdo(cm, d / "dim", d / "split", RDOConfig(**{**FAST, "steps": 2}), progress=False)
+    split = run_rdo(cm, d / "dim", d / "split", RDOConfig(**FAST), progress=False)  # more steps: resumes at 2
+    a, _ = load_direction(d / "whole", cm)
+    b, _ = load_direction(d / "split", cm)
+    assert torch.allclose(a, b, atol=1e-6) and split["steps"] == whole["steps"] == 4
+
+
+def test_each_term_pulls_its_way(start):
+    """The ablation term alone lowers the harmful answers' loss under ablation."""
+    cm, d = start
+    cfg = RDOConfig(**{**FAST, "steps": 6, "addition_weight": 0.0, "retain_weight": 0.0, "lr": 0.1})
+    run_rdo(cm, d / "dim", d / "abl", cfg, progress=False)
+    losses = json.loads((d / "abl" / "checkpoint.json").read_text())["losses"]
+    assert set(losses[0]) == {"step", "ablation", "seconds"}
+    assert losses[-1]["ablation"] < losses[0]["ablation"]
+
+
+def test_rdo_bad_input(start, tmp_path):
+    cm, d = start
+    with pytest.raises(UserError, match="steps, batch"):
+        run_rdo(cm, d / "dim", d / "x", RDOConfig(steps=0), progress=False)
+    with pytest.raises(UserError, match="no direction.safetensors in"):
+        run_rdo(cm, tmp_path, d / "x", RDOConfig(**FAST), progress=False)
+    other = tiny_chat_model("llama", seed=1)
+    with pytest.raises(UserError, match="other weights|another model|made from"):
+        run_rdo(other, d / "dim", d / "y", RDOConfig(**FAST), progress=False)
+    run_rdo(cm, d / "dim", d / "rdo", RDOConfig(**FAST), progress=False)
+    with pytest.raises(UserError, match="RDO starts from"):
+        run_rdo(cm, d / "rdo", d / "z", RDOConfig(**FAST), progress=False)
+    with pytest.raises(UserError, match="other inputs or settings"):
+        run_rdo(cm, d / "dim", d / "rdo", RDOConfig(**{**FAST, "lr": 0.5}), progress=False)
+    (d / "rdo" / "checkpoint.safetensors").write_bytes(b"junk")
+    with pytest.raises(UserError, match="checkpoint.*unreadable"):
+        run_rdo(cm, d / "dim", d / "rdo", RDOConfig(**{**FAST, "steps": 6}), progress=False)
