@@ -167,7 +167,8 @@ def cmd_orthogonalize(args) -> int:
     from .commands.orthogonalize import OrthogonalizeCommand, run_orthogonalize
 
     o = run_orthogonalize(OrthogonalizeCommand(direction=args.direction, out=args.out, model=_model_options(args),
-                                               allow_other_model=args.allow_other_model, progress=_progress(args)))
+                                               allow_other_model=args.allow_other_model, cone=args.cone,
+                                               progress=_progress(args)))
     print(f"orthogonalized model saved to {o.out} (loads with transformers.AutoModelForCausalLM)")
     return 0
 

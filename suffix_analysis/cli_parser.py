@@ -204,6 +204,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("orthogonalize", help="bake the direction's ablation into the weights and save the model")
     _model_args(p)
     _direction_args(p, required=True)
+    p.add_argument("--cone", action="store_true", help="orthogonalize the whole refusal cone of an RDO run "
+                                                        "(`rdo --cone-dim K`), not its direction")
     _output_args(p, "folder for the edited model", out_required=True, json_flag=False, quiet=False)
 
     p = sub.add_parser("evaluate", help="refusal and side effects under ablation, addition, orthogonalization")

@@ -80,3 +80,83 @@ def test_rdo_bad_input(start, tmp_path):
     (d / "rdo" / "checkpoint.safetensors").write_bytes(b"junk")
     with pytest.raises(UserError, match="checkpoint.*unreadable"):
         run_rdo(cm, d / "dim", d / "rdo", RDOConfig(**{**FAST, "steps": 6}), progress=False)
+
+
+def test_a_cone_is_learned_checked_and_resumed(start):
+    from safetensors.torch import load_file
+
+    cm, d = start
+    cfg = dict(FAST, cone_dim=2, cone_samples=3)
+    run_rdo(cm, d / "dim", d / "cone", RDOConfig(**cfg), progress=False)
+    basis = load_file(str(d / "cone" / "cone.safetensors"))["basis"]
+    assert basis.shape == (2, cm.d_model) and torch.allclose(basis @ basis.T, torch.eye(2), atol=1e-5)
+    checks = json.loads((d / "cone" / "cone.json").read_text())
+    names = [r["vector"] for r in checks["vectors"]]
+    assert names == ["basis 0", "basis 1", "sample 0", "sample 1", "sample 2", "subspace"]
+    assert all("induce" in r for r in checks["vectors"][:-1]) and "induce" not in checks["vectors"][-1]
+    assert 0 <= checks["samples_bypass_min"] <= 1 and 0 <= checks["samples_induce_min"] <= 1
+    direction, info = load_direction(d / "cone", cm)  # the cone's mean direction serves as a direction
+    assert info["cone_dim"] == 2
+    mean = basis.sum(0)
+    assert torch.allclose(direction / direction.norm(), mean / mean.norm(), atol=1e-5)
+    run_rdo(cm, d / "dim", d / "cone2", RDOConfig(**{**cfg, "steps": 2}), progress=False)
+    run_rdo(cm, d / "dim", d / "cone2", RDOConfig(**cfg), progress=False)
+    assert torch.allclose(load_file(str(d / "cone2" / "cone.safetensors"))["basis"], basis, atol=1e-6)
+    with pytest.raises(UserError, match="cone_dim must be between 1 and 5"):
+        run_rdo(cm, d / "dim", d / "x", RDOConfig(**{**cfg, "cone_dim": 6}), progress=False)
+
+
+def test_subspace_ablation_removes_the_whole_span():
+    from suffix_analysis.interventions.directional import subspace_ablation_hooks
+
+    cm = tiny_chat_model("llama")
+    basis = torch.randn(3, cm.d_model)
+    (_, hook), *_ = subspace_ablation_hooks(cm, basis)
+    x = torch.randn(2, 5, cm.d_model)
+    y = hook(x, None)
+    assert (y @ basis.T).abs().max() < 1e-4  # nothing of the span is left
+    q = torch.linalg.qr(basis.T).Q.T
+    assert torch.allclose(y, x - (x @ q.T) @ q, atol=1e-5)  # and nothing else is removed
+    with pytest.raises(UserError, match=r"shape \[k, 64\]"):
+        subspace_ablation_hooks(cm, torch.randn(2, 32))
+
+
+def test_orthogonalizing_a_subspace_equals_ablating_it():
+    import copy
+
+    from suffix_analysis.interventions.directional import subspace_ablation_hooks
+    from suffix_analysis.interventions.orthogonalize import orthogonalize_
+    from suffix_analysis.models.hooks import run_with_hooks
+
+    cm = tiny_chat_model("llama")
+    basis = torch.randn(2, cm.d_model)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    with torch.no_grad(), run_with_hooks(cm, subspace_ablation_hooks(cm, basis)):
+        ablated = cm.model(input_ids=ids).logits
+    edited = copy.copy(cm)
+    edited.model = copy.deepcopy(cm.model)
+    orthogonalize_(edited, basis)
+    with torch.no_grad():
+        assert torch.allclose(edited.model(input_ids=ids).logits, ablated, atol=1e-4)
+
+
+def test_orthogonalize_cone_needs_a_cone(start):
+    from suffix_analysis.commands.orthogonalize import OrthogonalizeCommand, run_orthogonalize
+
+    _, d = start
+    with pytest.raises(UserError, match="holds no refusal cone"):
+        run_orthogonalize(OrthogonalizeCommand(direction=str(d / "dim"), out=str(d / "o"), cone=True,
+                                               model=_tiny_options(d), allow_other_model=True))
+    assert not (d / "o").exists()
+
+
+def _tiny_options(d):
+    from conftest import make_tokenizer, tiny_llama
+
+    from suffix_analysis.commands.common import ModelOptions
+
+    folder = d / "tiny_model"
+    tok = make_tokenizer("chatml")
+    tiny_llama(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return ModelOptions(model=str(folder), device="cpu")

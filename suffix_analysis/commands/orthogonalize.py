@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..directions.rdo import cone_basis
 from ..errors import UserError
 from ..interventions.orthogonalize import export_orthogonalized
 from .common import ModelOptions, direction_of, provenance
@@ -16,6 +17,7 @@ class OrthogonalizeCommand:
     out: str = ""  # folder for the edited model
     model: ModelOptions = field(default_factory=ModelOptions)
     allow_other_model: bool = False
+    cone: bool = False  # the whole cone of an RDO run (cone.safetensors), not its direction
     progress: bool = True
 
 
@@ -34,4 +36,7 @@ def run_orthogonalize(cmd: OrthogonalizeCommand) -> OrthogonalizeOutcome:
     cm = cmd.model.load(progress=cmd.progress)
     direction, info = direction_of(cm, cmd.direction, cmd.allow_other_model)
     record = {"source_model": cmd.model.model, **provenance(info)}
+    if cmd.cone:
+        direction = cone_basis(Path(cmd.direction).expanduser())
+        record["cone_dim"] = direction.shape[0]
     return OrthogonalizeOutcome(export_orthogonalized(cm, direction, cmd.out, record), record)

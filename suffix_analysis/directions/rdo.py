@@ -22,6 +22,8 @@ The targets come from the difference-in-means direction, generated greedily once
     RDO/direction.safetensors    the learned direction, scaled to the starting direction's norm
     RDO/direction.json           its position and layer (the starting direction's), and the
                                  val bypass, induce and KL of both directions
+    RDO/cone.safetensors         with cone_dim > 1: the cone's orthonormal basis [k, d_model]
+    RDO/cone.json                and its checks on held-out prompts (check_cone)
 
 ``direction.safetensors`` and ``direction.json`` read as a direction run's, so every
 command that takes ``--direction RUN`` takes an RDO run.
@@ -41,7 +43,13 @@ from tqdm.auto import tqdm
 from ..artifacts import write_json_atomic
 from ..config import setting
 from ..errors import UserError
-from ..interventions.directional import ablate_direction, ablation_hooks, add_direction, addition_hooks
+from ..interventions.directional import (
+    ablate_direction,
+    ablation_hooks,
+    add_direction,
+    addition_hooks,
+    subspace_ablation_hooks,
+)
 from ..metrics import first_token_kl, refusal_score
 from ..models.chat import pad_left, pad_token_id, position_ids
 from ..models.forward import run_batches
@@ -69,7 +77,12 @@ class RDOConfig:
     ablation_weight: float = setting(1.0, "weight of the ablation term (harmful prompts answer)")
     addition_weight: float = setting(0.2, "weight of the addition term (harmless prompts refuse)")
     retain_weight: float = setting(1.0, "weight of the retain term (harmless behaviour kept under ablation)")
-    seed: int = setting(0, "seed of the prompt batches")
+    # A refusal cone (the paper finds cones of up to 5 dimensions): each step trains a random
+    # unit vector of the cone (non-negative combination of an orthonormal basis whose first
+    # vector starts at the difference-in-means direction), so that every vector of it mediates refusal.
+    cone_dim: int = setting(1, "dimensions of the refusal cone to learn (1: a single direction; at most 5)")
+    cone_samples: int = setting(8, "cone: random unit vectors of the cone checked on held-out prompts after training")
+    seed: int = setting(0, "seed of the prompt batches, the cone's initial basis and its samples")
     checkpoint_every: int = setting(10, "steps between checkpoints (0: only at the end)")
 
     def validate(self) -> None:
@@ -81,10 +94,16 @@ class RDOConfig:
             raise UserError("the term weights must be at least 0")
         if self.checkpoint_every < 0:
             raise UserError("checkpoint_every must be at least 0")
+        if not 1 <= self.cone_dim <= 5:
+            raise UserError(f"cone_dim must be between 1 and 5, got {self.cone_dim}")
+        if self.cone_samples < 0:
+            raise UserError("cone_samples must be at least 0")
 
 
 # Settings that change how long a run is, not what it learns up to a step.
-_FREE = ("steps", "checkpoint_every")
+_FREE = ("steps", "checkpoint_every", "cone_samples")
+# Held-out prompts for the cone's checks (neither trained on nor used for selection).
+CHECK_SETS, CHECK_PROMPTS = ("harmful:test", "harmless:test"), 60
 
 
 @torch.no_grad()
@@ -124,20 +143,44 @@ def _log_probs(cm: ChatModel, kwargs: dict, pred: torch.Tensor) -> torch.Tensor:
     return cm.model(**kwargs).logits.float()[pred].log_softmax(-1)
 
 
+def orthonormal(v: torch.Tensor) -> torch.Tensor:
+    """Gram-Schmidt on the rows of ``v`` ``[k, d]`` (differentiable; row 0 keeps its direction
+    and every row its sign, so the cone's orientation is what was learned)."""
+    rows = []
+    for x in v:
+        for q in rows:
+            x = x - (x @ q) * q
+        rows.append(x / x.norm())
+    return torch.stack(rows)
+
+
+def cone_vector(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random unit vector of the cone of ``basis`` ``[k, d]``: ``|N(0, 1)|`` weights."""
+    w = torch.randn(basis.shape[0], generator=gen).abs().to(basis)
+    r = w @ basis
+    return r / r.norm()
+
+
 @torch.no_grad()
 def score_direction(cm: ChatModel, direction: torch.Tensor, layer: int, harmful: list[str], harmless: list[str],
                     batch_size: int = 32) -> dict:
-    """The direction run's three scores of one direction on val prompts: bypass (mean refusal
-    score of harmful prompts, ablated), induce (of harmless prompts, added at ``layer``) and
-    the first-token KL of harmless prompts under ablation."""
+    """The direction run's three scores of one direction ``[d_model]`` on val prompts: bypass
+    (mean refusal score of harmful prompts, ablated), induce (of harmless prompts, added at
+    ``layer``) and the first-token KL of harmless prompts under ablation; and the shares of
+    prompts whose first token is more likely a refusal than not (refusal score > 0) under
+    each. A subspace ``[k, d_model]`` is ablated whole (no addition)."""
     harmful_rows, harmless_rows = cm.chat.tokenize(harmful), cm.chat.tokenize(harmless)
     clean = run_batches(cm, harmless_rows, batch_size)
-    with ablate_direction(cm, direction):
-        bypass = refusal_score(run_batches(cm, harmful_rows, batch_size), cm.refusal_ids).mean().item()
+    hooks = ablation_hooks(cm, direction) if direction.ndim == 1 else subspace_ablation_hooks(cm, direction)
+    with run_with_hooks(cm, hooks):
+        ablated = refusal_score(run_batches(cm, harmful_rows, batch_size), cm.refusal_ids)
         kl = first_token_kl(clean, run_batches(cm, harmless_rows, batch_size)).mean().item()
-    with add_direction(cm, direction, layer):
-        induce = refusal_score(run_batches(cm, harmless_rows, batch_size), cm.refusal_ids).mean().item()
-    return {"bypass": bypass, "induce": induce, "kl": kl}
+    out = {"bypass": ablated.mean().item(), "kl": kl, "refusing_ablated": (ablated > 0).float().mean().item()}
+    if direction.ndim == 1:
+        with add_direction(cm, direction, layer):
+            added = refusal_score(run_batches(cm, harmless_rows, batch_size), cm.refusal_ids)
+        out.update(induce=added.mean().item(), refusing_added=(added > 0).float().mean().item())
+    return out
 
 
 class _Targets:
@@ -219,7 +262,9 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
     targets = _Targets(cm, run, cfg, dim, layer, harmful, harmless)
 
     norm = dim.norm().item()
-    v = (dim.float() / norm).to(cm.device).clone().requires_grad_(True)
+    init = torch.randn(cfg.cone_dim, cm.d_model, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    init[0] = dim.float() / norm
+    v = orthonormal(init).to(cm.device).requires_grad_(True)  # [cone_dim, d_model]
     opt = torch.optim.Adam([v], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []
@@ -236,7 +281,8 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
             hi = torch.randperm(len(targets.harmful), generator=gen)[: cfg.batch].tolist()
             ni = torch.randperm(len(targets.harmless), generator=gen)[: cfg.batch].tolist()
             terms = {}
-            unit = v / v.norm()
+            basis = orthonormal(v)
+            unit = basis[0] if cfg.cone_dim == 1 else cone_vector(basis, gen)
             if cfg.ablation_weight:
                 kw, pred = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
                 with run_with_hooks(cm, ablation_hooks(cm, unit)):
@@ -258,7 +304,7 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
             loss.backward()
             opt.step()
             with torch.no_grad():
-                v /= v.norm()
+                v.copy_(orthonormal(v))
             step += 1
             losses.append({"step": step, **{k: round(t.item(), 5) for k, t in terms.items()},
                            "seconds": round(time.perf_counter() - t0, 3)})
@@ -271,26 +317,73 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
         for p in trainable:
             p.requires_grad_(True)
     _save_checkpoint(run, v, opt, step, losses, gen)
-    return _finish(cm, run, v.detach(), norm, dim, info, record, losses, prompts, data_dir)
+    return _finish(cm, run, cfg, orthonormal(v.detach()).cpu(), norm, dim, info, record, losses, prompts, data_dir)
 
 
-def _finish(cm: ChatModel, run: Path, v: torch.Tensor, norm: float, dim: torch.Tensor, info: dict, record: dict,
-            losses: list[dict], prompts, data_dir: str | None) -> dict:
-    """The learned direction and its val scores beside the starting direction's."""
+def _finish(cm: ChatModel, run: Path, cfg: RDOConfig, basis: torch.Tensor, norm: float, dim: torch.Tensor,
+            info: dict, record: dict, losses: list[dict], prompts, data_dir: str | None) -> dict:
+    """The learned direction (a cone's: the mean of its basis) at the starting direction's
+    norm, its val scores beside the starting direction's, and a cone's checks (``cone.json``)."""
     from .run import _write_csv
 
     _write_csv(run / "losses.csv", losses)
-    direction = (v / v.norm()).float().cpu() * norm
+    mean = basis.sum(0)
+    direction = (mean / mean.norm()).float() * norm
     layer = info["layer"]
     scores = score_direction(cm, direction, layer, prompts.harmful_val, prompts.harmless_val)
     start = score_direction(cm, dim, layer, prompts.harmful_val, prompts.harmless_val)
     cos = torch.nn.functional.cosine_similarity(direction, dim.float().cpu(), dim=0).item()
     out = {"position": info["position"], "layer": layer, **scores, "norm": norm, "model": cm.name,
            "fingerprint": record["fingerprint"], "data": info["data"], "steps": len(losses), "method": "rdo",
-           "cosine_to_start": cos, "start": {"run": str(record["direction_run"]), **start}}
+           "cone_dim": cfg.cone_dim, "cosine_to_start": cos, "start": {"run": str(record["direction_run"]), **start}}
+    if cfg.cone_dim > 1:
+        with atomic_path(run / "cone.safetensors") as tmp:
+            save_file({"basis": basis.contiguous()}, str(tmp), metadata={"layer": str(layer), "norm": str(norm),
+                                                                         "fingerprint": record["fingerprint"]})
+        write_json_atomic(run / "cone.json", check_cone(cm, basis, norm, layer, cfg, data_dir))
     with atomic_path(run / "direction.safetensors") as tmp:
         save_file({"direction": direction.contiguous()}, str(tmp),
                   metadata={"position": str(info["position"]), "layer": str(layer),
                             "fingerprint": record["fingerprint"]})
     write_json_atomic(run / "direction.json", out)
     return out
+
+
+def cone_basis(run: Path) -> torch.Tensor:
+    """The cone basis ``[k, d_model]`` of an RDO run (checked against the model by whoever
+    loaded the run's direction), or a one-line error naming the fix."""
+    path = run / "cone.safetensors"
+    if not path.is_file():
+        raise UserError(f"{run} holds no refusal cone (no cone.safetensors); learn one with "
+                        f"`suffix-analysis rdo --cone-dim K --out {run}` or drop --cone")
+    try:
+        return load_file(str(path))["basis"]
+    except Exception as e:  # safetensors' own errors for truncated or foreign files
+        raise UserError(f"{path} is unreadable ({type(e).__name__}); run `suffix-analysis rdo` again") from None
+
+
+def check_cone(cm: ChatModel, basis: torch.Tensor, norm: float, layer: int, cfg: RDOConfig,
+               data_dir: str | None = None) -> dict:
+    """The paper's checks of a cone on held-out prompts (``CHECK_SETS``, the first
+    ``CHECK_PROMPTS`` of each): every basis vector and ``cone_samples`` random unit vectors
+    of the cone, each ablated (bypass) and added at ``norm`` (induce), and the whole subspace
+    ablated; a prompt counts as refusing when its refusal score is above 0."""
+    from ..datasets import load_instructions
+
+    harmful, harmless = ([x.instruction for x in load_instructions(spec, data_dir)][:CHECK_PROMPTS]
+                         for spec in CHECK_SETS)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    vectors = [(f"basis {i}", b) for i, b in enumerate(basis)]
+    vectors += [(f"sample {j}", cone_vector(basis, gen)) for j in range(cfg.cone_samples)]
+    rows = [{"vector": name, **score_direction(cm, v * norm, layer, harmful, harmless)} for name, v in vectors]
+    rows.append({"vector": "subspace", **score_direction(cm, basis, layer, harmful, harmless)})
+    samples = [r for r in rows if r["vector"].startswith("sample")]
+    summary = {"cone_dim": basis.shape[0], "prompts": {"harmful": f"{CHECK_SETS[0]} (first {len(harmful)})",
+                                                       "harmless": f"{CHECK_SETS[1]} (first {len(harmless)})"}}
+    if samples:
+        summary.update(samples_bypass_min=min(1 - r["refusing_ablated"] for r in samples),
+                       samples_induce_min=min(r["refusing_added"] for r in samples))
+    log.info("cone checks: %s", "; ".join(f"{r['vector']}: {1 - r['refusing_ablated']:.0%} bypassed"
+                                          + (f", {r['refusing_added']:.0%} induced" if "refusing_added" in r else "")
+                                          for r in rows))
+    return {**summary, "vectors": rows}

@@ -1,8 +1,9 @@
 """Weight orthogonalization: bake directional ablation into the weights.
 
 Every matrix that writes into the residual stream is replaced by ``W - r^ r^T W`` (output
-side): the token embedding (rows), each attention output projection, each MLP output
-projection, their biases, and a learned position embedding where there is one. With
+side; for a subspace with orthonormal basis ``Q``, ``W - Q^T Q W``): the token embedding
+(rows), each attention output projection, each MLP output projection, their biases, and a
+learned position embedding where there is one. With
 nothing written along ``r^``, the residual stream never holds it, which is what
 inference-time ablation enforces with hooks; the two agree up to float error.
 
@@ -48,6 +49,11 @@ def _check(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
         raise UserError(
             f"{cm.model.config.model_type} adds a normalization after its attention and MLP outputs, so no weight "
             "edit removes a direction exactly; use inference-time ablation (--intervention ablate) instead")
+    if direction.ndim == 2:  # a subspace (a refusal cone's basis): orthonormal rows [k, d_model]
+        if direction.shape[1] != cm.d_model or not torch.isfinite(direction).all():
+            raise UserError(f"a subspace basis has shape [k, {cm.d_model}] and finite values, got "
+                            f"{tuple(direction.shape)}; was it made from another model?")
+        return torch.linalg.qr(direction.float().cpu().T).Q.T
     d = check_direction(cm, direction).float().cpu()
     if d.norm() == 0:
         raise UserError("the direction is the zero vector; there is nothing to orthogonalize against")
@@ -74,9 +80,11 @@ def writers(cm: ChatModel) -> dict[str, str]:
 
 
 def edited(w: torch.Tensor, kind: str, u: torch.Tensor) -> torch.Tensor:
-    """``w`` with nothing written along the unit ``u``, computed in float32, in ``w``'s dtype."""
+    """``w`` with nothing written along the unit ``u`` ``[d_model]`` (or into the span of the
+    orthonormal rows ``u`` ``[k, d_model]``), computed in float32, in ``w``'s dtype."""
     wf, u = w.float(), u.to(w.device)
-    new = wf - (wf @ u).unsqueeze(-1) * u if kind == "rows" else wf - torch.outer(u, u @ wf)
+    q = u[None] if u.ndim == 1 else u  # [k, d_model]
+    new = wf - (wf @ q.T) @ q if kind == "rows" else wf - q.T @ (q @ wf)
     return new.to(w.dtype)
 
 
