@@ -156,7 +156,16 @@ def cmd_rdo(args) -> int:
     print(f"bypass score        {info['bypass']:+8.3f}  {start['bypass']:+8.3f}   (mean refusal score, harmful, ablated)")
     print(f"induce score        {info['induce']:+8.3f}  {start['induce']:+8.3f}   (mean refusal score, harmless, added)")
     print(f"KL                  {info['kl']:8.4f}  {start['kl']:8.4f}   (first token, harmless, ablated vs clean)")
-    print(f"saved               {args.out}/direction.safetensors, direction.json, losses.csv (--direction {args.out} "
+    if info.get("cone_dim", 1) > 1:
+        cone = json.loads((Path(args.out) / "cone.json").read_text())
+        print(f"cone                {info['cone_dim']} dimensions; checks on {cone['prompts']['harmful']} and "
+              f"{cone['prompts']['harmless']} (refusing: refusal score > 0)")
+        for r in cone["vectors"]:
+            induced = f"{r['refusing_added']:6.1%} of harmless induced" if "refusing_added" in r else ""
+            print(f"  {r['vector']:16s}  ablated: {1 - r['refusing_ablated']:6.1%} of harmful bypassed, KL "
+                  f"{r['kl']:.3f}   added: {induced}")
+    print(f"saved               {args.out}/direction.safetensors, direction.json, losses.csv"
+          f"{', cone.safetensors, cone.json' if info.get('cone_dim', 1) > 1 else ''} (--direction {args.out} "
           "works wherever a direction run does)")
     if args.json:
         print(json.dumps(o.summary()))

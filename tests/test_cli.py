@@ -136,6 +136,13 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     code, out, err = run(capsys, "refusal", "--judge", "substring", "--model", str(tiny_folder), "--instructions",
                          "hv.json", "--direction", "rdo", "--intervention", "ablate", "--max-new-tokens", "2", "-q")
     assert code == 0, err
+    code, out, err = run(capsys, *rdo, "--out", "cone", "--cone-dim", "2", "--cone-samples", "1")
+    assert code == 0, err
+    assert "sample 0" in out and "subspace" in out and "cone.json" in out
+    code, out, err = run(capsys, "orthogonalize", "--model", str(tiny_folder), "--direction", "cone", "--cone",
+                         "--out", "ocone")
+    assert code == 0, err
+    assert json.loads((tmp_path / "ocone" / "suffix_analysis.json").read_text())["cone_dim"] == 2
     code, _, err = run(capsys, *rdo, "--out", "rdo2", "--lr", "0")
     assert code == 2
     one_line_error(err, "lr must be above 0")

@@ -13,7 +13,11 @@ A unit vector ``r`` (at the direction run's layer for addition) is trained so th
   (KL(clean || ablated) over the last prompt token and the model's own answer).
 
 The targets come from the difference-in-means direction, generated greedily once. Adam on
-``r``, renormalized after each step. The run folder::
+``r``, renormalized after each step. With ``cone_dim`` k > 1 a refusal cone is learned
+instead: an orthonormal basis (its first vector starting at the difference-in-means
+direction, the others random), and each step trains a random unit vector of the cone (a
+non-negative combination of the basis), so that every vector of it bypasses and induces
+refusal; ``check_cone`` tests that on held-out prompts. The run folder::
 
     RDO/run.json                 the model, the direction run it starts from, data and config
     RDO/targets.json             the generated targets (stage 1)
