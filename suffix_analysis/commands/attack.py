@@ -10,10 +10,9 @@ from pathlib import Path
 from ..artifacts import write_json_atomic
 from ..attacks import AttackConfig, get_attack
 from ..attacks.setup import AttackInputs, attack_instructions, attack_targets, build_attack
-from ..config import for_profile, profile_defaults
 from ..errors import UserError
 from ..runs import RUN_FILE, open_run
-from .common import ModelOptions, device_profile, direction_of, provenance
+from .common import ModelOptions, device_profile, direction_of, profiled_config, provenance
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +56,13 @@ def attack_config(cmd: AttackCommand) -> tuple[AttackConfig, str]:
     """The attack's config (validated) and the device profile whose defaults it took."""
     cls = get_attack(cmd.attack)
     profile = device_profile(cmd.profile, cmd.model)
-    if cmd.config is not None:
-        if not isinstance(cmd.config, cls.config_class):
-            raise UserError(f"the {cmd.attack} attack takes a {cls.config_class.__name__}, got "
-                            f"{type(cmd.config).__name__}")
-        cfg = cmd.config
-    else:
-        names = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = sorted(set(cmd.settings) - names)
-        if unknown:
-            raise UserError(f"the {cmd.attack} attack has no setting '{unknown[0]}'; its settings: "
-                            f"{', '.join(sorted(names))}")
-        cfg = for_profile(cls.config_class, profile, **cmd.settings)
-    cfg.validate()
-    picked = profile_defaults(cls.config_class, profile)
-    if picked and cmd.config is None:
-        log.info("%s profile: %s (the paper's GPU sizes: --profile gpu)", profile.upper(),
-                 ", ".join(f"{k}={getattr(cfg, k)}" for k in picked if k not in cmd.settings))
-    return cfg, profile
+    if cmd.config is None:
+        return profiled_config(cls.config_class, profile, cmd.settings, f"the {cmd.attack} attack"), profile
+    if not isinstance(cmd.config, cls.config_class):
+        raise UserError(f"the {cmd.attack} attack takes a {cls.config_class.__name__}, got "
+                        f"{type(cmd.config).__name__}")
+    cmd.config.validate()
+    return cmd.config, profile
 
 
 def run_attack(cmd: AttackCommand) -> AttackOutcome:

@@ -4,6 +4,7 @@ it reads, its judges and interventions."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..attacks.targets import default_target, load_targets
-from ..config import setting
+from ..config import for_profile, profile_defaults, setting
 from ..directions.run import load_direction
 from ..errors import UserError
 from ..evaluation.compliance import ComplianceConfig
@@ -52,6 +53,23 @@ def device_profile(profile: str, model: ModelOptions) -> str:
     if profile != "auto":
         raise UserError(f"unknown profile '{profile}'; use auto, gpu or cpu")
     return "gpu" if model.on_gpu() else "cpu"
+
+
+def profiled_config(cls, profile: str, settings: dict, what: str):
+    """``cls`` (a config dataclass) from ``settings`` by name over ``profile``'s defaults,
+    validated; an unknown name is a one-line error naming ``what`` and its settings. Logs
+    the sizes the profile picked."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise UserError(f"{what} has no setting '{unknown[0]}'; its settings: {', '.join(sorted(names))}")
+    cfg = for_profile(cls, profile, **settings)
+    cfg.validate()
+    picked = [k for k in profile_defaults(cls, profile) if k not in settings]
+    if picked:
+        log.info("%s profile: %s (the paper's GPU sizes: --profile gpu)", profile.upper(),
+                 ", ".join(f"{k}={getattr(cfg, k)}" for k in picked))
+    return cfg
 
 
 def direction_of(cm: ChatModel, run: str, allow_other_model: bool = False) -> tuple[torch.Tensor, dict]:

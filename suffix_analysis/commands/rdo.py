@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 from dataclasses import dataclass, field
 
-from ..config import for_profile, profile_defaults
 from ..directions.rdo import RDOConfig, run_rdo
 from ..errors import UserError
-from .common import ModelOptions, device_profile
-
-log = logging.getLogger(__name__)
+from .common import ModelOptions, device_profile, profiled_config
 
 
 @dataclass
@@ -40,18 +35,7 @@ class RDOOutcome:
 
 
 def rdo_config(cmd: RDOCommand) -> RDOConfig:
-    names = {f.name for f in dataclasses.fields(RDOConfig)}
-    unknown = sorted(set(cmd.settings) - names)
-    if unknown:
-        raise UserError(f"rdo has no setting '{unknown[0]}'; its settings: {', '.join(sorted(names))}")
-    profile = device_profile(cmd.profile, cmd.model)
-    cfg = for_profile(RDOConfig, profile, **cmd.settings)
-    cfg.validate()
-    picked = [k for k in profile_defaults(RDOConfig, profile) if k not in cmd.settings]
-    if picked:
-        log.info("%s profile: %s (the paper's sizes: --profile gpu)", profile.upper(),
-                 ", ".join(f"{k}={getattr(cfg, k)}" for k in picked))
-    return cfg
+    return profiled_config(RDOConfig, device_profile(cmd.profile, cmd.model), cmd.settings, "rdo")
 
 
 def run_rdo_command(cmd: RDOCommand) -> RDOOutcome:

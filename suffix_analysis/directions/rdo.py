@@ -59,9 +59,9 @@ from ..models.chat import pad_left, pad_token_id, position_ids
 from ..models.forward import run_batches
 from ..models.hooks import run_with_hooks
 from ..models.loading import ChatModel, fingerprint_mismatch
-from ..runs import digest, open_run, read_json, update_run
+from ..runs import RUN_FILE, digest, open_run, read_json, update_run
 from ..tables import atomic_path
-from .run import DirectionConfig, check_run_model, filter_prompts, load_direction, sample_prompts
+from .run import DirectionConfig, _write_csv, filter_prompts, load_direction, sample_prompts
 
 log = logging.getLogger(__name__)
 KIND = "rdo"
@@ -249,7 +249,8 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
     src = Path(direction_run).expanduser()
     dim, info = load_direction(src, cm)
     layer = info["layer"]
-    drec = check_run_model(src, cm)
+    # load_direction checked the folder's model; its record says what kind of run it is
+    drec = read_json(src / RUN_FILE, f"make the direction run again with `suffix-analysis direction --out {src}`")
     if drec.get("kind", "direction") != "direction":
         raise UserError(f"{src} is {drec.get('kind')!r} run; RDO starts from the difference-in-means direction of a "
                         "`suffix-analysis direction` run")
@@ -328,8 +329,6 @@ def _finish(cm: ChatModel, run: Path, cfg: RDOConfig, basis: torch.Tensor, norm:
             info: dict, record: dict, losses: list[dict], prompts, data_dir: str | None) -> dict:
     """The learned direction (a cone's: the mean of its basis) at the starting direction's
     norm, its val scores beside the starting direction's, and a cone's checks (``cone.json``)."""
-    from .run import _write_csv
-
     _write_csv(run / "losses.csv", losses)
     mean = basis.sum(0)
     direction = (mean / mean.norm()).float() * norm

@@ -51,15 +51,21 @@ def ablation_hooks(cm: ChatModel, direction: torch.Tensor) -> HookList:
     return [(name, ablate) for name in hook_names(cm, WRITERS)]
 
 
-def subspace_ablation_hooks(cm: ChatModel, basis: torch.Tensor) -> HookList:
-    """Hooks that remove the span of ``basis`` ``[k, d_model]`` (any basis: it is
-    orthonormalized here) from the residual stream everywhere: ``x <- x - (x Q^T) Q``."""
+def check_subspace(cm: ChatModel, basis: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows ``Q`` ``[k, d_model]`` (float32, on the CPU) spanning ``basis``
+    ``[k, d_model]``, or a clear error."""
     if basis.ndim != 2 or basis.shape[1] != cm.d_model:
         raise UserError(f"a subspace basis has shape [k, {cm.d_model}], got {tuple(basis.shape)}; was it made from "
                         "another model?")
     if not torch.isfinite(basis).all():
         raise UserError("subspace basis contains NaN or infinite values")
-    q = torch.linalg.qr(basis.float().T).Q.T.to(cm.device, cm.dtype)  # [k, d_model], orthonormal rows
+    return torch.linalg.qr(basis.float().cpu().T).Q.T
+
+
+def subspace_ablation_hooks(cm: ChatModel, basis: torch.Tensor) -> HookList:
+    """Hooks that remove the span of ``basis`` ``[k, d_model]`` (any basis: it is
+    orthonormalized here) from the residual stream everywhere: ``x <- x - (x Q^T) Q``."""
+    q = check_subspace(cm, basis).to(cm.device, cm.dtype)  # [k, d_model], orthonormal rows
 
     def ablate(x: torch.Tensor, hook) -> torch.Tensor:
         qq = q.to(x.device, x.dtype)

@@ -43,17 +43,14 @@ def _untie_unembedding(cm: ChatModel) -> bool:
 
 def _check(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
     """The unit direction ``[d_model]`` float32 on the CPU, or a clear error."""
-    from .directional import check_direction
+    from .directional import check_direction, check_subspace
 
     if cm.arch.post_norm_writers:
         raise UserError(
             f"{cm.model.config.model_type} adds a normalization after its attention and MLP outputs, so no weight "
             "edit removes a direction exactly; use inference-time ablation (--intervention ablate) instead")
     if direction.ndim == 2:  # a subspace (a refusal cone's basis): orthonormal rows [k, d_model]
-        if direction.shape[1] != cm.d_model or not torch.isfinite(direction).all():
-            raise UserError(f"a subspace basis has shape [k, {cm.d_model}] and finite values, got "
-                            f"{tuple(direction.shape)}; was it made from another model?")
-        return torch.linalg.qr(direction.float().cpu().T).Q.T
+        return check_subspace(cm, direction)
     d = check_direction(cm, direction).float().cpu()
     if d.norm() == 0:
         raise UserError("the direction is the zero vector; there is nothing to orthogonalize against")
