@@ -172,6 +172,36 @@ def cmd_rdo(args) -> int:
     return 0
 
 
+def cmd_edit(args) -> int:
+    from .commands.edit import EditCommand, run_edit_command
+    from .config import flag_fields
+    from .edits.pareto import ParetoConfig
+
+    settings = {f.name: getattr(args, f.name) for f, _ in flag_fields(ParetoConfig)
+                if getattr(args, f.name, None) is not None}
+    o = run_edit_command(EditCommand(direction=args.direction, out=args.out, model=_model_options(args),
+                                     settings=settings, profile=args.profile, data_dir=args.data_dir,
+                                     progress=_progress(args)))
+    info, c, paper = o.info, o.info["chosen"], o.info["paper_edit"]
+    print(f"Pareto edit         trial {c['trial']} of {info['budget']['trials']} ({info['budget']['seconds']:.0f} s), "
+          f"{info['front']} trials on the front")
+    print("                    chosen    paper's edit (every share 1)   (direction run's val prompts)")
+    if paper:
+        print(f"harmful refused     {c['refused']:8.1%}  {paper['refused']:8.1%}   (refusal score > 0)")
+        print(f"KL                  {c['kl']:8.4f}  {paper['kl']:8.4f}   (first token, harmless, edited vs clean)")
+    p = info["profile"]
+    for name in ("attn", "mlp"):
+        t = p[name]
+        print(f"{name + ' profile':20s}max {t['max_weight']:.2f} at layer {t['peak']:.1f}, min {t['min_weight']:.2f} "
+              f"at {t['distance']:.1f} layers away")
+    print(f"embeddings          share {p['embed']:.2f}")
+    print(f"saved               {args.out}/edit.json, trials.csv, front.csv, pareto.png"
+          + (f"; the edited model in {info['model_folder']}" if info.get("model_folder") else ""))
+    if args.json:
+        print(json.dumps(o.summary()))
+    return 0
+
+
 def cmd_orthogonalize(args) -> int:
     from .commands.orthogonalize import OrthogonalizeCommand, run_orthogonalize
 
@@ -302,8 +332,8 @@ def cmd_presets(args) -> int:
     return 0
 
 
-HANDLERS = {"refusal": cmd_refusal, "direction": cmd_direction, "rdo": cmd_rdo, "orthogonalize": cmd_orthogonalize,
-            "evaluate": cmd_evaluate, "attack": cmd_attack, "attribute": cmd_attribute,
+HANDLERS = {"refusal": cmd_refusal, "direction": cmd_direction, "rdo": cmd_rdo, "edit": cmd_edit,
+            "orthogonalize": cmd_orthogonalize, "evaluate": cmd_evaluate, "attack": cmd_attack, "attribute": cmd_attribute,
             "organism build": cmd_organism_build, "organism evaluate": cmd_organism_evaluate,
             "organism check": cmd_organism_check, "reproduce": cmd_reproduce, "figures": cmd_figures,
             "sweep": cmd_sweep, "presets": cmd_presets}

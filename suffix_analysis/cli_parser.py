@@ -158,6 +158,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .config import add_arguments
     from .directions.rdo import RDOConfig
     from .directions.run import DirectionConfig
+    from .edits.pareto import ParetoConfig
     from .organism import OrganismRecipe
     from .organism.faithfulness import FaithfulnessConfig
 
@@ -200,6 +201,18 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="default sizes: the paper's (gpu) or CPU-sized (cpu); auto follows the device")
     add_arguments(p.add_argument_group("RDO (RDOConfig)"), RDOConfig)
     _output_args(p, "RDO run folder (rerunning resumes)", out_required=True)
+
+    p = sub.add_parser("edit", help="the Pareto edit: search a per-layer weight profile for the orthogonalization "
+                                    "(refusals vs KL, Optuna) and export the chosen edit")
+    _model_args(p)
+    _data_args(p)
+    p.add_argument_group("direction").add_argument(
+        "--direction", required=True, help="the direction (or RDO) run whose direction is edited out; its val prompts "
+                                           "score the trials")
+    p.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
+                   help="default sizes: heretic's (gpu) or CPU-sized (cpu); auto follows the device")
+    add_arguments(p.add_argument_group("Pareto edit (ParetoConfig)"), ParetoConfig)
+    _output_args(p, "edit run folder (rerunning resumes; more --trials extend the search)", out_required=True)
 
     p = sub.add_parser("orthogonalize", help="bake the direction's ablation into the weights and save the model")
     _model_args(p)

@@ -151,6 +151,21 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
     assert code == 2
     one_line_error(err, "RDO starts from the difference-in-means direction")
 
+    # the Pareto edit over the run's direction; its model loads like any exported model
+    edit = ["edit", "--model", str(tiny_folder), "--direction", "run", "--trials", "3", "--startup-trials", "2", "-q"]
+    code, out, err = run(capsys, *edit, "--out", "edit", "--json")
+    assert code == 0, err
+    info = json.loads(out.strip().splitlines()[-1])
+    assert info["budget"]["trials"] == 3 and "paper's edit" in out and (tmp_path / "edit" / "model").is_dir()
+    code, _, err = run(capsys, "evaluate", "--model", str(tiny_folder), "--direction", "run", "--harmful", "hv.json",
+                       "--harmless", "nv.json", "--orthogonalized", "edit/model", "--max-new-tokens", "2",
+                       "--judge", "substring", "-q")
+    assert code == 0, err
+    code, _, err = run(capsys, *edit, "--out", "edit2", "--max-kl", "0")
+    assert code == 2
+    one_line_error(err, "max_kl must be above 0")
+    assert not (tmp_path / "edit2").exists()
+
     # attacks given the direction: the harmfulness term's reference, and an attack without objective terms
     code, out, err = run(capsys, "attack", "gcg", "--model", str(tiny_folder), "--instructions", "hv.json",
                          "--direction", "run", "--objective", "target+direction+harmfulness", "--steps", "1",

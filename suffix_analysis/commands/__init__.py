@@ -160,6 +160,7 @@ class Command:
 def _fixed_commands() -> dict[str, Command]:
     from .attribute import AttributeCommand, run_attribute
     from .direction import DirectionCommand, run_direction_command
+    from .edit import EditCommand, run_edit_command
     from .evaluate import EvaluateCommand, run_evaluate
     from .organism import (
         OrganismBuildCommand,
@@ -178,6 +179,7 @@ def _fixed_commands() -> dict[str, Command]:
         Command("refusal", RefusalCommand, run_refusal),
         Command("direction", DirectionCommand, run_direction_command),
         Command("rdo", RDOCommand, run_rdo_command),
+        Command("edit", EditCommand, run_edit_command),
         Command("evaluate", EvaluateCommand, run_evaluate),
         Command("attribute", AttributeCommand, run_attribute),
         Command("reproduce", ReproduceCommand, run_reproduce),

@@ -61,7 +61,7 @@ from ..models.hooks import run_with_hooks
 from ..models.loading import ChatModel, fingerprint_mismatch
 from ..runs import RUN_FILE, digest, open_run, read_json, update_run
 from ..tables import atomic_path
-from .run import DirectionConfig, _write_csv, filter_prompts, load_direction, sample_prompts
+from .run import _write_csv, load_direction, run_prompts
 
 log = logging.getLogger(__name__)
 KIND = "rdo"
@@ -254,8 +254,7 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
     if drec.get("kind", "direction") != "direction":
         raise UserError(f"{src} is {drec.get('kind')!r} run; RDO starts from the difference-in-means direction of a "
                         "`suffix-analysis direction` run")
-    dcfg = DirectionConfig(**{k: v for k, v in drec.get("config", {}).items() if k in DirectionConfig.__dataclass_fields__})
-    prompts = filter_prompts(cm, src, dcfg, sample_prompts(dcfg, data_dir))
+    prompts = run_prompts(cm, src, data_dir)
     harmful, harmless = prompts.harmful_train[: cfg.n_prompts], prompts.harmless_train[: cfg.n_prompts]
     run = Path(out).expanduser()
     record = {"model": cm.name, "fingerprint": cm.fingerprint(), "d_model": cm.d_model, "direction_run": str(src),

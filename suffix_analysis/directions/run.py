@@ -292,3 +292,19 @@ def run_direction(cm: ChatModel, out: str | Path, cfg: DirectionConfig = Directi
     cands = extract_candidates(cm, run, cfg, prompts, record["fingerprint"], progress)
     scores = score_all(cm, run, cfg, prompts, cands, progress)
     return select_and_save(cm, run, cfg, cands, scores, record)
+
+
+def run_prompts(cm: ChatModel, run: str | Path, data_dir: str | None = None) -> PromptSets:
+    """The filtered train and val prompts of the direction run ``run``, or of the direction
+    run an RDO run started from (its ``direction_run``); the run's model is checked by
+    whoever loaded its direction."""
+    run = Path(run).expanduser()
+    remedy = f"make the direction run again with `suffix-analysis direction --out {run}`"
+    rec = read_json(run / RUN_FILE, remedy)
+    if rec.get("kind", "direction") == "rdo" and rec.get("direction_run"):
+        run = Path(rec["direction_run"]).expanduser()
+        rec = read_json(run / RUN_FILE, remedy)
+    if rec.get("kind", "direction") != "direction":
+        raise UserError(f"{run} is {rec.get('kind')!r} run, not a direction run; its prompts are unknown")
+    cfg = DirectionConfig(**{k: v for k, v in rec.get("config", {}).items() if k in DirectionConfig.__dataclass_fields__})
+    return filter_prompts(cm, run, cfg, sample_prompts(cfg, data_dir))

@@ -10,6 +10,11 @@ inference-time ablation enforces with hooks; the two agree up to float error.
 Tied embeddings (SmolLM2, Gemma, Llama-3.2 small): the unembedding shares the embedding's
 storage, but it reads the residual stream and must stay as it was, so it is untied into a
 copy of the original weights first and the config says ``tie_word_embeddings = False``.
+
+A partial edit (``scales``, e.g. a per-layer weight profile, ``interventions/profile.py``)
+removes only the share ``s`` of what a writer puts along ``r^``: ``W - s r^ r^T W``. Each
+parameter's share is looked up by the hook site it writes to (:func:`writer_sites`), so the
+weight edit and the hooks that simulate it (``profile.profile_hooks``) read the same map.
 """
 
 from __future__ import annotations
@@ -61,42 +66,64 @@ def writers(cm: ChatModel) -> dict[str, str]:
     """Every parameter that writes into the residual stream, by name: ``"rows"`` (residual
     vectors stored as rows ``[n, d_model]``: embeddings, biases) or ``"out"`` (an
     ``nn.Linear`` weight ``[d_model, d_in]``, edited on its output side)."""
-    out = {f"{cm.arch.embed}.weight": "rows"}
+    return {name: kind for name, (kind, _) in writer_sites(cm).items()}
+
+
+def writer_sites(cm: ChatModel) -> dict[str, tuple[str, str]]:
+    """Every residual writer by parameter name: (its kind, as :func:`writers` gives it, and the
+    hook site it writes to: ``blocks.0.hook_resid_pre`` for the embeddings,
+    ``blocks.{l}.hook_attn_out`` and ``blocks.{l}.hook_mlp_out`` for the layers' outputs)."""
+    out = {f"{cm.arch.embed}.weight": ("rows", "blocks.0.hook_resid_pre")}
     if cm.arch.pos_embed:
-        out[f"{cm.arch.pos_embed}.weight"] = "rows"
+        out[f"{cm.arch.pos_embed}.weight"] = ("rows", "blocks.0.hook_resid_pre")
     for l, layer in enumerate(cm.layers):
-        for path in (cm.arch.attn_out, cm.arch.mlp_out):
+        for path, site in ((cm.arch.attn_out, "hook_attn_out"), (cm.arch.mlp_out, "hook_mlp_out")):
             module = layer.get_submodule(path)
             if not isinstance(module, torch.nn.Linear):
                 raise UserError(f"{cm.arch.layers}.{l}.{path} is a {type(module).__name__}, not a linear map; "
                                 "this architecture needs its own orthogonalization rule")
-            out[f"{cm.arch.layers}.{l}.{path}.weight"] = "out"
+            out[f"{cm.arch.layers}.{l}.{path}.weight"] = ("out", f"blocks.{l}.{site}")
             if getattr(module, "bias", None) is not None:
-                out[f"{cm.arch.layers}.{l}.{path}.bias"] = "rows"
+                out[f"{cm.arch.layers}.{l}.{path}.bias"] = ("rows", f"blocks.{l}.{site}")
     return out
 
 
-def edited(w: torch.Tensor, kind: str, u: torch.Tensor) -> torch.Tensor:
+def _scale_of(cm: ChatModel, scales: dict[str, float] | None) -> dict[str, float]:
+    """Each writer's share by parameter name (1 everywhere without ``scales``, a map of hook
+    site to share where a site not named is left as it is)."""
+    sites = writer_sites(cm)
+    if scales is None:
+        return dict.fromkeys(sites, 1.0)
+    unknown = sorted(set(scales) - {site for _, site in sites.values()})
+    if unknown:
+        raise UserError(f"a weight profile names {unknown[0]}, which is no residual writer of this model; was it made "
+                        "for another model?")
+    return {name: float(scales.get(site, 0.0)) for name, (_, site) in sites.items()}
+
+
+def edited(w: torch.Tensor, kind: str, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``w`` with nothing written along the unit ``u`` ``[d_model]`` (or into the span of the
-    orthonormal rows ``u`` ``[k, d_model]``), computed in float32, in ``w``'s dtype."""
+    orthonormal rows ``u`` ``[k, d_model]``), computed in float32, in ``w``'s dtype; with
+    ``scale`` s, only the share s of what it writes there is removed."""
     wf, u = w.float(), u.to(w.device)
     q = u[None] if u.ndim == 1 else u  # [k, d_model]
-    new = wf - (wf @ q.T) @ q if kind == "rows" else wf - q.T @ (q @ wf)
+    new = wf - scale * ((wf @ q.T) @ q) if kind == "rows" else wf - scale * (q.T @ (q @ wf))
     return new.to(w.dtype)
 
 
 @torch.no_grad()
-def orthogonalize_(cm: ChatModel, direction: torch.Tensor) -> list[str]:
-    """Edit ``cm.model`` in place; returns the names of the edited parameters."""
+def orthogonalize_(cm: ChatModel, direction: torch.Tensor, scales: dict[str, float] | None = None) -> list[str]:
+    """Edit ``cm.model`` in place; returns the names of the edited parameters. ``scales``:
+    the share removed per hook site (a weight profile), default 1 everywhere."""
     if cm.dispatched:
         raise UserError("this model is placed with a device map or quantized; its weights are not all in memory to "
                         "edit: use export_orthogonalized (suffix-analysis orthogonalize), which edits the checkpoint")
     u = _check(cm, direction)
-    names = writers(cm)
+    names, share = writers(cm), _scale_of(cm, scales)
     _untie_unembedding(cm)
     for name, kind in names.items():
         w = cm.model.get_parameter(name)
-        w.copy_(edited(w, kind, u))
+        w.copy_(edited(w, kind, u, share[name]))
     return list(names)
 
 
@@ -115,7 +142,8 @@ def _marker(cm: ChatModel, n_edited: int, provenance: dict) -> str:
     return json.dumps(marker, indent=1)
 
 
-def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict) -> Path:
+def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict,
+                          scales: dict[str, float] | None = None) -> Path:
     """Orthogonalize ``cm`` and save an ordinary ``transformers`` folder at ``out``.
 
     A model in memory on one device is edited in place and saved. A dispatched model
@@ -125,8 +153,8 @@ def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Pat
     Written to a temporary sibling and renamed, so ``out`` is complete or absent.
     """
     if cm.dispatched:
-        return export_from_checkpoint(cm, direction, out, provenance)
-    names = orthogonalize_(cm, direction)
+        return export_from_checkpoint(cm, direction, out, provenance, scales)
+    names = orthogonalize_(cm, direction, scales)
     with atomic_folder(out, _is_orthogonalized, "an orthogonalized model folder") as tmp:
         cm.model.save_pretrained(tmp)
         cm.tokenizer.save_pretrained(tmp)
@@ -149,7 +177,8 @@ def _checkpoint_folder(cm: ChatModel) -> Path:
 
 
 @torch.no_grad()
-def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict) -> Path:
+def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict,
+                           scales: dict[str, float] | None = None) -> Path:
     """Orthogonalize the checkpoint ``cm`` was loaded from into ``out``, shard by shard.
 
     Peak memory is one shard. The result equals :func:`orthogonalize_` on the whole model
@@ -159,7 +188,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
     from safetensors.torch import save_file
 
     u = _check(cm, direction)
-    names = writers(cm)
+    names, share = writers(cm), _scale_of(cm, scales)
     folder = _checkpoint_folder(cm)
     index_file = folder / "model.safetensors.index.json"
     index = json.loads(index_file.read_text()) if index_file.is_file() else None
@@ -193,7 +222,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
                             size = index.get("metadata", {}).get("total_size")
                             if isinstance(size, int):
                                 index["metadata"]["total_size"] = size + tensors[k].numel() * tensors[k].element_size()
-                    tensors[k] = edited(tensors[k], names[k], u)
+                    tensors[k] = edited(tensors[k], names[k], u, share[k])
                     seen.add(k)
             save_file(tensors, str(tmp / shard.name), metadata=metadata)
             del tensors

@@ -1,0 +1,1 @@
+"""Weight edits searched against two objectives (refusals, side effects): the Pareto edit."""

@@ -1,0 +1,270 @@
+"""The Pareto edit: a per-layer weight profile for the orthogonalization, searched with
+Optuna against two objectives at once, as heretic (p-e-w/heretic) does.
+
+The search space is :class:`~suffix_analysis.interventions.profile.WeightProfile`: a tent of
+shares over the layers for attention outputs and one for MLP outputs (maximum, peak layer,
+minimum as a fraction of the maximum, reach), and a share for the embeddings. Every trial is
+scored on the direction run's selection prompts only (its filtered val splits: nothing held
+out is seen):
+
+* refused: the share of harmful val prompts whose first token is more likely a refusal than
+  not (refusal score > 0, the paper's metric) with the profile's ablation;
+* KL: the mean first-token KL(clean || edited) on harmless val prompts.
+
+Trial 0 is the paper's edit (every share 1), so the front is never worse than it on these
+prompts. Trials are simulated with hooks (``interventions.profile.profile_hooks``); only the
+chosen one is baked into the weights. The chosen edit is the front's trial with the fewest
+refusals among those with KL at most ``max_kl`` (ties: lower KL); if none is that close, the
+lowest KL. The run folder::
+
+    EDIT/run.json          the model, the direction run, data and config
+    EDIT/trials.csv        every trial: its parameters, refused, KL, mean refusal score, seconds
+    EDIT/trials.json       the same, what a rerun resumes from
+    EDIT/front.csv         the Pareto-optimal trials
+    EDIT/edit.json         the chosen trial, its profile, its scores beside the paper's edit's
+    EDIT/pareto.png        refused against KL, every trial, the front and the choice
+    EDIT/model/            the chosen edit exported: an ordinary transformers folder
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import write_json_atomic
+from ..config import setting
+from ..directions.rdo import cone_basis
+from ..directions.run import _write_csv, load_direction, run_prompts
+from ..errors import UserError
+from ..figures.pareto import draw_pareto
+from ..interventions.orthogonalize import export_orthogonalized
+from ..interventions.profile import Tent, WeightProfile, profile_hooks
+from ..metrics import first_token_kl, refusal_score
+from ..models.forward import run_batches
+from ..models.hooks import run_with_hooks
+from ..models.loading import ChatModel, fingerprint_mismatch
+from ..runs import digest, open_run, read_json, update_run
+
+log = logging.getLogger(__name__)
+KIND = "edit"
+
+
+@dataclass(frozen=True)
+class ParetoConfig:
+    """Pareto edit settings (heretic's defaults: 200 trials, the first 60 random)."""
+
+    trials: int = setting(200, "Optuna trials (the first is the paper's full orthogonalization)", cpu=80)
+    startup_trials: int = setting(60, "random trials before the TPE sampler models the front", cpu=24)
+    max_weight: float = setting(1.5, "largest share a tent may remove (above 1 overshoots the direction)")
+    max_kl: float = setting(0.1, "the chosen edit: fewest refusals among front trials with KL at most this "
+                                 "(the paper's KL bound)")
+    cone: bool = setting(False, "edit the whole refusal cone of an RDO run (`rdo --cone-dim K`), not its direction")
+    batch_size: int = setting(32, "prompts per forward pass")
+    seed: int = setting(0, "seed of the sampler")
+    export: bool = setting(True, "export the chosen edit as a model folder (EDIT/model)")
+
+    def validate(self) -> None:
+        if self.trials < 1 or self.batch_size < 1:
+            raise UserError("trials and batch_size must be at least 1")
+        if self.startup_trials < 0:
+            raise UserError("startup_trials must be at least 0")
+        if not 0 < self.max_weight <= 3:
+            raise UserError(f"max_weight must be in (0, 3], got {self.max_weight}")
+        if self.max_kl <= 0:
+            raise UserError(f"max_kl must be above 0, got {self.max_kl}")
+
+
+# Settings that change how long a search is or which trial is chosen, not what a trial scores.
+_FREE = ("trials", "max_kl", "batch_size", "export")
+OBJECTIVES = ("refused", "kl")
+
+
+def _require_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("the Pareto edit needs Optuna: pip install optuna") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def space(n_layers: int, max_weight: float) -> dict:
+    """The search space: Optuna distributions by parameter name."""
+    optuna = _require_optuna()
+    top = max(n_layers - 1, 1)
+    out = {}
+    for c in ("attn", "mlp"):
+        out[f"{c}_max_weight"] = optuna.distributions.FloatDistribution(0.0, max_weight)
+        out[f"{c}_peak"] = optuna.distributions.FloatDistribution(0.0, float(n_layers - 1))
+        out[f"{c}_min_ratio"] = optuna.distributions.FloatDistribution(0.0, 1.0)
+        out[f"{c}_distance"] = optuna.distributions.FloatDistribution(1.0, float(top))
+    out["embed"] = optuna.distributions.FloatDistribution(0.0, 1.0)
+    return out
+
+
+def profile_of(params: dict) -> WeightProfile:
+    """The weight profile a trial's parameters name."""
+    def tent(c: str) -> Tent:
+        top = params[f"{c}_max_weight"]
+        return Tent(max_weight=top, peak=params[f"{c}_peak"], min_weight=top * params[f"{c}_min_ratio"],
+                    distance=params[f"{c}_distance"])
+
+    return WeightProfile(attn=tent("attn"), mlp=tent("mlp"), embed=params["embed"])
+
+
+def full_params(n_layers: int) -> dict:
+    """The parameters of the paper's edit: every share 1 (a tent centred on the middle layer
+    that reaches every layer)."""
+    mid, reach = (n_layers - 1) / 2, float(max(n_layers - 1, 1))
+    return {**{f"{c}_{k}": v for c in ("attn", "mlp")
+               for k, v in (("max_weight", 1.0), ("peak", mid), ("min_ratio", 1.0), ("distance", reach))},
+            "embed": 1.0}
+
+
+class Scorer:
+    """The two objectives of a profile on fixed prompts; the clean harmless logits once."""
+
+    def __init__(self, cm: ChatModel, direction: torch.Tensor, harmful: list[str], harmless: list[str],
+                 batch_size: int = 32):
+        if not harmful or not harmless:
+            raise UserError("the Pareto edit needs harmful and harmless selection prompts; the direction run kept "
+                            f"{len(harmful)} and {len(harmless)}")
+        self.cm, self.direction, self.batch_size = cm, direction, batch_size
+        self.harmful, self.harmless = cm.chat.tokenize(harmful), cm.chat.tokenize(harmless)
+        with torch.no_grad():
+            self.clean = run_batches(cm, self.harmless, batch_size)
+
+    @torch.no_grad()
+    def __call__(self, profile: WeightProfile) -> dict:
+        """``refused`` (share of harmful prompts with refusal score > 0), ``kl`` (mean
+        first-token KL on harmless prompts) and ``score`` (mean refusal score, harmful)."""
+        cm = self.cm
+        with run_with_hooks(cm, profile_hooks(cm, self.direction, profile)):
+            s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
+            kl = first_token_kl(self.clean, run_batches(cm, self.harmless, self.batch_size)).mean().item()
+        return {"refused": (s > 0).float().mean().item(), "kl": kl, "score": s.mean().item()}
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """The rows no other row dominates on (refused, kl), both minimized."""
+    def dominates(a: dict, b: dict) -> bool:
+        return (a["refused"] <= b["refused"] and a["kl"] <= b["kl"]
+                and (a["refused"] < b["refused"] or a["kl"] < b["kl"]))
+
+    return [r for r in rows if not any(dominates(o, r) for o in rows)]
+
+
+def choose(front: list[dict], max_kl: float) -> dict:
+    """The front's trial with the fewest refusals at KL <= ``max_kl`` (ties: lower KL), else
+    the lowest KL."""
+    close = [r for r in front if r["kl"] <= max_kl]
+    if close:
+        return min(close, key=lambda r: (r["refused"], r["kl"]))
+    return min(front, key=lambda r: (r["kl"], r["refused"]))
+
+
+def _study(optuna, cfg: ParetoConfig, dist: dict, done: list[dict]):
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials, multivariate=True)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    for r in done:  # a resumed search: the finished trials, as the sampler saw them
+        study.add_trial(optuna.trial.create_trial(params=r["params"], distributions=dist,
+                                                  values=[r["refused"], r["kl"]]))
+    return study
+
+
+def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: ParetoConfig = ParetoConfig(),
+               data_dir: str | None = None, progress: bool = True) -> dict:
+    """Search the weight profile of ``direction_run``'s direction (or cone) into the run folder
+    ``out`` (rerunning resumes, and more ``trials`` extend the search); returns ``edit.json``'s
+    record."""
+    cfg.validate()
+    optuna = _require_optuna()
+    src = Path(direction_run).expanduser()
+    direction, info = load_direction(src, cm)
+    if cfg.cone:
+        direction = cone_basis(src)
+    prompts = run_prompts(cm, src, data_dir)
+    run = Path(out).expanduser()
+    record = {"model": cm.name, "fingerprint": cm.fingerprint(), "d_model": cm.d_model, "direction_run": str(src),
+              "direction": {"position": info["position"], "layer": info["layer"], "data": info["data"],
+                            "digest": digest(direction.float().tolist())},
+              "data": digest([prompts.harmful_val, prompts.harmless_val]), "config": asdict(cfg)}
+    record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
+        old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
+    update_run(run, record)
+    dist = space(cm.n_layers, cfg.max_weight)
+    done = _load_trials(run) if (run / "trials.json").is_file() else []
+    study = _study(optuna, cfg, dist, done)
+    if not done:
+        study.enqueue_trial(full_params(cm.n_layers))
+    scorer = Scorer(cm, direction, prompts.harmful_val, prompts.harmless_val, cfg.batch_size)
+    start = time.perf_counter() - sum(r["seconds"] for r in done)
+    bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
+               disable=not progress)
+    try:
+        while len(done) < cfg.trials:
+            t0 = time.perf_counter()
+            trial = study.ask(dist)
+            scores = scorer(profile_of(trial.params))
+            study.tell(trial, [scores["refused"], scores["kl"]])
+            done.append({"trial": len(done), "params": trial.params, **scores,
+                         "seconds": round(time.perf_counter() - t0, 3)})
+            bar.update(1)
+            best = min(done, key=lambda r: (r["refused"], r["kl"]))
+            bar.set_postfix(refused=f"{best['refused']:.0%}", kl=f"{best['kl']:.3f}")
+            if len(done) % 10 == 0:
+                write_json_atomic(run / "trials.json", done)
+    finally:
+        bar.close()
+        if done:
+            write_json_atomic(run / "trials.json", done)
+    return _finish(cm, run, cfg, direction, info, record, done, time.perf_counter() - start)
+
+
+def _load_trials(run: Path) -> list[dict]:
+    remedy = f"remove {run}/trials.json to search again"
+    rows = read_json(run / "trials.json", remedy)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"params", "refused", "kl", "seconds"} <= set(r)
+                                             for r in rows):
+        raise UserError(f"{run}/trials.json is not a trial list this suite wrote; {remedy}")
+    return rows
+
+
+def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, direction: torch.Tensor, info: dict, record: dict,
+            done: list[dict], seconds: float) -> dict:
+    front = pareto_front(done)
+    chosen = choose(front, cfg.max_kl)
+    flat = [{"trial": r["trial"], "refused": r["refused"], "kl": r["kl"], "score": r["score"],
+             "pareto": r in front, "chosen": r is chosen, "seconds": r["seconds"], **r["params"]} for r in done]
+    _write_csv(run / "trials.csv", flat)
+    _write_csv(run / "front.csv", sorted((f for f in flat if f["pareto"]), key=lambda f: f["kl"]))
+    profile = profile_of(chosen["params"])
+    full = done[0] if done[0]["params"] == full_params(cm.n_layers) else None
+    out = {"model": cm.name, "fingerprint": record["fingerprint"], "direction_run": record["direction_run"],
+           "position": info["position"], "layer": info["layer"], "cone": cfg.cone, "objectives": list(OBJECTIVES),
+           "chosen": {k: chosen[k] for k in ("trial", "refused", "kl", "score")}, "profile": profile.to_dict(),
+           "shares": profile.sites(cm.n_layers),
+           "paper_edit": {k: full[k] for k in ("refused", "kl", "score")} if full else None,
+           "front": len(front), "budget": {"trials": len(done), "seconds": round(seconds, 1)},
+           "prompts": {"harmful": "the direction run's filtered harmful val", "harmless": "its filtered harmless val"}}
+    write_json_atomic(run / "edit.json", out)
+    draw_pareto(run)
+    if cfg.export:
+        folder = export_orthogonalized(cm, direction, run / "model", {
+            "source_model": cm.name, "direction_run": record["direction_run"], "edit_run": str(run),
+            "position": info["position"], "layer": info["layer"], "profile": profile.to_dict(), "cone": cfg.cone},
+            scales=profile.sites(cm.n_layers))
+        out["model_folder"] = str(folder)
+        write_json_atomic(run / "edit.json", out)
+    log.info("Pareto edit: trial %d of %d, %.1f%% of harmful val refused at KL %.4f (the paper's edit: %s)",
+             chosen["trial"], len(done), 100 * chosen["refused"], chosen["kl"],
+             f"{100 * full['refused']:.1f}% at KL {full['kl']:.4f}" if full else "not in this search")
+    if math.isnan(chosen["kl"]):
+        log.warning("the chosen edit's KL is NaN; check the model's dtype")
+    return out

@@ -1,0 +1,104 @@
+"""A per-layer weight profile for directional ablation: how much of the direction each
+residual writer loses.
+
+Full orthogonalization (the paper) removes the direction from every writer. A profile
+removes the share ``w`` of it, per writer: the embeddings (``blocks.0.hook_resid_pre``), and
+each layer's attention and MLP outputs (``blocks.{l}.hook_attn_out``, ``blocks.{l}.hook_mlp_out``)::
+
+    x <- x - w (x . r^) r^                   (a subspace Q [k, d_model]: x - w Q^T Q x)
+
+Attention and MLP each get a tent over the layers, the family heretic searches (p-e-w/heretic,
+its "abliteration weight kernel"): ``max_weight`` at layer ``peak``, falling linearly to
+``min_weight`` at ``distance`` layers away, 0 beyond. The embeddings get their own share
+``embed``. The family holds the paper's edit (every share 1: :meth:`WeightProfile.full`),
+so a search over it can start from there. The same shares drive the hooks that simulate
+the edit (:func:`profile_hooks`, for a search: no weights copied) and the weight edit itself
+(``orthogonalize.export_orthogonalized(..., scales=profile.sites(n_layers))``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..errors import UserError
+from ..models.hooks import HookList
+from ..models.loading import ChatModel
+from .directional import check_direction, check_subspace
+
+
+@dataclass(frozen=True)
+class Tent:
+    """One component's weights over the layers: ``max_weight`` at ``peak`` (a fractional
+    layer), linear to ``min_weight`` at ``distance`` layers away, 0 beyond."""
+
+    max_weight: float = 1.0
+    peak: float = 0.0
+    min_weight: float = 1.0
+    distance: float = 1e9
+
+    def weights(self, n_layers: int) -> list[float]:
+        """The share of each layer ``[n_layers]``."""
+        if self.distance <= 0:
+            raise UserError(f"a weight profile's distance must be above 0, got {self.distance}")
+        out = []
+        for l in range(n_layers):
+            d = abs(l - self.peak)
+            slope = (self.min_weight - self.max_weight) / self.distance
+            out.append(0.0 if d > self.distance else self.max_weight + slope * d)
+        return out
+
+
+@dataclass(frozen=True)
+class WeightProfile:
+    """The share of the direction removed at every residual writer."""
+
+    attn: Tent = Tent()
+    mlp: Tent = Tent()
+    embed: float = 1.0
+
+    @classmethod
+    def full(cls) -> WeightProfile:
+        """The paper's orthogonalization: every share 1."""
+        return cls()
+
+    def sites(self, n_layers: int) -> dict[str, float]:
+        """``{hook site: share}`` for every residual writer (the map ``orthogonalize`` takes)."""
+        out = {"blocks.0.hook_resid_pre": self.embed}
+        for l, (a, m) in enumerate(zip(self.attn.weights(n_layers), self.mlp.weights(n_layers))):
+            out[f"blocks.{l}.hook_attn_out"] = a
+            out[f"blocks.{l}.hook_mlp_out"] = m
+        return out
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> WeightProfile:
+        try:
+            return cls(attn=Tent(**d["attn"]), mlp=Tent(**d["mlp"]), embed=float(d["embed"]))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"not a weight profile this suite wrote ({type(e).__name__}: {e})") from None
+
+
+def profile_hooks(cm: ChatModel, direction: torch.Tensor, profile: WeightProfile) -> HookList:
+    """Hooks that remove ``profile``'s share of ``direction`` (``[d_model]``, or a subspace
+    ``[k, d_model]``) at each residual writer: what the weight edit with the same profile does,
+    without touching the weights. Writers with share 0 get no hook."""
+    if direction.ndim == 2:
+        q = check_subspace(cm, direction).to(cm.device, cm.dtype)  # [k, d_model] orthonormal rows
+    else:
+        d = check_direction(cm, direction)
+        if d.norm() == 0:
+            raise UserError("the direction is the zero vector; there is nothing to ablate")
+        q = (d / d.norm())[None]
+
+    def remove(share: float):
+        def hook(x: torch.Tensor, hook) -> torch.Tensor:
+            qq = q.to(x.device, x.dtype)
+            return x - share * ((x @ qq.T) @ qq)
+
+        return hook
+
+    return [(site, remove(s)) for site, s in profile.sites(cm.n_layers).items() if s != 0]

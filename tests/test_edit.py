@@ -1,0 +1,138 @@
+"""The Pareto edit: the weight profile's shares, hooks that equal the weight edit, the search
+and its folder, the chosen edit exported, bad input refused in one line."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import tiny_chat_model
+from test_pipeline import LOOSE, data_files  # noqa: F401  (fixture)
+
+from suffix_analysis.directions.run import DirectionConfig, run_direction
+from suffix_analysis.edits.pareto import ParetoConfig, choose, full_params, pareto_front, profile_of, run_pareto
+from suffix_analysis.errors import UserError
+from suffix_analysis.interventions.directional import ablation_hooks
+from suffix_analysis.interventions.orthogonalize import orthogonalize_
+from suffix_analysis.interventions.profile import Tent, WeightProfile, profile_hooks
+from suffix_analysis.models.hooks import run_with_hooks
+
+IDS = torch.tensor([[1, 5, 7, 9, 11, 13, 2]])
+FAST = dict(trials=6, startup_trials=3, batch_size=4)
+
+
+def _logits(cm, hooks=()):
+    with torch.no_grad(), run_with_hooks(cm, list(hooks)):
+        return cm.model(input_ids=IDS).logits
+
+
+def test_tent_shares():
+    t = Tent(max_weight=1.2, peak=3.0, min_weight=0.2, distance=2.0)
+    assert t.weights(7) == pytest.approx([0.0, 0.2, 0.7, 1.2, 0.7, 0.2, 0.0])
+    assert WeightProfile.full().sites(3) == {s: 1.0 for s in WeightProfile.full().sites(3)}
+    assert profile_of(full_params(30)).sites(30) == pytest.approx(WeightProfile.full().sites(30))
+    with pytest.raises(UserError, match="distance must be above 0"):
+        Tent(distance=0).weights(3)
+
+
+def test_full_profile_hooks_equal_the_papers_ablation():
+    cm = tiny_chat_model("llama")
+    r = torch.randn(cm.d_model)
+    assert torch.allclose(_logits(cm, profile_hooks(cm, r, WeightProfile.full())), _logits(cm, ablation_hooks(cm, r)),
+                          atol=1e-5)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_partial_weight_edit_equals_its_hooks(rank):
+    """A profile baked into the weights gives what its hooks give, and differs from both the
+    clean model and the full ablation (so the shares matter)."""
+    cm = tiny_chat_model("llama")
+    torch.manual_seed(0)
+    direction = torch.randn(cm.d_model) if rank == 1 else torch.randn(rank, cm.d_model)
+    profile = WeightProfile(attn=Tent(1.4, 0.3, 0.2, 1.5), mlp=Tent(0.6, 1.0, 0.0, 1.0), embed=0.5)
+    hooked = _logits(cm, profile_hooks(cm, direction, profile))
+    edited = copy.copy(cm)
+    edited.model = copy.deepcopy(cm.model)
+    orthogonalize_(edited, direction, scales=profile.sites(cm.n_layers))
+    assert torch.allclose(_logits(edited), hooked, atol=1e-4)
+    assert not torch.allclose(hooked, _logits(cm), atol=1e-3)
+    if rank == 1:
+        assert not torch.allclose(hooked, _logits(cm, ablation_hooks(cm, direction)), atol=1e-3)
+    with pytest.raises(UserError, match="no residual writer of this model"):
+        orthogonalize_(edited, direction, scales={"blocks.99.hook_mlp_out": 1.0})
+
+
+def test_front_and_choice():
+    rows = [{"refused": 0.0, "kl": 0.3}, {"refused": 0.1, "kl": 0.05}, {"refused": 0.2, "kl": 0.04},
+            {"refused": 0.2, "kl": 0.06}, {"refused": 0.5, "kl": 0.01}]
+    front = pareto_front(rows)
+    assert front == [rows[0], rows[1], rows[2], rows[4]]  # rows[3] is dominated by rows[2]
+    assert choose(front, 0.1) is rows[1]  # fewest refusals within the KL bound
+    assert choose(front, 0.001) is rows[4]  # none within: the lowest KL
+
+
+@pytest.fixture
+def start(data_files):  # noqa: F811
+    cm = tiny_chat_model("llama")
+    run_direction(cm, data_files / "dim", DirectionConfig(**LOOSE), progress=False)
+    return cm, data_files
+
+
+def test_pareto_search_writes_its_folder_and_exports_the_choice(start):
+    from suffix_analysis.directions.run import load_direction
+    from suffix_analysis.models.loading import load_model
+
+    cm, d = start
+    pristine = copy.deepcopy(cm.model)
+    info = run_pareto(cm, d / "dim", d / "edit", ParetoConfig(**FAST, max_kl=1e9), progress=False)
+    run = d / "edit"
+    trials = json.loads((run / "trials.json").read_text())
+    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers)  # trial 0: the paper's edit
+    assert info["paper_edit"] == pytest.approx({k: trials[0][k] for k in ("refused", "kl", "score")})
+    assert info["budget"]["trials"] == 6 and (run / "pareto.png").stat().st_size > 0
+    front = (run / "front.csv").read_text().splitlines()
+    assert len(front) - 1 == info["front"] >= 1
+    chosen = trials[info["chosen"]["trial"]]
+    assert chosen["refused"] == min(t["refused"] for t in trials)  # max_kl 1e9: the fewest refusals
+    # the exported model is the chosen profile baked in: it scores as its hooks do
+    exported = load_model(info["model_folder"], device="cpu")
+    clean = copy.copy(cm)
+    clean.model = pristine
+    r, _ = load_direction(d / "dim", clean)
+    hooked = _logits(clean, profile_hooks(clean, r, profile_of(chosen["params"])))
+    assert torch.allclose(_logits(exported), hooked, atol=1e-4)
+    marker = json.loads((run / "model" / "suffix_analysis.json").read_text())
+    assert marker["orthogonalized"] and marker["profile"] == info["profile"]
+
+
+def test_pareto_search_resumes_and_extends(start):
+    cm, d = start
+    cfg = ParetoConfig(**{**FAST, "export": False})
+    run_pareto(cm, d / "dim", d / "a", ParetoConfig(**{**FAST, "trials": 3, "export": False}), progress=False)
+    first = json.loads((d / "a" / "trials.json").read_text())
+    info = run_pareto(cm, d / "dim", d / "a", cfg, progress=False)  # more trials: the first 3 are kept
+    again = json.loads((d / "a" / "trials.json").read_text())
+    assert again[:3] == first and len(again) == 6 and info["budget"]["trials"] == 6
+    assert "model_folder" not in info and not (d / "a" / "model").exists()
+
+
+def test_pareto_bad_input(start, tmp_path):
+    cm, d = start
+    with pytest.raises(UserError, match="max_kl must be above 0"):
+        run_pareto(cm, d / "dim", d / "x", ParetoConfig(max_kl=0), progress=False)
+    with pytest.raises(UserError, match="no direction.safetensors in"):
+        run_pareto(cm, tmp_path / "nothing", d / "x", ParetoConfig(**FAST), progress=False)
+    with pytest.raises(UserError, match="holds no refusal cone"):
+        run_pareto(cm, d / "dim", d / "x", ParetoConfig(**FAST, cone=True), progress=False)
+    other = tiny_chat_model("llama", seed=1)
+    with pytest.raises(UserError, match="other weights|another model|made from"):
+        run_pareto(other, d / "dim", d / "y", ParetoConfig(**FAST), progress=False)
+    run_pareto(cm, d / "dim", d / "e", ParetoConfig(**{**FAST, "trials": 2, "export": False}), progress=False)
+    with pytest.raises(UserError, match="other inputs or settings"):
+        run_pareto(cm, d / "dim", d / "e", ParetoConfig(**{**FAST, "trials": 2, "seed": 5}), progress=False)
+    (d / "e" / "trials.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a trial list this suite wrote"):
+        run_pareto(cm, d / "dim", d / "e", ParetoConfig(**{**FAST, "trials": 2, "export": False}), progress=False)
+    assert not (d / "x").exists()
