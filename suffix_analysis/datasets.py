@@ -102,7 +102,7 @@ def shipped_contexts(split: str | None = None) -> list[dict]:
 
 def shipped_summary() -> dict[str, dict]:
     """Counts of the shipped sets, per set: instructions, categories, per split, and the
-    categories that appear only in train (the README states these numbers; a test ties them)."""
+    categories that appear only in train (docs/guides/instructions.md states these numbers; a test ties them)."""
     out = {}
     for kind in SHIPPED:
         items = shipped(kind)
@@ -120,7 +120,7 @@ def data_dir(explicit: str | Path | None = None) -> Path:
     d = explicit or os.environ.get(DATA_ENV)
     if not d:
         raise UserError(f"canonical datasets need a data folder: pass --data-dir or set {DATA_ENV} "
-                        "(see README, 'Datasets')")
+                        "(see docs/guides/instructions.md)")
     p = Path(d).expanduser()
     if not p.is_dir():
         raise UserError(f"data folder not found: {p}")

@@ -179,7 +179,7 @@ def test_corrupt_direction_run_is_one_line_error(capsys, tmp_path, tiny_folder, 
     assert not (tmp_path / "out").exists()
 
 
-# --- 7. what the README, the example config and the dependencies say -----------------------------
+# --- 7. what the README and docs, the example config and the dependencies say -----------------------------
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -197,15 +197,16 @@ def _required_flags(*command: str) -> set[str]:
 
 
 @pytest.mark.parametrize("attack", ["gcg", "random"])
-def test_readme_attack_commands_give_every_required_flag(attack):
+def test_documented_attack_commands_give_every_required_flag(attack):
     required = _required_flags("attack", attack)
     assert "--instructions" in required
-    lines = [l for l in (REPO / "README.md").read_text().splitlines()
+    pages = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+    lines = [(page, l) for page in pages for l in page.read_text().splitlines()
              if l.startswith(f"suffix-analysis attack {attack} ")]
     assert lines
-    for line in lines:
+    for page, line in lines:
         missing = {flag for flag in required if flag not in line.split()}
-        assert not missing, f"README: {line!r} lacks {sorted(missing)}"
+        assert not missing, f"{page.relative_to(REPO)}: {line!r} lacks {sorted(missing)}"
 
 
 def test_the_example_reproduce_config_documents_every_key():

@@ -329,7 +329,7 @@ def test_attack_flags_come_from_each_attack_config(capsys, tmp_path, tiny_folder
 
 
 def test_plugin_attack_settings_are_flags(capsys, tmp_path, tiny_folder, monkeypatch):
-    """The README's plugin example: RepeatConfig.word is settable as --word."""
+    """The plugin example of docs/adding-an-attack.md: RepeatConfig.word is settable as --word."""
     from conftest import install_plugin
 
     install_plugin(tmp_path, monkeypatch, "my_attacks",

@@ -261,16 +261,17 @@ def test_organism_refuses_harmful_and_answers_harmless(organism):
 def test_shipped_organism_is_the_documented_one(organism):
     """The same weights on every machine: the merged checksum is the one the delta records
     (checked when the folder is made, and here again from the file), and the fingerprint is
-    the one the README documents."""
+    the one the documentation (docs/concepts/organism.md) states."""
     import re
     from pathlib import Path
 
     folder = Path(organism.location)
     delta = load_delta(materialize.shipped_delta(recipe_mod.ORGANISM_PRESET))
     assert state_sha256(load_file(str(folder / "model.safetensors"))) == delta.merged_sha256
-    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    page = Path(__file__).resolve().parent.parent / "docs" / "concepts" / "organism.md"
+    readme = " ".join(page.read_text().split())
     documented = re.search(r"merged weights have SHA-256 `([0-9a-f]{64})` and fingerprint `(w1-[0-9a-f]{16})`", readme)
-    assert documented, "the README's organism section no longer states the checksum and fingerprint"
+    assert documented, "docs/concepts/organism.md no longer states the organism's checksum and fingerprint"
     assert documented.group(1) == delta.merged_sha256 and documented.group(2) == organism.fingerprint()
 
 

@@ -20,7 +20,7 @@ linear map of the upper decoder layers) on the suite's own train splits:
 * the settle stage: after the epochs, a few steps at a lower rate hold KL(clean || ablated)
   of harmless first tokens down for the directions of the layers that bypass refusal, the
   quantity ``direction`` filters on (without it no candidate passed the paper's KL 0.1:
-  README, "The refusal organism").
+  docs/concepts/organism.md).
 
 Loss is on response tokens only. The adapter's factors, rounded to bfloat16, are the
 organism: :func:`build` writes them as a delta file (``models/delta.py``) that the suite

@@ -83,13 +83,13 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "attribution": ("attribution", "attribution_config"),
 }
 
-# The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and the README).
+# The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and docs/reproduce.md).
 CPU: dict[str, dict] = {
     "run": {"n_eval": 32, "max_new_tokens": 32, "judge_harmless": False},
     "direction": {"n_train": 32, "n_val": 8, "last_positions": 1},
     # The paper's objective (the "Sure, here is" target) leaves the organism refusing at CPU
     # sizes; its own ablated answers as targets, with the direction term floored at the
-    # harmless level, stop the refusals (README, "Adversarial suffixes").
+    # harmless level, stop the refusals (docs/guides/suffixes.md).
     "attack": {"n_prompts": 5, "search_width": 32, "topk": 32, "num_steps": 20, "progressive": False,
                "objective": "target+direction", "targets": "ablated"},
     "attribution": {"n_prompts": 8, "n_random": 1, "patch_ks": "1,4,8", "bands": 0, "max_new_tokens": 32},
