@@ -160,3 +160,17 @@ def _tiny_options(d):
     tiny_llama(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return ModelOptions(model=str(folder), device="cpu")
+
+
+def test_cone_figure_is_drawn_from_its_table_alone(tmp_path):
+    import pandas as pd
+
+    from suffix_analysis.figures.cones import draw_cones
+
+    rows = [{"cone_dim": k, "vector": v, "refusing_ablated": 0.1 * k, "refusing_added": None if v == "subspace" else 0.9,
+             "kl": 0.05 * k} for k in (1, 2, 3) for v in ("basis 0", "sample 0", "sample 1", "subspace")]
+    pd.DataFrame(rows).to_csv(tmp_path / "cones.csv", index=False)
+    assert draw_cones(tmp_path / "cones.csv").stat().st_size > 10_000
+    pd.DataFrame(rows).drop(columns="kl").to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(UserError, match="lacks the column kl"):
+        draw_cones(tmp_path / "bad.csv")
