@@ -90,7 +90,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("harmfulness", stage_harmfulness, ("harmfulness",), _exists),
     Stage("heads", stage_heads, ("heads", "top_heads.json"), _exists),
     Stage("hijack", stage_hijack, ("hijack", "hijack_dominance"), _exists),
-    Stage("suffix_tokens", stage_suffix_tokens, ("suffix_tokens", "suffix_token_agreement"), _exists),
+    Stage("suffix_tokens", stage_suffix_tokens, ("suffix_tokens", "suffix_token_agreement", "suffix_attention"), _exists),
     Stage("patching", stage_patching, ("patching",), _exists),
     Stage("knockout", stage_knockout, ("knockout",), _exists),
     Stage("generation", stage_generation, ("knockout_completions.json",), _exists),

@@ -17,6 +17,7 @@ from ..artifacts import write_json_atomic
 from ..errors import UserError
 from ..models.chat import pad_token_id
 from ..models.loading import ChatModel
+from ..runs import read_json
 from ..tables import write_table
 from .batches import batch_slices, unit_direction
 from .causal import knockout_scores, last_position_run, patch_top_heads, share_restored, suffix_knockout
@@ -28,7 +29,7 @@ from .heads import DirectAttribution, direct_attribution, rank_heads
 from .hijack import attention_hijack
 from .record import Condition, Judge, _Run
 from .regions import REGIONS
-from .suffix_tokens import suffix_token_effects, token_agreement
+from .suffix_tokens import suffix_token_attention, suffix_token_effects, token_agreement
 
 log = logging.getLogger(__name__)
 
@@ -217,11 +218,15 @@ def stage_hijack(run: _Run) -> None:
 
 def stage_suffix_tokens(run: _Run) -> None:
     """Stage 5: per-token effects of the adversarial suffix on the projection at the direction's
-    layer and position -> ``suffix_tokens``, and their rank agreement -> ``suffix_token_agreement``."""
+    layer and position -> ``suffix_tokens``, their rank agreement -> ``suffix_token_agreement``,
+    and the attention the top heads pay each suffix token from the last EOI position ->
+    ``suffix_attention``."""
     effects = suffix_token_effects(run.cm, run.harmful, run.suffix, run.direction, run.layer, position=run.position,
                                    batch_size=run.config.batch_size, progress=run.progress)
     write_table(run.out, "suffix_tokens", effects)
     write_table(run.out, "suffix_token_agreement", token_agreement(effects))
+    top = read_json(run.out / "top_heads.json", "run the attribution's heads stage again")["heads"]
+    write_table(run.out, "suffix_attention", suffix_token_attention(run.cm, run.harmful, run.suffix, top))
 
 
 def _patch_ks(run: _Run, n_ranked: int) -> list[int]:

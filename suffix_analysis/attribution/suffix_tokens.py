@@ -166,6 +166,44 @@ def suffix_token_effects(
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def suffix_token_attention(
+    cm: ChatModel,
+    instructions: Sequence[str],
+    suffixes: str | Sequence[str],
+    heads: Sequence[Sequence[int]],
+    destination: int = -1,
+) -> pd.DataFrame:
+    """The attention each of ``heads`` (``[layer, head]`` pairs) pays each suffix token from
+    the EOI position ``destination`` (``blocks.{layer}.attn.hook_pattern``), one prompt at a
+    time (no padding).
+
+    Returns one row per prompt x suffix token x head: ``prompt``, ``suffix_index``, ``token``,
+    ``layer``, ``head``, ``hook``, ``attention`` (the probability, in [0, 1]).
+    """
+    from ..models.hooks import Recorder
+
+    check_attention(cm)
+    instructions, suffixes = prompts(instructions, suffixes)
+    regions: list[PromptRegions] = suffix_regions(cm, instructions, suffixes)
+    layers = sorted({int(l) for l, _ in heads})
+    names = [f"blocks.{l}.attn.hook_pattern" for l in layers]
+    rows = []
+    for p, reg in enumerate(regions):
+        ids = torch.tensor([reg.ids], device=cm.device)
+        rec = Recorder(names, positions=[destination], device="cpu")
+        with run_with_hooks(cm, rec.hooks()):
+            cm.model(input_ids=ids)
+        start, end = reg.spans["suffix"]
+        for l, h in heads:
+            pattern = rec[f"blocks.{l}.attn.hook_pattern"][0, int(h), 0].float()  # [k_pos]
+            for k, t in enumerate(range(start, end)):
+                rows.append({"prompt": p, "suffix_index": k, "token": cm.tokenizer.decode([reg.ids[t]]),
+                             "layer": int(l), "head": int(h), "hook": f"blocks.{l}.attn.hook_pattern",
+                             "attention": float(pattern[t])})
+    return pd.DataFrame(rows)
+
+
 def ranks(x: Tensor) -> Tensor:
     """1-based ranks of a 1D tensor, ties given their mean rank (float64)."""
     _, inverse, counts = torch.unique(x.double(), sorted=True, return_inverse=True, return_counts=True)

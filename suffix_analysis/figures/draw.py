@@ -311,8 +311,9 @@ FIGURES = (
 
 
 def draw_all(run: str | Path, out: str | Path | None = None, formats: tuple[str, ...] = ("png", "pdf")) -> list[Path]:
-    """Every figure whose tables are in ``run`` into ``out`` (default ``run/figures``); the
-    PNG paths, in figure order. A figure whose tables are missing is skipped and logged."""
+    """Every figure whose tables are in ``run`` into ``out`` (default ``run/figures``), and
+    ``report.html`` beside them (in ``run``, or in ``out``'s parent); the PNG paths, in
+    figure order. A figure whose tables are missing is skipped and logged."""
     t = Tables(Path(run).expanduser())
     check_tables(t)
     folder = ensure_dir(Path(out) if out else t.run / "figures")
@@ -324,6 +325,9 @@ def draw_all(run: str | Path, out: str | Path | None = None, formats: tuple[str,
             log.info("figure %s: its tables are not in %s, skipped", name, t.run)
             continue
         made.append(save(fig, folder, name, formats))
+    from .report_html import write_report_html
+
+    write_report_html(t.run, folder.parent if out else t.run, figures=folder)
     return made
 
 
