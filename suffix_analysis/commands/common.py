@@ -67,7 +67,7 @@ def profiled_config(cls, profile: str, settings: dict, what: str):
     cfg.validate()
     picked = [k for k in profile_defaults(cls, profile) if k not in settings]
     if picked:
-        log.info("%s profile: %s (the paper's GPU sizes: --profile gpu)", profile.upper(),
+        log.info("%s profile: %s (--profile gpu for the full sizes of the paper or tool)", profile.upper(),
                  ", ".join(f"{k}={getattr(cfg, k)}" for k in picked))
     return cfg
 
