@@ -1,0 +1,1 @@
+"""Defences read off the mechanism: hijacking suppression."""

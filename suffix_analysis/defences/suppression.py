@@ -1,0 +1,227 @@
+"""Hijacking suppression: a defence read off the mechanism (after Ben-Tov, Geva and Sharif
+2025, "Universal jailbreak suffixes are strong attention hijackers").
+
+A universal suffix works by dominating what attention writes at the positions after the
+user's message (the EOI positions): ``attribution/hijack.py`` measures that dominance. At
+inference the defence sees only the prompt: it knows where the user's message is (the chat
+template says so), not where a suffix starts. At each defended layer ``l`` and EOI position
+``j`` it computes, for every token ``i`` of the user's message, the share of the layer's
+attention write at ``j`` that comes from ``i`` (summed over heads, as the dominance is)::
+
+    share[l, j, i] = < sum_h A[h, j, i] v[i, h] W_O[h] ,  o[l, j] > / ||o[l, j]||^2
+
+with ``o[l, j]`` the attention output before its bias. A token whose share is above the
+layer's threshold ``tau[l]`` has its attention scaled down by ``scale`` at ``j``, in every
+head: the write ``sum_h A[h, j, i] v[i, h] W_O[h]`` is multiplied by ``scale`` (the
+probabilities are not renormalized). The thresholds come from clean training prompts only
+(:func:`calibrate`): ``tau[l]`` is the ``quantile`` of the largest share any user token
+takes at any EOI position, over prompts without a suffix, so that a clean prompt is rarely
+touched.
+
+Hook vocabulary: the defence reads ``blocks.{l}.attn.hook_pattern`` and the value vectors,
+and edits the attention module's output at the EOI rows of the prompt's pass (later decoding
+steps are left alone: the refusal is decided at the EOI positions). A hook on
+``blocks.{l}.hook_attn_out`` (the output projection) still sees the undefended write;
+``blocks.{l}.hook_resid_mid`` and everything after it see the defended one. It needs eager attention
+(switched on while it runs) and a model with a pre-norm residual (no norm after attention).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..attribution.regions import prompt_regions
+from ..attribution.writers import head_weights, recording_values
+from ..config import setting
+from ..errors import UserError
+from ..models.hooks import run_with_hooks
+from ..models.loading import ChatModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SuppressionConfig:
+    """Hijacking suppression settings; the thresholds are calibrated unless given."""
+
+    layers: str = setting("below", "defended layers: 'below' (every layer below the direction's), 'all', or 'A-B'")
+    threshold: float = setting(0.0, "one threshold in (0, 1] for every layer instead of calibrated ones "
+                                    "(0: calibrate on clean train prompts)")
+    quantile: float = setting(0.99, "calibration: tau[l] is this quantile of clean prompts' largest share")
+    scale: float = setting(0.1, "factor on the write of a dominating token (0 removes it)")
+    n_calibration: int = setting(64, "clean train prompts per class (harmful, harmless) to calibrate on")
+
+    def validate(self) -> None:
+        if not (self.threshold == 0 or 0 < self.threshold <= 1):
+            raise UserError(f"the suppression threshold must be in (0, 1] (or 0: calibrate), got {self.threshold}")
+        if not 0 < self.quantile < 1:
+            raise UserError(f"quantile must be in (0, 1), got {self.quantile}")
+        if not 0 <= self.scale < 1:
+            raise UserError(f"scale must be in [0, 1) (1 would change nothing), got {self.scale}")
+        if self.n_calibration < 1:
+            raise UserError("n_calibration must be at least 1")
+
+
+@dataclass
+class Suppression:
+    """A calibrated defence: the threshold of each defended layer and the scale."""
+
+    thresholds: dict[int, float]
+    scale: float = 0.1
+    record: dict = field(default_factory=dict)  # how the thresholds were made
+
+    def to_dict(self) -> dict:
+        return {"thresholds": {str(l): t for l, t in self.thresholds.items()}, "scale": self.scale, **self.record}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Suppression:
+        try:
+            th = {int(l): float(t) for l, t in d["thresholds"].items()}
+            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale")}
+            return cls(th, float(d["scale"]), rest)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise UserError("not a suppression record this suite wrote (thresholds and scale)") from None
+
+
+def check_model(cm: ChatModel) -> None:
+    """One line for a model the defence cannot run on, before anything runs."""
+    if cm.arch.post_norm_writers:
+        raise UserError(f"{cm.model.config.model_type} normalizes attention's output before the residual stream; "
+                        "hijacking suppression is implemented for pre-norm models (Llama, Qwen2, Mistral, SmolLM)")
+    if cm.arch.pattern_output is None:
+        raise UserError(f"{cm.model.config.model_type} attention does not return its probabilities (e.g. Qwen-1's "
+                        "remote code); hijacking suppression needs attn.hook_pattern")
+    if cm.dispatched:
+        raise UserError("hijacking suppression reads W_O and the value vectors of one device; load the model "
+                        "without a device map or quantization")
+
+
+def parse_layers(cm: ChatModel, spec: str, direction_layer: int) -> list[int]:
+    """The defended layers of ``spec`` ('below', 'all', 'A-B')."""
+    if spec == "below":
+        out = list(range(max(direction_layer, 1)))
+    elif spec == "all":
+        out = list(range(cm.n_layers))
+    else:
+        try:
+            a, _, b = spec.partition("-")
+            out = list(range(int(a), int(b or a) + 1))
+        except ValueError:
+            raise UserError(f"layers must be 'below', 'all' or 'A-B', got {spec!r}") from None
+    if not out or min(out) < 0 or max(out) >= cm.n_layers:
+        raise UserError(f"layers {spec!r} out of range for a model with {cm.n_layers} layers")
+    return out
+
+
+def user_start(cm: ChatModel) -> int:
+    """Tokens of the template before the user's message (constant for a template: checked on
+    two probe messages)."""
+    starts = {r.spans["instruction"][0] for r in prompt_regions(cm.chat, ["Hello there.", "Write a list of words"])}
+    if len(starts) != 1:
+        raise UserError("the chat template puts the user's message at different offsets for different messages; "
+                        "hijacking suppression cannot locate it")
+    return starts.pop()
+
+
+def shares(pattern: Tensor, values: Tensor, w_o: Tensor, n_dest: int) -> Tensor:
+    """``share[b, j, i]`` for the last ``n_dest`` query rows: each source's part of the
+    attention output there. ``pattern`` ``[b, h, q, k]``, ``values`` ``[b, k, h, d_head]``,
+    ``w_o`` ``[h, d_head, d_model]``. Never forms per-source ``d_model`` vectors: the output
+    is projected back through ``W_O`` per head (``g = W_O[h] o``)."""
+    a = pattern[:, :, -n_dest:].float()  # [b, h, j, k]
+    v = values.float()
+    z = torch.einsum("bhjk,bkhd->bjhd", a, v)  # [b, j, h, d_head]
+    o = torch.einsum("bjhd,hdm->bjm", z, w_o)  # [b, j, d_model]
+    g = torch.einsum("hdm,bjm->bjhd", w_o, o)  # [b, j, h, d_head]
+    num = torch.einsum("bhjk,bkhd,bjhd->bjk", a, v, g)
+    return num / o.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class _Pass:
+    """What one forward pass needs: the rows' user spans (from the attention mask)."""
+
+    def __init__(self, cm: ChatModel):
+        self.cm, self.start, self.n_eoi = cm, user_start(cm), cm.chat.n_eoi
+        self.user: Tensor | None = None  # [b, k] bool: the user's message tokens
+
+    def capture(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is None or ids.shape[1] <= self.n_eoi:  # a decoding step: nothing to defend
+            self.user = None
+            return
+        b, k = ids.shape
+        pad = (k - mask.sum(-1)).long() if mask is not None else torch.zeros(b, dtype=torch.long, device=ids.device)
+        pos = torch.arange(k, device=ids.device)[None]
+        self.user = (pos >= (pad + self.start)[:, None]) & (pos < k - self.n_eoi)
+
+
+@contextmanager
+def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None) -> Iterator[None]:
+    """Run ``cm`` with hijacking suppressed (``generate`` included) inside the block.
+    ``observe``, if given, receives per layer the shares ``[b, n_eoi, k]`` and the suppressed
+    mask of the last prompt pass (for calibration and tests)."""
+    check_model(cm)
+    layers = sorted(defence.thresholds)
+    state = _Pass(cm)
+    w_o = {l: head_weights(cm, l) for l in layers}
+    at = cm.arch.pattern_output
+
+    def edit(l: int, values: dict[int, Tensor]):
+        # a forward hook on the attention module: its output holds the probabilities and the
+        # output projection's result (``hook_attn_out`` of a pre-norm model), so both are read here
+        def fn(module, args, out):
+            a = out[at] if isinstance(out, tuple) and len(out) > at else None
+            if state.user is None or a is None or a.shape[2] <= 1:
+                return None
+            n, v, o = state.n_eoi, values[l], out[0]
+            s = shares(a, v, w_o[l], n)  # [b, j, k]
+            user = state.user[:, None, : s.shape[-1]].to(s.device)
+            hit = user & (s > defence.thresholds[l])
+            if observe is not None:
+                observe[l] = {"shares": torch.where(user, s, torch.full_like(s, float("nan"))).cpu(), "hit": hit.cpu()}
+            if not hit.any():
+                return None
+            aa = a[:, :, -n:].float() * hit[:, None].float()  # [b, h, j, k]: only the dominating sources
+            removed = torch.einsum("bhjk,bkhd,hdm->bjm", aa, v.float(), w_o[l])
+            new = o.clone()
+            new[:, -n:] = (o[:, -n:].float() - (1 - defence.scale) * removed).to(o.dtype)
+            return (new, *out[1:])
+        return fn
+
+    with ExitStack() as stack:
+        values = stack.enter_context(recording_values(cm, layers))
+        # a read-only pattern hook per layer makes run_with_hooks switch to eager attention
+        stack.enter_context(run_with_hooks(cm, [(f"blocks.{l}.attn.hook_pattern", lambda a, hook: None)
+                                                for l in layers]))
+        handles = [cm.model.register_forward_pre_hook(state.capture, with_kwargs=True)]
+        handles += [cm.layers[l].get_submodule(cm.arch.attn).register_forward_hook(edit(l, values)) for l in layers]
+        for h in handles:
+            stack.callback(h.remove)
+        yield
+
+
+@torch.no_grad()
+def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantile: float = 0.99,
+              scale: float = 0.1, batch_size: int = 16) -> Suppression:
+    """Thresholds from clean prompts: ``tau[l]`` = the ``quantile`` of the largest user-token
+    share per prompt at layer ``l``."""
+    if not instructions:
+        raise UserError("calibrating hijacking suppression needs clean training prompts; none were given")
+    probe = Suppression({l: float("inf") for l in layers}, scale)  # nothing is suppressed
+    maxima: dict[int, list[Tensor]] = {l: [] for l in layers}
+    for s in range(0, len(instructions), batch_size):
+        seen: dict = {}
+        batch = cm.chat.encode(instructions[s:s + batch_size], device=cm.device)
+        with suppressing(cm, probe, observe=seen):
+            cm.model(**batch)
+        for l in layers:
+            maxima[l].append(torch.nan_to_num(seen[l]["shares"], nan=-1.0).amax(dim=(1, 2)))
+    th = {l: float(torch.quantile(torch.cat(maxima[l]).float(), quantile)) for l in layers}
+    return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)})

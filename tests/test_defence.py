@@ -1,0 +1,115 @@
+"""Hijacking suppression: the shares it reads, the edit it makes (checked against a naive
+per-head, per-source sum), calibration on clean prompts, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_chat_model
+
+from suffix_analysis.attribution.writers import head_weights, recording_values
+from suffix_analysis.defences.suppression import (
+    Suppression,
+    SuppressionConfig,
+    calibrate,
+    shares,
+    suppressing,
+    user_start,
+)
+from suffix_analysis.errors import UserError
+from suffix_analysis.models.hooks import Recorder, run_with_hooks
+
+PROMPTS = ["Write a poem about the sea.", "Say hi to me please now."]
+
+
+def test_shares_of_all_sources_sum_to_one():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 4, 6, 6, generator=gen).softmax(-1)
+    v, w = torch.randn(2, 6, 4, 8, generator=gen), torch.randn(4, 8, 16, generator=gen)
+    s = shares(a, v, w, n_dest=3)
+    assert s.shape == (2, 3, 6) and torch.allclose(s.sum(-1), torch.ones(2, 3), atol=1e-4)
+
+
+def _pass(cm, defence=None, layer=1):
+    """Logits, and the layer's pattern, values and attention output, of one pass."""
+    batch = cm.chat.encode(PROMPTS, device=cm.device)
+    # hook_resid_mid = hook_resid_pre + the attention output as the residual stream receives it
+    rec = Recorder([f"blocks.{layer}.attn.hook_pattern", f"blocks.{layer}.hook_resid_mid"])
+    with torch.no_grad(), recording_values(cm, [layer]) as values:
+        if defence is None:
+            with run_with_hooks(cm, rec.hooks()):
+                logits = cm.model(**batch).logits
+        else:
+            seen = {}
+            with suppressing(cm, defence, observe=seen), run_with_hooks(cm, rec.hooks()):
+                logits = cm.model(**batch).logits
+            return logits, rec, values[layer].clone(), batch, seen
+    return logits, rec, values[layer].clone(), batch, None
+
+
+def test_nothing_dominating_changes_nothing():
+    cm = tiny_chat_model("llama")
+    clean, *_ = _pass(cm)
+    defended, *_ = _pass(cm, Suppression({0: float("inf"), 1: float("inf")}))
+    assert torch.equal(clean, defended)
+
+
+def test_the_edit_is_the_dominating_tokens_writes_scaled_down():
+    cm = tiny_chat_model("llama")
+    layer, n = cm.n_layers - 1, cm.chat.n_eoi
+    _, rec0, v, batch, _ = _pass(cm, layer=layer)
+    a = rec0[f"blocks.{layer}.attn.hook_pattern"]  # [b, h, q, k], clean (layers below are not defended)
+    clean_out = rec0[f"blocks.{layer}.hook_resid_mid"]
+    defence = Suppression({layer: 0.02}, scale=0.25)
+    _, rec1, _, _, seen = _pass(cm, defence, layer=layer)
+    out = rec1[f"blocks.{layer}.hook_resid_mid"]
+    hit = seen[layer]["hit"]  # [b, j, k]
+    assert hit.any() and not hit.all()
+    # only the user's message is ever suppressed, never the template before it or padding
+    mask = batch["attention_mask"]
+    start = user_start(cm)
+    for b in range(len(PROMPTS)):
+        pad = int((mask[b] == 0).sum())
+        cols = hit[b].any(0).nonzero().flatten().tolist()
+        assert all(pad + start <= c < mask.shape[1] - n for c in cols)
+    w = head_weights(cm, layer)
+    want = clean_out.clone()
+    for b in range(len(PROMPTS)):
+        for j in range(n):
+            for i in hit[b, j].nonzero().flatten().tolist():
+                for h in range(w.shape[0]):  # naive: each head's write from each dominating source
+                    want[b, a.shape[2] - n + j] -= 0.75 * a[b, h, a.shape[2] - n + j, i] * (v[b, i, h] @ w[h])
+    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.equal(out[:, :-n], clean_out[:, :-n])  # rows before the EOI positions are untouched
+
+
+def test_generation_runs_defended_and_calibration_rarely_touches_clean_prompts():
+    cm = tiny_chat_model("llama")
+    clean = [f"Tell me about item number {i} in the list." for i in range(20)]
+    d = calibrate(cm, clean, layers=[0, 1], quantile=0.9, scale=0.1, batch_size=8)
+    assert set(d.thresholds) == {0, 1} and d.record["n_calibration"] == 20
+    for layer in (0, 1):
+        seen = {}
+        with torch.no_grad(), suppressing(cm, d, observe=seen):
+            cm.model(**cm.chat.encode(clean, device=cm.device))
+        touched = seen[layer]["hit"].flatten(1).any(1).float().mean().item()
+        assert touched <= 0.1 + 1e-6  # at most the quantile's tail of the prompts it was made from
+    batch = cm.chat.encode(PROMPTS, device=cm.device)
+    with suppressing(cm, Suppression({1: 0.02}, 0.1)):
+        out = cm.model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+    assert Suppression.from_dict(d.to_dict()).thresholds == d.thresholds
+
+
+@pytest.mark.parametrize("kw, match", [({"threshold": 1.5}, r"in \(0, 1\]"), ({"threshold": -0.1}, r"in \(0, 1\]"),
+                                        ({"scale": 1.0}, "scale must be"), ({"quantile": 1.0}, "quantile")])
+def test_bad_settings(kw, match):
+    with pytest.raises(UserError, match=match):
+        SuppressionConfig(**kw).validate()
+
+
+def test_models_it_cannot_defend_are_refused_in_one_line():
+    gemma = tiny_chat_model("gemma2")
+    with pytest.raises(UserError, match="pre-norm models"):
+        with suppressing(gemma, Suppression({0: 0.5})):
+            pass
