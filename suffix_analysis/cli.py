@@ -37,6 +37,7 @@ def _rates_line(summary: dict) -> str:
 def cmd_refusal(args) -> int:
     from .commands.refusal import RefusalCommand, run_refusal
     from .config import from_arguments
+    from .defences.suppression import SuppressionConfig
     from .evaluation.compliance import ComplianceConfig
 
     o = run_refusal(RefusalCommand(
@@ -45,12 +46,16 @@ def cmd_refusal(args) -> int:
         suffix=args.suffix or "", targets=args.targets or "", judge=args.judge or "",
         compliance=from_arguments(ComplianceConfig, args), direction=args.direction or "",
         allow_other_model=args.allow_other_model, intervention=args.intervention, coeff=args.coeff,
-        progress=_progress(args)))
+        suppression=from_arguments(SuppressionConfig, args), progress=_progress(args)))
     report, summary, info = o.report, o.record, o.info
     print(f"model          {args.model}")
     print(f"instructions   {args.instructions} (n={report.n})")
     if info is not None and info["other_model"]:
         print(f"direction      from {info['run']}, made from another model ({info['model']})")
+    if "suppression" in summary:
+        th = summary["suppression"]["thresholds"].values()
+        print(f"defence        hijacking suppression at {len(th)} layers, thresholds {min(th):.3f}..{max(th):.3f}, "
+              f"scale {summary['suppression']['scale']:g}")
     print(f"refusal rate   {report.refusal_rate:.1%}  ({report.judge} judge, {args.max_new_tokens} new tokens)")
     if report.compliance is not None:
         cal = report.compliance.calibration
@@ -215,12 +220,14 @@ def cmd_orthogonalize(args) -> int:
 def cmd_evaluate(args) -> int:
     from .commands.evaluate import EvaluateCommand, run_evaluate
     from .config import from_arguments
+    from .defences.suppression import SuppressionConfig
     from .evaluation.compliance import ComplianceConfig
 
     o = run_evaluate(EvaluateCommand(
         direction=args.direction, out=args.out or "", model=_model_options(args),
         allow_other_model=args.allow_other_model, harmful=args.harmful, harmless=args.harmless, limit=args.limit,
-        corpus=args.corpus or "", data_dir=args.data_dir, orthogonalized=args.orthogonalized or "",
+        corpus=args.corpus or "", data_dir=args.data_dir, orthogonalized=args.orthogonalized or "", suppress=args.suppress,
+        suppression=from_arguments(SuppressionConfig, args),
         coeff=args.coeff, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, judge=args.judge or "",
         compliance=from_arguments(ComplianceConfig, args), progress=_progress(args)))
     info, rows = o.info, o.rows

@@ -156,6 +156,7 @@ def _attack_parsers(sub, argv: list[str]) -> None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .attribution.run import AttributionConfig
     from .config import add_arguments
+    from .defences.suppression import SuppressionConfig
     from .directions.rdo import RDOConfig
     from .directions.run import DirectionConfig
     from .edits.pareto import ParetoConfig
@@ -180,9 +181,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _judge_args(p)
     _direction_args(p, required=False)
     g = p.add_argument_group("intervention")
-    g.add_argument("--intervention", choices=["none", "ablate", "actadd"], default="none",
-                   help="ablate the direction everywhere, or add it at its layer (default none)")
+    g.add_argument("--intervention", choices=["none", "ablate", "actadd", "suppress"], default="none",
+                   help="ablate the direction everywhere, add it at its layer, or suppress attention hijacking "
+                        "(the defence; its layers follow the direction's) (default none)")
     g.add_argument("--coeff", type=finite_float, default=1.0, help="activation addition coefficient (default 1)")
+    add_arguments(p.add_argument_group("hijacking suppression (--intervention suppress; SuppressionConfig)"),
+                  SuppressionConfig)
     _output_args(p, "folder to save completions.json and refusal.json in")
 
     p = sub.add_parser("direction", help="extract and select the refusal direction into a run folder")
@@ -234,6 +238,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--coeff", type=finite_float, default=1.0)
     g.add_argument("--max-new-tokens", type=_positive_int, default=64)
     g.add_argument("--batch-size", type=_positive_int, default=32)
+    g.add_argument("--suppress", action="store_true", help="also evaluate hijacking suppression (the defence): "
+                                                           "its cost on harmless prompts")
+    add_arguments(p.add_argument_group("hijacking suppression (--suppress; SuppressionConfig)"), SuppressionConfig)
     _judge_args(p)
     _output_args(p, "folder to write evaluation.json in")
 

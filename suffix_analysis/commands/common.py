@@ -130,18 +130,40 @@ def eval_targets(targets: str, suffix: str, instructions: list[str]) -> list[str
     return None
 
 
-INTERVENTIONS = ("none", "ablate", "actadd")
+INTERVENTIONS = ("none", "ablate", "actadd", "suppress")
+
+
+class Defended(contextlib.AbstractContextManager):
+    """Hijacking suppression as an intervention's context; ``defence`` is what it runs."""
+
+    def __init__(self, cm: ChatModel, defence):
+        from ..defences.suppression import suppressing
+
+        self.defence, self._ctx = defence, suppressing(cm, defence)
+
+    def __enter__(self):
+        return self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
 
 
 def intervention(cm: ChatModel, kind: str, run: str, allow_other_model: bool = False,
-                 coeff: float = 1.0) -> tuple[contextlib.AbstractContextManager, dict | None]:
+                 coeff: float = 1.0, suppression=None, data_dir: str | None = None,
+                 ) -> tuple[contextlib.AbstractContextManager, dict | None]:
     """The context manager that ablates (everywhere) or adds (at its layer, times ``coeff``) the
-    direction of ``run``, and the direction's record; ``kind`` 'none': no change, no record."""
+    direction of ``run``, or suppresses attention hijacking (the defence, calibrated on train
+    prompts; its layers by the direction's), and the direction's record; ``kind`` 'none': no
+    change, no record."""
     if kind == "none":
         return contextlib.nullcontext(), None
     direction, info = direction_of(cm, run, allow_other_model)
     if kind == "ablate":
         return ablate_direction(cm, direction), info
+    if kind == "suppress":
+        from ..defences.suppression import SuppressionConfig, build_defence
+
+        return Defended(cm, build_defence(cm, suppression or SuppressionConfig(), info["layer"], data_dir)), info
     return add_direction(cm, direction, info["layer"], coeff), info
 
 

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from ..artifacts import ensure_dir, write_json_atomic
 from ..config import setting
 from ..datasets import load_file, load_instructions
+from ..defences.suppression import SuppressionConfig
 from ..errors import UserError
 from ..evaluation.compliance import ComplianceConfig
 from ..evaluation.report import evaluate_direction
 from ..models.loading import load_model
-from .common import ModelOptions, direction_of, judges, positive, provenance
+from .common import Defended, ModelOptions, direction_of, judges, positive, provenance
 
 
 @dataclass
@@ -27,6 +28,8 @@ class EvaluateCommand:
     data_dir: str | None = None
     orthogonalized: str = setting("", "an exported orthogonalized model folder to evaluate too")
     coeff: float = setting(1.0, "activation addition coefficient")
+    suppress: bool = setting(False, "also evaluate hijacking suppression (the defence; its cost on harmless prompts)")
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     max_new_tokens: int = setting(64, "tokens generated per instruction")
     batch_size: int = setting(32, "prompts per generation batch")
     judge: str = setting("", "as for `refusal` (empty: substring,compliance where available)")
@@ -60,10 +63,17 @@ def run_evaluate(cmd: EvaluateCommand) -> EvaluateOutcome:
     ortho = (load_model(cmd.orthogonalized, device=m.device, dtype=m.dtype, placement=m.placement)
              if cmd.orthogonalized else None)
     judge, compliance = judges(cmd.judge, cmd.compliance, m.device)
+    extra = []
+    if cmd.suppress:
+        from ..defences.suppression import build_defence
+
+        extra.append(("hijacking suppression", Defended(cm, build_defence(cm, cmd.suppression, info["layer"],
+                                                                          cmd.data_dir))))
     out = ensure_dir(cmd.out) if cmd.out else None
     rows = evaluate_direction(cm, direction, info["layer"], harmful, harmless, coeff=cmd.coeff, corpus=corpus,
                               max_new_tokens=cmd.max_new_tokens, batch_size=cmd.batch_size,
-                              orthogonalized=ortho, progress=cmd.progress, judge=judge, compliance=compliance)
+                              orthogonalized=ortho, progress=cmd.progress, judge=judge, compliance=compliance,
+                              extra=extra)
     if out:
         write_json_atomic(out / "evaluation.json", {"direction": info, **provenance(info), "harmful": cmd.harmful,
                                                     "harmless": cmd.harmless, "rows": rows})

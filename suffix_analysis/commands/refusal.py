@@ -8,6 +8,7 @@ from pathlib import Path
 from ..artifacts import ensure_dir, write_json_atomic
 from ..config import setting
 from ..datasets import load_instructions
+from ..defences.suppression import SuppressionConfig
 from ..errors import UserError
 from ..evaluation.compliance import ComplianceConfig
 from ..evaluation.refusal import RefusalReport, evaluate_refusal
@@ -31,8 +32,10 @@ class RefusalCommand:
     compliance: ComplianceConfig = field(default_factory=ComplianceConfig)
     direction: str = ""  # a direction run folder, for the intervention
     allow_other_model: bool = False
-    intervention: str = setting("none", "none, ablate (everywhere) or actadd (at the direction's layer)")
+    intervention: str = setting("none", "none, ablate (everywhere), actadd (at the direction's layer) or suppress "
+                                        "(hijacking suppression, the defence)")
     coeff: float = setting(1.0, "activation addition coefficient")
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     progress: bool = True
 
 
@@ -68,8 +71,11 @@ def run_refusal(cmd: RefusalCommand) -> RefusalOutcome:
     suffix = suffix_text(cmd.suffix)
     instructions = [x.instruction for x in items]
     targets = eval_targets(cmd.targets, cmd.suffix, instructions)
+    if cmd.intervention == "suppress":
+        cmd.suppression.validate()  # before the model loads
     cm = cmd.model.load(progress=cmd.progress)
-    context, info = intervention(cm, cmd.intervention, cmd.direction, cmd.allow_other_model, cmd.coeff)
+    context, info = intervention(cm, cmd.intervention, cmd.direction, cmd.allow_other_model, cmd.coeff,
+                                 cmd.suppression, cmd.data_dir)
     judge, compliance = judges(cmd.judge, cmd.compliance, cmd.model.device)
     out = ensure_dir(cmd.out) if cmd.out else None  # only once model, direction and judge are known to be good
     with context:
@@ -83,6 +89,8 @@ def run_refusal(cmd: RefusalCommand) -> RefusalOutcome:
         record["suffix"] = suffix
     if cmd.intervention == "actadd":
         record["coeff"] = cmd.coeff
+    if cmd.intervention == "suppress":
+        record["suppression"] = context.defence.to_dict()
     if info is not None:
         record.update(provenance(info))
     if out:

@@ -225,3 +225,27 @@ def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantil
             maxima[l].append(torch.nan_to_num(seen[l]["shares"], nan=-1.0).amax(dim=(1, 2)))
     th = {l: float(torch.quantile(torch.cat(maxima[l]).float(), quantile)) for l in layers}
     return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)})
+
+
+CALIBRATION_SETS = ("harmful:train", "harmless:train")
+
+
+def build_defence(cm: ChatModel, cfg: SuppressionConfig, direction_layer: int, data_dir: str | None = None,
+                  batch_size: int = 16) -> Suppression:
+    """The defence of ``cfg``: its layers, and its thresholds (one given, or calibrated on the
+    first ``n_calibration`` prompts of harmful:train and harmless:train, without suffixes)."""
+    from ..datasets import load_instructions
+
+    cfg.validate()
+    check_model(cm)
+    layers = parse_layers(cm, cfg.layers, direction_layer)
+    if cfg.threshold:
+        return Suppression(dict.fromkeys(layers, cfg.threshold), cfg.scale, {"threshold": cfg.threshold})
+    clean = [x.instruction for spec in CALIBRATION_SETS
+             for x in load_instructions(spec, data_dir)[: cfg.n_calibration]]
+    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size)
+    d.record["calibration"] = f"first {cfg.n_calibration} of {' and '.join(CALIBRATION_SETS)}"
+    log.info("hijacking suppression: layers %s, thresholds %s..%s (quantile %.2f of %d clean train prompts), scale %g",
+             cfg.layers, f"{min(d.thresholds.values()):.3f}", f"{max(d.thresholds.values()):.3f}", cfg.quantile,
+             len(clean), cfg.scale)
+    return d

@@ -34,6 +34,7 @@ def evaluate_direction(
     compliance=None,
     judge_harmless: bool = True,
     reports: dict | None = None,
+    extra: list[tuple[str, object]] | None = None,
 ) -> list[dict]:
     """One row per condition: baseline, ablation, activation addition (and the orthogonalized model).
 
@@ -49,6 +50,7 @@ def evaluate_direction(
                   (f"actadd (x{coeff:g}, layer {layer})", cm, add_direction(cm, direction, layer, coeff))]
     if orthogonalized is not None:
         conditions.append(("orthogonalized", orthogonalized, nullcontext()))
+    conditions += [(name, cm, ctx) for name, ctx in extra or ()]
     rows, clean = [], None
     for name, model, ctx in conditions:
         with ctx:
