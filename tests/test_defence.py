@@ -113,3 +113,16 @@ def test_models_it_cannot_defend_are_refused_in_one_line():
     with pytest.raises(UserError, match="pre-norm models"):
         with suppressing(gemma, Suppression({0: 0.5})):
             pass
+
+
+def test_span_shares_sum_consecutive_user_tokens():
+    from suffix_analysis.defences.suppression import span_shares
+
+    s = torch.tensor([[[0.1, 0.2, 0.3, 0.05, 0.4, 0.6]]])
+    user = torch.tensor([[[False, True, True, True, True, False]]])
+    spans, cover = span_shares(s, user, 2)
+    inf = float("-inf")
+    assert spans[0, 0].tolist() == pytest.approx([inf, 0.5, 0.35, 0.45, inf, inf])  # spans inside the message only
+    assert cover[0, 0].tolist() == pytest.approx([inf, 0.5, 0.5, 0.45, 0.45, inf])  # a token's largest covering span
+    one, _ = span_shares(s, user, 1)
+    assert one[0, 0, 1:5].tolist() == pytest.approx([0.2, 0.3, 0.05, 0.4]) and one[0, 0, 0] == inf

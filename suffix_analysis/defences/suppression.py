@@ -55,6 +55,8 @@ class SuppressionConfig:
                                     "(0: calibrate on clean train prompts)")
     quantile: float = setting(0.99, "calibration: tau[l] is this quantile of clean prompts' largest share")
     scale: float = setting(0.1, "factor on the write of a dominating token (0 removes it)")
+    window: int = setting(1, "tokens per source span: a span of this many consecutive user tokens whose summed "
+                             "share is above the threshold is suppressed whole (1: single tokens)")
     n_calibration: int = setting(64, "clean train prompts per class (harmful, harmless) to calibrate on")
 
     def validate(self) -> None:
@@ -66,6 +68,8 @@ class SuppressionConfig:
             raise UserError(f"scale must be in [0, 1) (1 would change nothing), got {self.scale}")
         if self.n_calibration < 1:
             raise UserError("n_calibration must be at least 1")
+        if self.window < 1:
+            raise UserError(f"window must be at least 1 token, got {self.window}")
 
 
 @dataclass
@@ -75,16 +79,18 @@ class Suppression:
     thresholds: dict[int, float]
     scale: float = 0.1
     record: dict = field(default_factory=dict)  # how the thresholds were made
+    window: int = 1  # tokens per source span
 
     def to_dict(self) -> dict:
-        return {"thresholds": {str(l): t for l, t in self.thresholds.items()}, "scale": self.scale, **self.record}
+        return {"thresholds": {str(l): t for l, t in self.thresholds.items()}, "scale": self.scale,
+                "window": self.window, **self.record}
 
     @classmethod
     def from_dict(cls, d: dict) -> Suppression:
         try:
             th = {int(l): float(t) for l, t in d["thresholds"].items()}
-            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale")}
-            return cls(th, float(d["scale"]), rest)
+            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale", "window")}
+            return cls(th, float(d["scale"]), rest, int(d.get("window", 1)))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError("not a suppression record this suite wrote (thresholds and scale)") from None
 
@@ -143,6 +149,28 @@ def shares(pattern: Tensor, values: Tensor, w_o: Tensor, n_dest: int) -> Tensor:
     return num / o.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
 
 
+def span_shares(s: Tensor, user: Tensor, window: int) -> tuple[Tensor, Tensor]:
+    """Summed shares of every span of ``window`` consecutive user tokens, ``[b, j, k]`` (at the
+    span's first token; -inf where the span leaves the user's message), and, per token, the
+    largest span share covering it. ``s`` ``[b, j, k]``, ``user`` ``[b, 1, k]`` bool."""
+    if window == 1:
+        spans = torch.where(user, s, torch.full_like(s, float("-inf")))
+        return spans, spans
+    su = torch.where(user, s, torch.zeros_like(s))
+    pad = torch.nn.functional.pad
+    csum = pad(su.cumsum(-1), (1, 0))
+    count = pad(user.float().cumsum(-1), (1, 0)).expand_as(csum)
+    k = s.shape[-1]
+    sums = torch.full_like(s, float("-inf"))
+    if k >= window:
+        inside = (count[..., window:] - count[..., :-window]) == window
+        sums[..., : k - window + 1] = torch.where(inside, csum[..., window:] - csum[..., :-window],
+                                                  torch.full_like(inside, float("-inf"), dtype=s.dtype))
+    # a token's largest covering span: max over the spans starting at i - window + 1 .. i
+    cover = pad(sums, (window - 1, 0), value=float("-inf")).unfold(-1, window, 1).amax(-1)
+    return sums, cover
+
+
 class _Pass:
     """What one forward pass needs: the rows' user spans (from the attention mask)."""
 
@@ -183,9 +211,11 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
             n, v, o = state.n_eoi, values[l], out[0]
             s = shares(a, v, w_o[l], n)  # [b, j, k]
             user = state.user[:, None, : s.shape[-1]].to(s.device)
-            hit = user & (s > defence.thresholds[l])
+            spans, cover = span_shares(s, user, defence.window)
+            hit = user & (cover > defence.thresholds[l])
             if observe is not None:
-                observe[l] = {"shares": torch.where(user, s, torch.full_like(s, float("nan"))).cpu(), "hit": hit.cpu()}
+                observe[l] = {"shares": torch.where(user, s, torch.full_like(s, float("nan"))).cpu(),
+                              "spans": spans.cpu(), "hit": hit.cpu()}
             if not hit.any():
                 return None
             aa = a[:, :, -n:].float() * hit[:, None].float()  # [b, h, j, k]: only the dominating sources
@@ -209,12 +239,12 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
 
 @torch.no_grad()
 def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantile: float = 0.99,
-              scale: float = 0.1, batch_size: int = 16) -> Suppression:
-    """Thresholds from clean prompts: ``tau[l]`` = the ``quantile`` of the largest user-token
-    share per prompt at layer ``l``."""
+              scale: float = 0.1, batch_size: int = 16, window: int = 1) -> Suppression:
+    """Thresholds from clean prompts: ``tau[l]`` = the ``quantile`` of the largest share any
+    span of ``window`` user tokens takes, per prompt, at layer ``l``."""
     if not instructions:
         raise UserError("calibrating hijacking suppression needs clean training prompts; none were given")
-    probe = Suppression({l: float("inf") for l in layers}, scale)  # nothing is suppressed
+    probe = Suppression({l: float("inf") for l in layers}, scale, window=window)  # nothing is suppressed
     maxima: dict[int, list[Tensor]] = {l: [] for l in layers}
     for s in range(0, len(instructions), batch_size):
         seen: dict = {}
@@ -222,9 +252,9 @@ def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantil
         with suppressing(cm, probe, observe=seen):
             cm.model(**batch)
         for l in layers:
-            maxima[l].append(torch.nan_to_num(seen[l]["shares"], nan=-1.0).amax(dim=(1, 2)))
+            maxima[l].append(seen[l]["spans"].amax(dim=(1, 2)).clamp_min(-1.0))
     th = {l: float(torch.quantile(torch.cat(maxima[l]).float(), quantile)) for l in layers}
-    return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)})
+    return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)}, window)
 
 
 CALIBRATION_SETS = ("harmful:train", "harmless:train")
@@ -240,12 +270,12 @@ def build_defence(cm: ChatModel, cfg: SuppressionConfig, direction_layer: int, d
     check_model(cm)
     layers = parse_layers(cm, cfg.layers, direction_layer)
     if cfg.threshold:
-        return Suppression(dict.fromkeys(layers, cfg.threshold), cfg.scale, {"threshold": cfg.threshold})
+        return Suppression(dict.fromkeys(layers, cfg.threshold), cfg.scale, {"threshold": cfg.threshold}, cfg.window)
     clean = [x.instruction for spec in CALIBRATION_SETS
              for x in load_instructions(spec, data_dir)[: cfg.n_calibration]]
-    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size)
+    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size, cfg.window)
     d.record["calibration"] = f"first {cfg.n_calibration} of {' and '.join(CALIBRATION_SETS)}"
-    log.info("hijacking suppression: layers %s, thresholds %s..%s (quantile %.2f of %d clean train prompts), scale %g",
-             cfg.layers, f"{min(d.thresholds.values()):.3f}", f"{max(d.thresholds.values()):.3f}", cfg.quantile,
-             len(clean), cfg.scale)
+    log.info("hijacking suppression: layers %s, spans of %d, thresholds %s..%s (quantile %.2f of %d clean train "
+             "prompts), scale %g", cfg.layers, cfg.window, f"{min(d.thresholds.values()):.3f}",
+             f"{max(d.thresholds.values()):.3f}", cfg.quantile, len(clean), cfg.scale)
     return d
