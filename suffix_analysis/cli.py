@@ -53,9 +53,10 @@ def cmd_refusal(args) -> int:
     if info is not None and info["other_model"]:
         print(f"direction      from {info['run']}, made from another model ({info['model']})")
     if "suppression" in summary:
-        th = summary["suppression"]["thresholds"].values()
-        print(f"defence        hijacking suppression at {len(th)} layers, thresholds {min(th):.3f}..{max(th):.3f}, "
-              f"scale {summary['suppression']['scale']:g}")
+        sup = summary["suppression"]
+        th = [x for t in sup["thresholds"].values() for x in (t if isinstance(t, list) else [t])]
+        print(f"defence        hijacking suppression per {sup['rule']} at {len(sup['thresholds'])} layers, spans of "
+              f"{sup['window']}, thresholds {min(th):.3f}..{max(th):.3f}, scale {sup['scale']:g}")
     print(f"refusal rate   {report.refusal_rate:.1%}  ({report.judge} judge, {args.max_new_tokens} new tokens)")
     if report.compliance is not None:
         cal = report.compliance.calibration

@@ -50,7 +50,7 @@ def _pass(cm, defence=None, layer=1):
 def test_nothing_dominating_changes_nothing():
     cm = tiny_chat_model("llama")
     clean, *_ = _pass(cm)
-    defended, *_ = _pass(cm, Suppression({0: float("inf"), 1: float("inf")}))
+    defended, *_ = _pass(cm, Suppression({0: float("inf"), 1: float("inf")}, rule="layer"))
     assert torch.equal(clean, defended)
 
 
@@ -60,10 +60,10 @@ def test_the_edit_is_the_dominating_tokens_writes_scaled_down():
     _, rec0, v, batch, _ = _pass(cm, layer=layer)
     a = rec0[f"blocks.{layer}.attn.hook_pattern"]  # [b, h, q, k], clean (layers below are not defended)
     clean_out = rec0[f"blocks.{layer}.hook_resid_mid"]
-    defence = Suppression({layer: 0.02}, scale=0.25)
+    defence = Suppression({layer: 0.02}, scale=0.25, rule="layer")
     _, rec1, _, _, seen = _pass(cm, defence, layer=layer)
     out = rec1[f"blocks.{layer}.hook_resid_mid"]
-    hit = seen[layer]["hit"]  # [b, j, k]
+    hit = seen[layer]["hit"][:, 0]  # [b, j, k]: the layer rule hits every head alike
     assert hit.any() and not hit.all()
     # only the user's message is ever suppressed, never the template before it or padding
     mask = batch["attention_mask"]
@@ -83,22 +83,48 @@ def test_the_edit_is_the_dominating_tokens_writes_scaled_down():
     assert torch.equal(out[:, :-n], clean_out[:, :-n])  # rows before the EOI positions are untouched
 
 
-def test_generation_runs_defended_and_calibration_rarely_touches_clean_prompts():
+@pytest.mark.parametrize("rule", ["head", "layer"])
+def test_generation_runs_defended_and_calibration_rarely_touches_clean_prompts(rule):
     cm = tiny_chat_model("llama")
     clean = [f"Tell me about item number {i} in the list." for i in range(20)]
-    d = calibrate(cm, clean, layers=[0, 1], quantile=0.9, scale=0.1, batch_size=8)
-    assert set(d.thresholds) == {0, 1} and d.record["n_calibration"] == 20
+    d = calibrate(cm, clean, layers=[0, 1], quantile=0.9, scale=0.1, batch_size=8, rule=rule)
+    assert set(d.thresholds) == {0, 1} and d.record["n_calibration"] == 20 and d.rule == rule
     for layer in (0, 1):
         seen = {}
         with torch.no_grad(), suppressing(cm, d, observe=seen):
             cm.model(**cm.chat.encode(clean, device=cm.device))
-        touched = seen[layer]["hit"].flatten(1).any(1).float().mean().item()
-        assert touched <= 0.1 + 1e-6  # at most the quantile's tail of the prompts it was made from
+        touched = seen[layer]["hit"].any(-1).any(-1).float().mean(0)  # per head (per layer: one column)
+        assert (touched <= 0.1 + 1e-6).all()  # at most the quantile's tail of the prompts it was made from
     batch = cm.chat.encode(PROMPTS, device=cm.device)
-    with suppressing(cm, Suppression({1: 0.02}, 0.1)):
+    with suppressing(cm, d):
         out = cm.model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert out.shape[1] == batch["input_ids"].shape[1] + 3
-    assert Suppression.from_dict(d.to_dict()).thresholds == d.thresholds
+    again = Suppression.from_dict(d.to_dict())
+    assert again.thresholds == d.thresholds and again.rule == rule
+
+
+def test_the_head_rule_scales_each_head_on_its_own_spans():
+    """Per head: only the heads whose attention mass on a span is above their threshold lose
+    that span's write; checked against a naive sum."""
+    cm = tiny_chat_model("llama")
+    layer, n = cm.n_layers - 1, cm.chat.n_eoi
+    heads = cm.model.config.num_attention_heads
+    _, rec0, v, batch, _ = _pass(cm, layer=layer)
+    a, clean_out = rec0[f"blocks.{layer}.attn.hook_pattern"], rec0[f"blocks.{layer}.hook_resid_mid"]
+    defence = Suppression({layer: [0.05] * (heads - 1) + [2.0]}, scale=0.0, rule="head", window=2)
+    _, rec1, _, _, seen = _pass(cm, defence, layer=layer)
+    hit = seen[layer]["hit"]  # [b, h, j, k]
+    assert hit[:, : heads - 1].any() and not hit[:, heads - 1].any()  # the last head's threshold is never reached
+    mass = seen[layer]["shares"]  # [b, h, j, k]: attention mass on user tokens
+    for b, h, j, i in hit.nonzero().tolist():  # every hit token is in a 2-token span with mass > 0.05
+        near = [mass[b, h, j, i - 1] + mass[b, h, j, i], mass[b, h, j, i] + mass[b, h, j, i + 1]]
+        assert max(torch.nan_to_num(x, nan=-1.0) for x in near) > 0.05
+    w = head_weights(cm, layer)
+    want = clean_out.clone()
+    q = a.shape[2]
+    for b, h, j, i in hit.nonzero().tolist():
+        want[b, q - n + j] -= a[b, h, q - n + j, i] * (v[b, i, h] @ w[h])
+    assert torch.allclose(rec1[f"blocks.{layer}.hook_resid_mid"], want, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw, match", [({"threshold": 1.5}, r"in \(0, 1\]"), ({"threshold": -0.1}, r"in \(0, 1\]"),

@@ -46,6 +46,9 @@ from ..models.loading import ChatModel
 log = logging.getLogger(__name__)
 
 
+RULES = ("head", "layer")
+
+
 @dataclass(frozen=True)
 class SuppressionConfig:
     """Hijacking suppression settings; the thresholds are calibrated unless given."""
@@ -55,6 +58,9 @@ class SuppressionConfig:
                                     "(0: calibrate on clean train prompts)")
     quantile: float = setting(0.99, "calibration: tau[l] is this quantile of clean prompts' largest share")
     scale: float = setting(0.1, "factor on the write of a dominating token (0 removes it)")
+    rule: str = setting("head", "head: a span whose attention mass in one head is above that head's threshold is "
+                                "scaled in that head; layer: a span whose share of the layer's write is above the "
+                                "layer's threshold is scaled in every head")
     window: int = setting(1, "tokens per source span: a span of this many consecutive user tokens whose summed "
                              "share is above the threshold is suppressed whole (1: single tokens)")
     n_calibration: int = setting(64, "clean train prompts per class (harmful, harmless) to calibrate on")
@@ -70,27 +76,30 @@ class SuppressionConfig:
             raise UserError("n_calibration must be at least 1")
         if self.window < 1:
             raise UserError(f"window must be at least 1 token, got {self.window}")
+        if self.rule not in RULES:
+            raise UserError(f"unknown suppression rule {self.rule!r}; use {' or '.join(RULES)}")
 
 
 @dataclass
 class Suppression:
     """A calibrated defence: the threshold of each defended layer and the scale."""
 
-    thresholds: dict[int, float]
+    thresholds: dict[int, float | list[float]]  # per layer (rule 'layer'), or per layer a list per head ('head')
     scale: float = 0.1
     record: dict = field(default_factory=dict)  # how the thresholds were made
     window: int = 1  # tokens per source span
+    rule: str = "layer"
 
     def to_dict(self) -> dict:
         return {"thresholds": {str(l): t for l, t in self.thresholds.items()}, "scale": self.scale,
-                "window": self.window, **self.record}
+                "window": self.window, "rule": self.rule, **self.record}
 
     @classmethod
     def from_dict(cls, d: dict) -> Suppression:
         try:
-            th = {int(l): float(t) for l, t in d["thresholds"].items()}
-            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale", "window")}
-            return cls(th, float(d["scale"]), rest, int(d.get("window", 1)))
+            th = {int(l): [float(x) for x in t] if isinstance(t, list) else float(t) for l, t in d["thresholds"].items()}
+            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale", "window", "rule")}
+            return cls(th, float(d["scale"]), rest, int(d.get("window", 1)), str(d.get("rule", "layer")))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError("not a suppression record this suite wrote (thresholds and scale)") from None
 
@@ -209,16 +218,25 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
             if state.user is None or a is None or a.shape[2] <= 1:
                 return None
             n, v, o = state.n_eoi, values[l], out[0]
-            s = shares(a, v, w_o[l], n)  # [b, j, k]
-            user = state.user[:, None, : s.shape[-1]].to(s.device)
-            spans, cover = span_shares(s, user, defence.window)
-            hit = user & (cover > defence.thresholds[l])
+            user = state.user[:, None, : a.shape[-1]].to(a.device)  # [b, 1, k]
+            if defence.rule == "head":  # the attention mass each head puts on each span
+                m = a[:, :, -n:].float()  # [b, h, j, k]
+                b_, h_, j_, k_ = m.shape
+                spans, cover = span_shares(m.reshape(b_, h_ * j_, k_), user, defence.window)
+                th = torch.tensor(defence.thresholds[l], device=m.device)[None, :, None, None]
+                hit = user[:, None] & (cover.reshape(m.shape) > th)  # [b, h, j, k]
+                shown = torch.where(user[:, None], m, torch.full_like(m, float("nan")))
+                spans = spans.reshape(m.shape)
+            else:  # the share of the layer's write each span takes, summed over heads
+                s = shares(a, v, w_o[l], n)  # [b, j, k]
+                spans, cover = span_shares(s, user, defence.window)
+                hit = (user & (cover > defence.thresholds[l]))[:, None]  # [b, 1, j, k]: every head
+                shown = torch.where(user, s, torch.full_like(s, float("nan")))
             if observe is not None:
-                observe[l] = {"shares": torch.where(user, s, torch.full_like(s, float("nan"))).cpu(),
-                              "spans": spans.cpu(), "hit": hit.cpu()}
+                observe[l] = {"shares": shown.cpu(), "spans": spans.cpu(), "hit": hit.cpu()}
             if not hit.any():
                 return None
-            aa = a[:, :, -n:].float() * hit[:, None].float()  # [b, h, j, k]: only the dominating sources
+            aa = a[:, :, -n:].float() * hit.float()  # [b, h, j, k]: only the dominating sources
             removed = torch.einsum("bhjk,bkhd,hdm->bjm", aa, v.float(), w_o[l])
             new = o.clone()
             new[:, -n:] = (o[:, -n:].float() - (1 - defence.scale) * removed).to(o.dtype)
@@ -239,12 +257,15 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
 
 @torch.no_grad()
 def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantile: float = 0.99,
-              scale: float = 0.1, batch_size: int = 16, window: int = 1) -> Suppression:
-    """Thresholds from clean prompts: ``tau[l]`` = the ``quantile`` of the largest share any
-    span of ``window`` user tokens takes, per prompt, at layer ``l``."""
+              scale: float = 0.1, batch_size: int = 16, window: int = 1, rule: str = "head") -> Suppression:
+    """Thresholds from clean prompts: ``tau`` = the ``quantile`` of the largest value any span of
+    ``window`` user tokens takes per prompt: per layer its share of the write (rule 'layer'),
+    per head its attention mass (rule 'head')."""
     if not instructions:
         raise UserError("calibrating hijacking suppression needs clean training prompts; none were given")
-    probe = Suppression({l: float("inf") for l in layers}, scale, window=window)  # nothing is suppressed
+    heads = cm.model.config.get_text_config().num_attention_heads
+    never = {l: [float("inf")] * heads if rule == "head" else float("inf") for l in layers}
+    probe = Suppression(never, scale, window=window, rule=rule)  # nothing is suppressed
     maxima: dict[int, list[Tensor]] = {l: [] for l in layers}
     for s in range(0, len(instructions), batch_size):
         seen: dict = {}
@@ -252,9 +273,12 @@ def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantil
         with suppressing(cm, probe, observe=seen):
             cm.model(**batch)
         for l in layers:
-            maxima[l].append(seen[l]["spans"].amax(dim=(1, 2)).clamp_min(-1.0))
-    th = {l: float(torch.quantile(torch.cat(maxima[l]).float(), quantile)) for l in layers}
-    return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)}, window)
+            maxima[l].append(seen[l]["spans"].amax(dim=(-2, -1)).clamp_min(-1.0))  # [b] or [b, h]
+    th = {}
+    for l in layers:
+        q = torch.quantile(torch.cat(maxima[l]).float(), quantile, dim=0)
+        th[l] = [float(x) for x in q] if rule == "head" else float(q)
+    return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)}, window, rule)
 
 
 CALIBRATION_SETS = ("harmful:train", "harmless:train")
@@ -270,12 +294,15 @@ def build_defence(cm: ChatModel, cfg: SuppressionConfig, direction_layer: int, d
     check_model(cm)
     layers = parse_layers(cm, cfg.layers, direction_layer)
     if cfg.threshold:
-        return Suppression(dict.fromkeys(layers, cfg.threshold), cfg.scale, {"threshold": cfg.threshold}, cfg.window)
+        heads = cm.model.config.get_text_config().num_attention_heads
+        th = {l: [cfg.threshold] * heads if cfg.rule == "head" else cfg.threshold for l in layers}
+        return Suppression(th, cfg.scale, {"threshold": cfg.threshold}, cfg.window, cfg.rule)
     clean = [x.instruction for spec in CALIBRATION_SETS
              for x in load_instructions(spec, data_dir)[: cfg.n_calibration]]
-    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size, cfg.window)
+    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size, cfg.window, cfg.rule)
     d.record["calibration"] = f"first {cfg.n_calibration} of {' and '.join(CALIBRATION_SETS)}"
-    log.info("hijacking suppression: layers %s, spans of %d, thresholds %s..%s (quantile %.2f of %d clean train "
-             "prompts), scale %g", cfg.layers, cfg.window, f"{min(d.thresholds.values()):.3f}",
-             f"{max(d.thresholds.values()):.3f}", cfg.quantile, len(clean), cfg.scale)
+    flat = [x for t in d.thresholds.values() for x in (t if isinstance(t, list) else [t])]
+    log.info("hijacking suppression: per %s, layers %s, spans of %d, thresholds %.3f..%.3f (quantile %.2f of %d clean "
+             "train prompts), scale %g", cfg.rule, cfg.layers, cfg.window, min(flat), max(flat), cfg.quantile,
+             len(clean), cfg.scale)
     return d
