@@ -53,15 +53,16 @@ RULES = ("head", "layer")
 class SuppressionConfig:
     """Hijacking suppression settings; the thresholds are calibrated unless given."""
 
-    layers: str = setting("below", "defended layers: 'below' (every layer below the direction's), 'all', or 'A-B'")
+    layers: str = setting("upto", "defended layers: 'upto' (every layer up to the direction's), 'below' (those "
+                                  "below it), 'all', or 'A-B'")
     threshold: float = setting(0.0, "one threshold in (0, 1] for every layer instead of calibrated ones "
                                     "(0: calibrate on clean train prompts)")
-    quantile: float = setting(0.99, "calibration: tau[l] is this quantile of clean prompts' largest share")
+    quantile: float = setting(0.9, "calibration: a threshold is this quantile of clean prompts' largest span value")
     scale: float = setting(0.1, "factor on the write of a dominating token (0 removes it)")
     rule: str = setting("head", "head: a span whose attention mass in one head is above that head's threshold is "
                                 "scaled in that head; layer: a span whose share of the layer's write is above the "
                                 "layer's threshold is scaled in every head")
-    window: int = setting(1, "tokens per source span: a span of this many consecutive user tokens whose summed "
+    window: int = setting(4, "tokens per source span: a span of this many consecutive user tokens whose summed "
                              "share is above the threshold is suppressed whole (1: single tokens)")
     n_calibration: int = setting(64, "clean train prompts per class (harmful, harmless) to calibrate on")
 
@@ -118,8 +119,10 @@ def check_model(cm: ChatModel) -> None:
 
 
 def parse_layers(cm: ChatModel, spec: str, direction_layer: int) -> list[int]:
-    """The defended layers of ``spec`` ('below', 'all', 'A-B')."""
-    if spec == "below":
+    """The defended layers of ``spec`` ('upto', 'below', 'all', 'A-B')."""
+    if spec == "upto":
+        out = list(range(direction_layer + 1))
+    elif spec == "below":
         out = list(range(max(direction_layer, 1)))
     elif spec == "all":
         out = list(range(cm.n_layers))
@@ -128,7 +131,7 @@ def parse_layers(cm: ChatModel, spec: str, direction_layer: int) -> list[int]:
             a, _, b = spec.partition("-")
             out = list(range(int(a), int(b or a) + 1))
         except ValueError:
-            raise UserError(f"layers must be 'below', 'all' or 'A-B', got {spec!r}") from None
+            raise UserError(f"layers must be 'upto', 'below', 'all' or 'A-B', got {spec!r}") from None
     if not out or min(out) < 0 or max(out) >= cm.n_layers:
         raise UserError(f"layers {spec!r} out of range for a model with {cm.n_layers} layers")
     return out
