@@ -2,21 +2,24 @@
 2025, "Universal jailbreak suffixes are strong attention hijackers").
 
 A universal suffix works by dominating what attention writes at the positions after the
-user's message (the EOI positions): ``attribution/hijack.py`` measures that dominance. At
-inference the defence sees only the prompt: it knows where the user's message is (the chat
-template says so), not where a suffix starts. At each defended layer ``l`` and EOI position
-``j`` it computes, for every token ``i`` of the user's message, the share of the layer's
-attention write at ``j`` that comes from ``i`` (summed over heads, as the dominance is)::
+user's message (the EOI positions): ``attribution/hijack.py`` measures that dominance, and on
+the organism a few heads just below the direction's layer move their attention from the
+instruction to the suffix. At inference the defence sees only the prompt: it knows where the
+user's message is (the chat template says so), not where a suffix starts. It looks at every
+span of ``window`` consecutive tokens of the user's message, at each EOI position ``j`` of
+each defended layer ``l``:
 
-    share[l, j, i] = < sum_h A[h, j, i] v[i, h] W_O[h] ,  o[l, j] > / ||o[l, j]||^2
+* rule ``head`` (the default): the attention mass head ``h`` puts on the span,
+  ``sum_{i in span} A[l, h, j, i]``; above the head's threshold ``tau[l, h]``, the span's
+  write in that head, ``A[h, j, i] v[i, h] W_O[h]``, is scaled by ``scale``;
+* rule ``layer``: the span's share of the layer's write,
+  ``< sum_{i in span, h} A[h, j, i] v[i, h] W_O[h], o[l, j] > / ||o[l, j]||^2`` (the suite's
+  dominance); above ``tau[l]``, the span's write is scaled in every head.
 
-with ``o[l, j]`` the attention output before its bias. A token whose share is above the
-layer's threshold ``tau[l]`` has its attention scaled down by ``scale`` at ``j``, in every
-head: the write ``sum_h A[h, j, i] v[i, h] W_O[h]`` is multiplied by ``scale`` (the
-probabilities are not renormalized). The thresholds come from clean training prompts only
-(:func:`calibrate`): ``tau[l]`` is the ``quantile`` of the largest share any user token
-takes at any EOI position, over prompts without a suffix, so that a clean prompt is rarely
-touched.
+The probabilities are not renormalized: what the span wrote shrinks, nothing else grows.
+The thresholds come from clean training prompts only (:func:`calibrate`): each is the
+``quantile`` of the largest span value per prompt over prompts without a suffix, so a clean
+prompt is rarely touched (at most ``1 - quantile`` of them per head or layer).
 
 Hook vocabulary: the defence reads ``blocks.{l}.attn.hook_pattern`` and the value vectors,
 and edits the attention module's output at the EOI rows of the prompt's pass (later decoding
@@ -259,8 +262,8 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
 
 
 @torch.no_grad()
-def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantile: float = 0.99,
-              scale: float = 0.1, batch_size: int = 16, window: int = 1, rule: str = "head") -> Suppression:
+def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantile: float = 0.9,
+              scale: float = 0.1, batch_size: int = 16, window: int = 4, rule: str = "head") -> Suppression:
     """Thresholds from clean prompts: ``tau`` = the ``quantile`` of the largest value any span of
     ``window`` user tokens takes per prompt: per layer its share of the write (rule 'layer'),
     per head its attention mass (rule 'head')."""
