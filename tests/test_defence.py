@@ -17,6 +17,7 @@ from suffix_analysis.defences.suppression import (
     user_start,
 )
 from suffix_analysis.errors import UserError
+from suffix_analysis.models.chat import position_ids
 from suffix_analysis.models.hooks import Recorder, run_with_hooks
 
 PROMPTS = ["Write a poem about the sea.", "Say hi to me please now."]
@@ -86,13 +87,18 @@ def test_the_edit_is_the_dominating_tokens_writes_scaled_down():
 @pytest.mark.parametrize("rule", ["head", "layer"])
 def test_generation_runs_defended_and_calibration_rarely_touches_clean_prompts(rule):
     cm = tiny_chat_model("llama")
-    clean = [f"Tell me about item number {i} in the list." for i in range(20)]
+    words = ["sea", "river bank", "old mountain path", "a cat", "green tea leaves", "the moon tonight", "bread",
+             "winter coats for children", "maps", "a short poem about rain"]
+    # varied prompts: near-identical ones would tie at the quantile and flip on float noise
+    clean = [f"Tell me about {w}." for w in words] + [f"Please list {i + 2} facts on {w}, briefly" for i, w in
+                                                      enumerate(words)]
     d = calibrate(cm, clean, layers=[0, 1], quantile=0.9, scale=0.1, batch_size=8, rule=rule)
     assert set(d.thresholds) == {0, 1} and d.record["n_calibration"] == 20 and d.rule == rule
     for layer in (0, 1):
         seen = {}
+        batch = cm.chat.encode(clean, device=cm.device)
         with torch.no_grad(), suppressing(cm, d, observe=seen):
-            cm.model(**cm.chat.encode(clean, device=cm.device))
+            cm.model(**batch, position_ids=position_ids(batch["attention_mask"]))
         touched = seen[layer]["hit"].any(-1).any(-1).float().mean(0)  # per head (per layer: one column)
         assert (touched <= 0.1 + 1e-6).all()  # at most the quantile's tail of the prompts it was made from
     batch = cm.chat.encode(PROMPTS, device=cm.device)

@@ -43,6 +43,7 @@ from ..attribution.regions import prompt_regions
 from ..attribution.writers import head_weights, recording_values
 from ..config import setting
 from ..errors import UserError
+from ..models.chat import position_ids
 from ..models.hooks import run_with_hooks
 from ..models.loading import ChatModel
 
@@ -276,8 +277,8 @@ def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantil
     for s in range(0, len(instructions), batch_size):
         seen: dict = {}
         batch = cm.chat.encode(instructions[s:s + batch_size], device=cm.device)
-        with suppressing(cm, probe, observe=seen):
-            cm.model(**batch)
+        with suppressing(cm, probe, observe=seen):  # positions from each row's first token, as generate numbers them
+            cm.model(**batch, position_ids=position_ids(batch["attention_mask"]))
         for l in layers:
             maxima[l].append(seen[l]["spans"].amax(dim=(-2, -1)).clamp_min(-1.0))  # [b] or [b, h]
     th = {}
