@@ -182,7 +182,8 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
                data_dir: str | None = None, progress: bool = True) -> dict:
     """Search the weight profile of ``direction_run``'s direction (or cone) into the run folder
     ``out`` (rerunning resumes, and more ``trials`` extend the search); returns ``edit.json``'s
-    record."""
+    record. With ``export`` the chosen edit is baked into ``cm``'s weights in memory as it is
+    saved (as ``orthogonalize`` does): load the model again to search once more."""
     cfg.validate()
     optuna = _require_optuna()
     src = Path(direction_run).expanduser()
