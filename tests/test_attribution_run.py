@@ -35,11 +35,11 @@ SUMMARY_KEYS = {"layer", "position", "cosine", "cosine_drop_adversarial", "cosin
                 "top8_projection", "top8_attention", "knockout_restored", "patch_restored", "model", "fingerprint",
                 "n_harmful", "n_harmless", "stage_seconds"}
 OUTPUTS = ["run.json", "conditions.json", "cosine.csv", "harmfulness.csv", "heads.csv", "top_heads.json", "hijack.csv",
-           "hijack_dominance.csv", "suffix_tokens.csv", "suffix_token_agreement.csv", "patching.csv", "knockout.csv",
+           "hijack_dominance.csv", "suffix_tokens.csv", "suffix_token_agreement.csv", "suffix_attention.csv", "patching.csv", "knockout.csv",
            "summary.json"]
 # everything the stages (stages.py) call that runs the model
 HEAVY = ("random_suffixes", "suffix_lengths", "residual_cosine", "user_end_states", "direct_attribution", "attention_hijack",
-         "suffix_token_effects", "patch_top_heads", "knockout_scores", "last_position_run", "generate_answers")
+         "suffix_token_effects", "suffix_token_attention", "patch_top_heads", "knockout_scores", "last_position_run", "generate_answers")
 
 
 @pytest.fixture(scope="module")
@@ -243,9 +243,10 @@ def test_a_lean_run_then_token_effects_added_on_rerun(cm, direction, tmp_path, m
     assert set(pd.read_csv(out / "knockout.csv")["cut"]) == {"all", "top_heads"}
     assert not (out / "suffix_tokens.csv").exists() and any("token_effects" in n for n in summary["notes"])
     # token_effects only adds a stage: the folder takes it, and nothing else runs again
-    forbid(monkeypatch, [n for n in HEAVY if n != "suffix_token_effects"])
+    forbid(monkeypatch, [n for n in HEAVY if n not in ("suffix_token_effects", "suffix_token_attention")])
     summary = attribute(cm, direction, out, config=replace(lean, token_effects=True))
     assert (out / "suffix_tokens.csv").exists() and summary["suffix_token_agreement"] is not None
+    assert (out / "suffix_attention.csv").exists()
 
 
 def test_a_stage_failing_midway_leaves_no_table_and_the_rerun_resumes(cm, direction, tmp_path, monkeypatch):
