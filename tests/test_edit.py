@@ -136,3 +136,14 @@ def test_pareto_bad_input(start, tmp_path):
     with pytest.raises(UserError, match="not a trial list this suite wrote"):
         run_pareto(cm, d / "dim", d / "e", ParetoConfig(**{**FAST, "trials": 2, "export": False}), progress=False)
     assert not (d / "x").exists()
+
+
+def test_pareto_search_on_named_selection_sets(start, tmp_path):
+    cm, d = start
+    (tmp_path / "h.txt").write_text("Do A.\nDo B.\nDo C.\n")
+    (tmp_path / "n.txt").write_text("Say D.\nSay E.\n")
+    info = run_pareto(cm, d / "dim", d / "named", ParetoConfig(**{**FAST, "trials": 2, "export": False},
+                                                               harmful=str(tmp_path / "h.txt"),
+                                                               harmless=str(tmp_path / "n.txt")), progress=False)
+    assert info["prompts"]["n_harmful"] == 3 and info["prompts"]["n_harmless"] == 2
+    assert info["prompts"]["harmful"].endswith("h.txt")

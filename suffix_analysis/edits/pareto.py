@@ -4,8 +4,9 @@ Optuna against two objectives at once, as heretic (p-e-w/heretic) does.
 The search space is :class:`~suffix_analysis.interventions.profile.WeightProfile`: a tent of
 shares over the layers for attention outputs and one for MLP outputs (maximum, peak layer,
 minimum as a fraction of the maximum, reach), and a share for the embeddings. Every trial is
-scored on the direction run's selection prompts only (its filtered val splits: nothing held
-out is seen):
+scored on selection prompts only, never held-out ones: the direction run's filtered val
+splits, or other sets named by ``harmful`` and ``harmless`` (heretic scores all of harmful:val
+and harmless:val):
 
 * refused: the share of harmful val prompts whose first token is more likely a refusal than
   not (refusal score > 0, the paper's metric) with the profile's ablation;
@@ -65,6 +66,10 @@ class ParetoConfig:
     max_kl: float = setting(0.1, "the chosen edit: fewest refusals among front trials with KL at most this "
                                  "(the paper's KL bound)")
     cone: bool = setting(False, "edit the whole refusal cone of an RDO run (`rdo --cone-dim K`), not its direction")
+    harmful: str = setting("", "harmful selection prompts (refused): empty for the direction run's filtered val "
+                               "prompts, or a set such as harmful:val")
+    harmless: str = setting("", "harmless selection prompts (KL): empty for the direction run's filtered val "
+                                "prompts, or a set such as harmless:val (heretic's choice: all of it)")
     batch_size: int = setting(32, "prompts per forward pass")
     seed: int = setting(0, "seed of the sampler")
     export: bool = setting(True, "export the chosen edit as a model folder (EDIT/model)")
@@ -191,11 +196,19 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     if cfg.cone:
         direction = cone_basis(src)
     prompts = run_prompts(cm, src, data_dir)
+    harmful, harmless = prompts.harmful_val, prompts.harmless_val
+    if cfg.harmful or cfg.harmless:
+        from ..datasets import load_instructions
+
+        if cfg.harmful:
+            harmful = [x.instruction for x in load_instructions(cfg.harmful, data_dir)]
+        if cfg.harmless:
+            harmless = [x.instruction for x in load_instructions(cfg.harmless, data_dir)]
     run = Path(out).expanduser()
     record = {"model": cm.name, "fingerprint": cm.fingerprint(), "d_model": cm.d_model, "direction_run": str(src),
               "direction": {"position": info["position"], "layer": info["layer"], "data": info["data"],
                             "digest": digest(direction.float().tolist())},
-              "data": digest([prompts.harmful_val, prompts.harmless_val]), "config": asdict(cfg)}
+              "data": digest([harmful, harmless]), "config": asdict(cfg)}
     record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
@@ -204,7 +217,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     study = _study(optuna, cfg, dist, done)
     if not done:
         study.enqueue_trial(full_params(cm.n_layers))
-    scorer = Scorer(cm, direction, prompts.harmful_val, prompts.harmless_val, cfg.batch_size)
+    scorer = Scorer(cm, direction, harmful, harmless, cfg.batch_size)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
                disable=not progress)
@@ -225,7 +238,8 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         bar.close()
         if done:
             write_json_atomic(run / "trials.json", done)
-    return _finish(cm, run, cfg, direction, info, record, done, time.perf_counter() - start)
+    return _finish(cm, run, cfg, direction, info, record, done, time.perf_counter() - start,
+                   (len(scorer.harmful), len(scorer.harmless)))
 
 
 def _load_trials(run: Path) -> list[dict]:
@@ -238,7 +252,7 @@ def _load_trials(run: Path) -> list[dict]:
 
 
 def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, direction: torch.Tensor, info: dict, record: dict,
-            done: list[dict], seconds: float) -> dict:
+            done: list[dict], seconds: float, sizes: tuple[int, int]) -> dict:
     front = pareto_front(done)
     chosen = choose(front, cfg.max_kl)
     flat = [{"trial": r["trial"], "refused": r["refused"], "kl": r["kl"], "score": r["score"],
@@ -253,7 +267,9 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, direction: torch.Tensor
            "shares": profile.sites(cm.n_layers),
            "paper_edit": {k: full[k] for k in ("refused", "kl", "score")} if full else None,
            "front": len(front), "budget": {"trials": len(done), "seconds": round(seconds, 1)},
-           "prompts": {"harmful": "the direction run's filtered harmful val", "harmless": "its filtered harmless val"}}
+           "prompts": {"harmful": cfg.harmful or "the direction run's filtered harmful val",
+                       "harmless": cfg.harmless or "its filtered harmless val", "n_harmful": sizes[0],
+                       "n_harmless": sizes[1]}}
     write_json_atomic(run / "edit.json", out)
     draw_pareto(run)
     if cfg.export:
