@@ -191,7 +191,9 @@ def cmd_edit(args) -> int:
     info, c, paper = o.info, o.info["chosen"], o.info["paper_edit"]
     print(f"Pareto edit         trial {c['trial']} of {info['budget']['trials']} ({info['budget']['seconds']:.0f} s), "
           f"{info['front']} trials on the front")
-    print("                    chosen    paper's edit (every share 1)   (direction run's val prompts)")
+    sel = info["prompts"]
+    print(f"                    chosen    paper's edit (every share 1)   ({sel['n_harmful']} harmful and "
+          f"{sel['n_harmless']} harmless selection prompts)")
     if paper:
         print(f"harmful refused     {c['refused']:8.1%}  {paper['refused']:8.1%}   (refusal score > 0)")
         print(f"KL                  {c['kl']:8.4f}  {paper['kl']:8.4f}   (first token, harmless, edited vs clean)")

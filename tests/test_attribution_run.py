@@ -35,11 +35,13 @@ SUMMARY_KEYS = {"layer", "position", "cosine", "cosine_drop_adversarial", "cosin
                 "top8_projection", "top8_attention", "knockout_restored", "patch_restored", "model", "fingerprint",
                 "n_harmful", "n_harmless", "stage_seconds"}
 OUTPUTS = ["run.json", "conditions.json", "cosine.csv", "harmfulness.csv", "heads.csv", "top_heads.json", "hijack.csv",
-           "hijack_dominance.csv", "suffix_tokens.csv", "suffix_token_agreement.csv", "suffix_attention.csv", "patching.csv", "knockout.csv",
+           "hijack_dominance.csv", "suffix_tokens.csv", "suffix_token_agreement.csv", "suffix_attention.csv",
+           "patching.csv", "knockout.csv",
            "summary.json"]
 # everything the stages (stages.py) call that runs the model
 HEAVY = ("random_suffixes", "suffix_lengths", "residual_cosine", "user_end_states", "direct_attribution", "attention_hijack",
-         "suffix_token_effects", "suffix_token_attention", "patch_top_heads", "knockout_scores", "last_position_run", "generate_answers")
+         "suffix_token_effects", "suffix_token_attention", "patch_top_heads", "knockout_scores", "last_position_run",
+         "generate_answers")
 
 
 @pytest.fixture(scope="module")
