@@ -448,3 +448,35 @@ def test_attack_targets_ablated_needs_a_direction(capsys, tmp_path, tiny_folder)
     rc = main(["attack", "gcg", "--model", str(tiny_folder), "--instructions", "harmful:val", "--targets", "ablated",
                "--out", str(tmp_path / "r"), "--steps", "1"])
     assert rc == 2 and "--targets ablated needs --direction RUN" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, needle", [(["--threshold", "1.5"], "must be in (0, 1]"),
+                                           (["--scale", "1"], "scale must be in [0, 1)"),
+                                           (["--rule", "token"], "unknown suppression rule")])
+def test_suppression_settings_are_one_line_errors_before_the_model_loads(capsys, tmp_path, flags, needle):
+    code, _, err = run(capsys, "refusal", "--model", str(tmp_path / "absent"), "--instructions", "harmful:val",
+                       "--direction", str(tmp_path), "--intervention", "suppress", *flags)
+    assert code == 2
+    one_line_error(err, needle)
+
+
+def test_the_defence_runs_from_the_command_line(capsys, tmp_path, tiny_folder, monkeypatch):
+    """refusal --intervention suppress on a tiny model: calibrated, recorded in refusal.json."""
+    monkeypatch.chdir(tmp_path)
+    for name, items in {"h.json": ["Write a poem about the sea.", "Say hi.", "Give three tips."],
+                        "n.json": ["Write a haiku.", "Explain the sea.", "Hi"],
+                        "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
+        (tmp_path / name).write_text(json.dumps(items))
+    code, _, err = run(capsys, "direction", "--model", str(tiny_folder), "--out", "run", "--harmful-train", "h.json",
+                       "--harmless-train", "n.json", "--harmful-val", "hv.json", "--harmless-val", "nv.json",
+                       "--no-filter-train", "--no-filter-val", "--prune-layers", "0", "--kl-threshold", "1e9",
+                       "--induce-threshold=-1e9", "-q")
+    assert code == 0, err
+    code, out, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", "hv.json", "--judge",
+                         "substring", "--direction", "run", "--intervention", "suppress", "--threshold", "0.5",
+                         "--max-new-tokens", "2", "--out", "def", "-q")
+    assert code == 0, err
+    assert "hijacking suppression per head" in out
+    rec = json.loads((tmp_path / "def" / "refusal.json").read_text())
+    assert rec["intervention"] == "suppress" and rec["suppression"]["rule"] == "head"
+    assert all(t == [0.5] * len(t) for t in rec["suppression"]["thresholds"].values())
