@@ -158,3 +158,15 @@ def test_span_shares_sum_consecutive_user_tokens():
     assert cover[0, 0].tolist() == pytest.approx([inf, 0.5, 0.5, 0.45, 0.45, inf])  # a token's largest covering span
     one, _ = span_shares(s, user, 1)
     assert one[0, 0, 1:5].tolist() == pytest.approx([0.2, 0.3, 0.05, 0.4]) and one[0, 0, 0] == inf
+
+
+def test_a_model_without_attention_probabilities_is_refused():
+    import copy
+    import dataclasses
+
+    from suffix_analysis.defences.suppression import check_model
+
+    cm = copy.copy(tiny_chat_model("llama"))
+    cm.arch = dataclasses.replace(cm.arch, pattern_output=None)  # as Qwen-1's remote code
+    with pytest.raises(UserError, match="does not return its probabilities"):
+        check_model(cm)
