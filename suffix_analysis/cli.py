@@ -146,15 +146,21 @@ def cmd_direction(args) -> int:
     return 0
 
 
+def _direction_run_command(command_cls, config_cls, args):
+    """A command that starts from a direction run (``rdo``, ``edit``) from its parsed flags;
+    its ``settings`` are the ``config_cls`` flags given."""
+    from .config import given_arguments
+
+    return command_cls(direction=args.direction, out=args.out, model=_model_options(args),
+                       settings=given_arguments(config_cls, args), profile=args.profile, data_dir=args.data_dir,
+                       progress=_progress(args))
+
+
 def cmd_rdo(args) -> int:
     from .commands.rdo import RDOCommand, run_rdo_command
-    from .config import flag_fields
     from .directions.rdo import RDOConfig
 
-    settings = {f.name: getattr(args, f.name) for f, _ in flag_fields(RDOConfig) if getattr(args, f.name, None) is not None}
-    o = run_rdo_command(RDOCommand(direction=args.direction, out=args.out, model=_model_options(args),
-                                   settings=settings, profile=args.profile, data_dir=args.data_dir,
-                                   progress=_progress(args)))
+    o = run_rdo_command(_direction_run_command(RDOCommand, RDOConfig, args))
     info, start = o.info, o.info["start"]
     print(f"RDO direction       position {info['position']}, layer {info['layer']}, {info['steps']} steps; cosine "
           f"{info['cosine_to_start']:.3f} to the start")
@@ -180,14 +186,9 @@ def cmd_rdo(args) -> int:
 
 def cmd_edit(args) -> int:
     from .commands.edit import EditCommand, run_edit_command
-    from .config import flag_fields
     from .edits.pareto import ParetoConfig
 
-    settings = {f.name: getattr(args, f.name) for f, _ in flag_fields(ParetoConfig)
-                if getattr(args, f.name, None) is not None}
-    o = run_edit_command(EditCommand(direction=args.direction, out=args.out, model=_model_options(args),
-                                     settings=settings, profile=args.profile, data_dir=args.data_dir,
-                                     progress=_progress(args)))
+    o = run_edit_command(_direction_run_command(EditCommand, ParetoConfig, args))
     info, c, paper = o.info, o.info["chosen"], o.info["paper_edit"]
     print(f"Pareto edit         trial {c['trial']} of {info['budget']['trials']} ({info['budget']['seconds']:.0f} s), "
           f"{info['front']} trials on the front")
@@ -251,11 +252,10 @@ def cmd_attack(args) -> int:
     from .attacks import get_attack
     from .attacks.setup import AttackInputs
     from .commands.attack import AttackCommand, run_attack
-    from .config import flag_fields
+    from .config import given_arguments
 
     cls = get_attack(args.name)
-    settings = {f.name: getattr(args, f.name) for f, _ in flag_fields(cls.config_class)
-                if getattr(args, f.name, None) is not None}
+    settings = given_arguments(cls.config_class, args)
     inputs = AttackInputs(instructions=args.instructions, n_prompts=args.n_prompts, targets=args.targets or "default",
                           target_tokens=args.target_tokens)
     outcome = run_attack(AttackCommand(

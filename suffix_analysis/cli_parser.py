@@ -153,6 +153,23 @@ def _attack_parsers(sub, argv: list[str]) -> None:
             add_arguments(a.add_argument_group(f"{name} settings ({cls.config_class.__name__})"), cls.config_class)
 
 
+def _direction_run_parser(sub, name: str, help: str, direction_help: str, gpu_sizes: str, group: str, config_cls,
+                          out_help: str) -> None:
+    """A command that starts from a direction run and writes a run folder, its sizes by
+    profile (``rdo``, ``edit``): model, data, ``--direction``, ``--profile``, the config's
+    flags, output."""
+    from .config import add_arguments
+
+    p = sub.add_parser(name, help=help)
+    _model_args(p)
+    _data_args(p)
+    p.add_argument_group("direction").add_argument("--direction", required=True, help=direction_help)
+    p.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
+                   help=f"default sizes: {gpu_sizes} (gpu) or CPU-sized (cpu); auto follows the device")
+    add_arguments(p.add_argument_group(group), config_cls)
+    _output_args(p, out_help, out_required=True)
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .attribution.run import AttributionConfig
     from .config import add_arguments
@@ -195,28 +212,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_arguments(p.add_argument_group("direction run (DirectionConfig)"), DirectionConfig)
     _output_args(p, "run folder (rerunning skips finished stages)", out_required=True)
 
-    p = sub.add_parser("rdo", help="learn a refusal direction by gradient (RDO), starting from a direction run")
-    _model_args(p)
-    _data_args(p)
-    p.add_argument_group("direction").add_argument(
-        "--direction", required=True, help="the direction run RDO starts from (its direction, layer and prompts; from "
-                                           "`suffix-analysis direction`)")
-    p.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
-                   help="default sizes: the paper's (gpu) or CPU-sized (cpu); auto follows the device")
-    add_arguments(p.add_argument_group("RDO (RDOConfig)"), RDOConfig)
-    _output_args(p, "RDO run folder (rerunning resumes)", out_required=True)
-
-    p = sub.add_parser("edit", help="the Pareto edit: search a per-layer weight profile for the orthogonalization "
-                                    "(refusals vs KL, Optuna) and export the chosen edit")
-    _model_args(p)
-    _data_args(p)
-    p.add_argument_group("direction").add_argument(
-        "--direction", required=True, help="the direction (or RDO) run whose direction is edited out; its val prompts "
-                                           "score the trials")
-    p.add_argument("--profile", choices=["auto", "gpu", "cpu"], default="auto",
-                   help="default sizes: heretic's (gpu) or CPU-sized (cpu); auto follows the device")
-    add_arguments(p.add_argument_group("Pareto edit (ParetoConfig)"), ParetoConfig)
-    _output_args(p, "edit run folder (rerunning resumes; more --trials extend the search)", out_required=True)
+    _direction_run_parser(
+        sub, "rdo", "learn a refusal direction by gradient (RDO), starting from a direction run",
+        "the direction run RDO starts from (its direction, layer and prompts; from `suffix-analysis direction`)",
+        "the paper's", "RDO (RDOConfig)", RDOConfig, "RDO run folder (rerunning resumes)")
+    _direction_run_parser(
+        sub, "edit", "the Pareto edit: search a per-layer weight profile for the orthogonalization (refusals vs KL, "
+                     "Optuna) and export the chosen edit",
+        "the direction (or RDO) run whose direction is edited out; its val prompts score the trials",
+        "heretic's", "Pareto edit (ParetoConfig)", ParetoConfig,
+        "edit run folder (rerunning resumes; more --trials extend the search)")
 
     p = sub.add_parser("orthogonalize", help="bake the direction's ablation into the weights and save the model")
     _model_args(p)

@@ -140,9 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls
             raise UserError(f"{cls.__name__}.{f.name}: {e}; rename the field") from None
 
 
+def given_arguments(cls, args: argparse.Namespace) -> dict:
+    """The fields of ``cls`` whose flags (made by :func:`add_arguments`) were given, by name."""
+    return {f.name: getattr(args, f.name) for f, _ in flag_fields(cls) if getattr(args, f.name, None) is not None}
+
+
 def from_arguments(cls, args: argparse.Namespace, profile: str = "gpu", **extra):
     """An instance of ``cls`` from the flags :func:`add_arguments` made (plus ``extra`` fields);
     a profiled setting not given on the command line takes ``profile``'s default."""
-    given = {f.name: getattr(args, f.name) for f, _ in flag_fields(cls)
-             if hasattr(args, f.name) and getattr(args, f.name) is not None}
-    return for_profile(cls, profile, **{**given, **extra})
+    return for_profile(cls, profile, **{**given_arguments(cls, args), **extra})

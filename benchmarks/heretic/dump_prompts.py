@@ -21,27 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from suffix_analysis.artifacts import write_text_atomic
 from suffix_analysis.datasets import load_instructions
 from suffix_analysis.evaluation.refusal import REFUSAL_PHRASES
 
 ROLES = {"good": "harmless:train", "bad": "harmful:train",
          "good_eval": "harmless:val", "bad_eval": "harmful:val"}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _one_line(text: str) -> str:
@@ -65,12 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = getattr(args, role)
         prompts = [_one_line(x.instruction) for x in load_instructions(spec, args.data_dir)]
         prompts = [p for p in prompts if p]
-        _write_atomic(args.out_dir / f"{role}.txt", "\n".join(prompts) + "\n")
+        write_text_atomic(args.out_dir / f"{role}.txt", "\n".join(prompts) + "\n")
         manifest[role] = {"spec": spec, "n": len(prompts)}
-    _write_atomic(args.out_dir / "refusal_markers.txt", "\n".join(REFUSAL_PHRASES) + "\n")
+    write_text_atomic(args.out_dir / "refusal_markers.txt", "\n".join(REFUSAL_PHRASES) + "\n")
     manifest["refusal_markers"] = {"source": "suffix_analysis.evaluation.refusal.REFUSAL_PHRASES",
                                    "n": len(REFUSAL_PHRASES)}
-    _write_atomic(args.out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(args.out_dir / "manifest.json", json.dumps(manifest, indent=1) + "\n")
     print(json.dumps(manifest))
     return 0
 

@@ -46,6 +46,31 @@ class ModelOptions:
         return (self.device == "auto" and torch.cuda.is_available()) or self.device.startswith("cuda")
 
 
+@dataclass
+class DirectionRunCommand:
+    """A command that starts from a direction run and writes a run folder (``rdo``, ``edit``):
+    ``settings`` are its config's fields by name, over the profile's defaults."""
+
+    direction: str = ""
+    out: str = ""
+    model: ModelOptions = field(default_factory=ModelOptions)
+    settings: dict = field(default_factory=dict)
+    profile: str = "auto"  # 'gpu', 'cpu' or 'auto' (follows the device)
+    data_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class RecordOutcome:
+    """A run folder and its record (what ``--json`` prints)."""
+
+    out: str
+    info: dict
+
+    def summary(self) -> dict:
+        return self.info
+
+
 def device_profile(profile: str, model: ModelOptions) -> str:
     """'gpu' (the paper's sizes) or 'cpu' (sizes that finish in minutes on a laptop); 'auto' follows the device."""
     if profile in ("gpu", "cpu"):

@@ -3,36 +3,21 @@ against refusals and KL (``edits/pareto.py``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..edits.pareto import ParetoConfig, run_pareto
 from ..errors import UserError
-from .common import ModelOptions, device_profile, profiled_config
+from .common import DirectionRunCommand, RecordOutcome, device_profile, profiled_config
 
 
 @dataclass
-class EditCommand:
+class EditCommand(DirectionRunCommand):
     """One Pareto search into ``out`` over the direction (or cone) of ``direction`` (rerunning
     resumes). ``settings``: ParetoConfig fields by name, over the profile's defaults."""
 
-    direction: str = ""
-    out: str = ""
-    model: ModelOptions = field(default_factory=ModelOptions)
-    settings: dict = field(default_factory=dict)
-    profile: str = "auto"  # 'gpu', 'cpu' or 'auto' (follows the device)
-    data_dir: str | None = None
-    progress: bool = True
 
-
-@dataclass
-class EditOutcome:
+class EditOutcome(RecordOutcome):
     """The chosen edit's record (``edit.json``)."""
-
-    out: str
-    info: dict
-
-    def summary(self) -> dict:
-        return self.info
 
 
 def edit_config(cmd: EditCommand) -> ParetoConfig:

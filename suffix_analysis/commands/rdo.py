@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..directions.rdo import RDOConfig, run_rdo
 from ..errors import UserError
-from .common import ModelOptions, device_profile, profiled_config
+from .common import DirectionRunCommand, RecordOutcome, device_profile, profiled_config
 
 
 @dataclass
-class RDOCommand:
+class RDOCommand(DirectionRunCommand):
     """One RDO run into ``out`` from the direction run ``direction`` (rerunning resumes).
     ``settings``: RDOConfig fields by name, over the profile's defaults."""
 
-    direction: str = ""
-    out: str = ""
-    model: ModelOptions = field(default_factory=ModelOptions)
-    settings: dict = field(default_factory=dict)
-    profile: str = "auto"  # 'gpu', 'cpu' or 'auto' (follows the device)
-    data_dir: str | None = None
-    progress: bool = True
 
-
-@dataclass
-class RDOOutcome:
+class RDOOutcome(RecordOutcome):
     """The learned direction's record (``direction.json``)."""
-
-    out: str
-    info: dict
-
-    def summary(self) -> dict:
-        return self.info
 
 
 def rdo_config(cmd: RDOCommand) -> RDOConfig:

@@ -191,7 +191,7 @@ class _Pass:
     """What one forward pass needs: the rows' user spans (from the attention mask)."""
 
     def __init__(self, cm: ChatModel):
-        self.cm, self.start, self.n_eoi = cm, user_start(cm), cm.chat.n_eoi
+        self.start, self.n_eoi = user_start(cm), cm.chat.n_eoi
         self.user: Tensor | None = None  # [b, k] bool: the user's message tokens
 
     def capture(self, module, args, kwargs) -> None:

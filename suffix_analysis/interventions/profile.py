@@ -74,13 +74,6 @@ class WeightProfile:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> WeightProfile:
-        try:
-            return cls(attn=Tent(**d["attn"]), mlp=Tent(**d["mlp"]), embed=float(d["embed"]))
-        except (KeyError, TypeError) as e:
-            raise UserError(f"not a weight profile this suite wrote ({type(e).__name__}: {e})") from None
-
 
 def profile_hooks(cm: ChatModel, direction: torch.Tensor, profile: WeightProfile) -> HookList:
     """Hooks that remove ``profile``'s share of ``direction`` (``[d_model]``, or a subspace
