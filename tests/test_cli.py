@@ -104,8 +104,9 @@ def test_refusal_on_tiny_model_writes_artifacts(capsys, tmp_path, tiny_folder):
     assert json.loads((out / "refusal.json").read_text())["n"] == 2
 
 
-def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+def tiny_direction_run(capsys, tmp_path, tiny_folder) -> str:
+    """``direction --out run`` on the tiny model in ``tmp_path`` (the current folder), from
+    prompt files it writes there (hv.json, nv.json: val); its JSON summary line."""
     for name, items in {"h.json": ["Write a poem about the sea.", "Say hi.", "Give three tips."],
                         "n.json": ["Write a haiku.", "Explain the sea.", "Hi"],
                         "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
@@ -115,7 +116,12 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
              "--kl-threshold", "1e9", "--induce-threshold=-1e9", "-q"]
     code, out, err = run(capsys, "direction", "--model", str(tiny_folder), "--out", "run", *loose, "--json")
     assert code == 0, err
-    info = json.loads(out.strip().splitlines()[-1])
+    return out.strip().splitlines()[-1]
+
+
+def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    info = json.loads(tiny_direction_run(capsys, tmp_path, tiny_folder))
     assert {"position", "layer", "bypass", "induce", "kl", "fingerprint"} <= set(info)
 
     code, out, err = run(capsys, "refusal", "--judge", "substring",
@@ -463,15 +469,7 @@ def test_suppression_settings_are_one_line_errors_before_the_model_loads(capsys,
 def test_the_defence_runs_from_the_command_line(capsys, tmp_path, tiny_folder, monkeypatch):
     """refusal --intervention suppress on a tiny model: calibrated, recorded in refusal.json."""
     monkeypatch.chdir(tmp_path)
-    for name, items in {"h.json": ["Write a poem about the sea.", "Say hi.", "Give three tips."],
-                        "n.json": ["Write a haiku.", "Explain the sea.", "Hi"],
-                        "hv.json": ["Do A.", "Do B."], "nv.json": ["Do C.", "Do D."]}.items():
-        (tmp_path / name).write_text(json.dumps(items))
-    code, _, err = run(capsys, "direction", "--model", str(tiny_folder), "--out", "run", "--harmful-train", "h.json",
-                       "--harmless-train", "n.json", "--harmful-val", "hv.json", "--harmless-val", "nv.json",
-                       "--no-filter-train", "--no-filter-val", "--prune-layers", "0", "--kl-threshold", "1e9",
-                       "--induce-threshold=-1e9", "-q")
-    assert code == 0, err
+    tiny_direction_run(capsys, tmp_path, tiny_folder)
     code, out, err = run(capsys, "refusal", "--model", str(tiny_folder), "--instructions", "hv.json", "--judge",
                          "substring", "--direction", "run", "--intervention", "suppress", "--threshold", "0.5",
                          "--max-new-tokens", "2", "--out", "def", "-q")

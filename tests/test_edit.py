@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 from conftest import tiny_chat_model
-from test_pipeline import LOOSE, data_files  # noqa: F401  (fixture)
+from test_pipeline import data_files  # noqa: F401  (fixture)
+from test_rdo import start  # noqa: F401  (fixture: a tiny model and its direction run)
 
-from suffix_analysis.directions.run import DirectionConfig, run_direction
 from suffix_analysis.edits.pareto import ParetoConfig, choose, full_params, pareto_front, profile_of, run_pareto
 from suffix_analysis.errors import UserError
 from suffix_analysis.interventions.directional import ablation_hooks
@@ -73,14 +73,7 @@ def test_front_and_choice():
     assert choose(front, 0.001) is rows[4]  # none within: the lowest KL
 
 
-@pytest.fixture
-def start(data_files):  # noqa: F811
-    cm = tiny_chat_model("llama")
-    run_direction(cm, data_files / "dim", DirectionConfig(**LOOSE), progress=False)
-    return cm, data_files
-
-
-def test_pareto_search_writes_its_folder_and_exports_the_choice(start):
+def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa: F811
     from suffix_analysis.directions.run import load_direction
     from suffix_analysis.models.loading import load_model
 
@@ -107,7 +100,7 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):
     assert marker["orthogonalized"] and marker["profile"] == info["profile"]
 
 
-def test_pareto_search_resumes_and_extends(start):
+def test_pareto_search_resumes_and_extends(start):  # noqa: F811
     cm, d = start
     cfg = ParetoConfig(**{**FAST, "export": False})
     run_pareto(cm, d / "dim", d / "a", ParetoConfig(**{**FAST, "trials": 3, "export": False}), progress=False)
@@ -118,7 +111,7 @@ def test_pareto_search_resumes_and_extends(start):
     assert "model_folder" not in info and not (d / "a" / "model").exists()
 
 
-def test_pareto_bad_input(start, tmp_path):
+def test_pareto_bad_input(start, tmp_path):  # noqa: F811
     cm, d = start
     with pytest.raises(UserError, match="max_kl must be above 0"):
         run_pareto(cm, d / "dim", d / "x", ParetoConfig(max_kl=0), progress=False)
@@ -138,7 +131,7 @@ def test_pareto_bad_input(start, tmp_path):
     assert not (d / "x").exists()
 
 
-def test_pareto_search_on_named_selection_sets(start, tmp_path):
+def test_pareto_search_on_named_selection_sets(start, tmp_path):  # noqa: F811
     cm, d = start
     (tmp_path / "h.txt").write_text("Do A.\nDo B.\nDo C.\n")
     (tmp_path / "n.txt").write_text("Say D.\nSay E.\n")
