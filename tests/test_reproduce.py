@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from suffix_analysis.errors import UserError
@@ -23,7 +24,7 @@ HARMLESS = ["Give three tips for staying healthy.", "Write a poem.", "Name two b
 SUMMARY_KEYS = {"refusal_baseline", "refusal_ablated", "refusal_orthogonalized", "induced_refusal_actadd",
                 "refusal_adversarial_suffix", "refusal_random_suffix", "complied_adversarial_suffix",
                 "complied_random_suffix", "attribution", "layer", "position", "suffix", "random_suffix"}
-STAGE_FOLDERS = ("direction", "evaluation", "attack", "transfer", "attribution")
+STAGE_FOLDERS = ("direction", "evaluation", "attack", "transfer", "attribution", "defence")
 
 
 def _file(folder: Path, name: str, lines: list[str]) -> str:
@@ -49,6 +50,7 @@ def tiny_sections(data: Path) -> dict:
                    "num_steps": 2, "search_width": 4, "topk": 4},
         "attribution": {"n_prompts": 2, "n_random": 1, "top_k": 2, "patch_ks": "1,2", "bands": 0,
                         "max_new_tokens": 3, "batch_size": 2},
+        "defence": {"n_calibration": 2},
     }
 
 
@@ -93,7 +95,13 @@ def test_a_run_writes_every_stage_the_summary_stage_times_report_and_figures(run
     assert "| refused, direction ablated |" in report and "![01_refusal_rates](figures/01_refusal_rates.png)" in report
     assert f"--config {out}/config.toml" in report
     pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
-    assert len(pngs) == 10 and len(list((out / "figures").glob("*.pdf"))) == 10
+    assert len(pngs) == 11 and len(list((out / "figures").glob("*.pdf"))) == 11
+    # the defence stage: every suffix with and without it, and its harmless cost
+    defence = pd.read_csv(out / "defence" / "defence.csv")
+    assert len(defence) == 8 and set(defence["suffix"]) == {"none", "adversarial", "random"}
+    assert (defence[(defence["set"] == "harmless") & ~defence["defended"]]["kl"] == 0).all()
+    assert 0 <= summary["defence_refused_adversarial_suffix_defended"] <= 1
+    assert json.loads((out / "defence" / "defence.json").read_text())["thresholds"]
 
 
 def test_evaluation_sets_are_held_out_from_the_direction_and_the_attack(run, setup):
@@ -143,7 +151,7 @@ def test_changed_settings_are_refused_and_redo_recomputes_that_stage_and_the_lat
         reproduce(model, out, changed, device="cpu", progress=False, figures=False)
     reproduce(model, out, changed, device="cpu", progress=False, figures=False, redo=["attack"])
     times = json.loads((out / "stages.json").read_text())
-    assert [times[n]["status"] for n in STAGE_FOLDERS] == ["cached", "cached", "ran", "ran", "ran"]
+    assert [times[n]["status"] for n in STAGE_FOLDERS] == ["cached", "cached", "ran", "ran", "ran", "ran"]
     assert json.loads((out / "direction" / "stage.json").read_text())["finished"] == before["direction"]
     assert len(json.loads((out / "attack" / "suffix.json").read_text())["losses"]) == 3
 
@@ -160,7 +168,7 @@ def test_figures_redraw_from_the_tables_without_torch_or_the_model_cache(run, tm
                          env=env, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "IMPORTED []" in res.stdout
-    assert len(list(redrawn.glob("*.png"))) == 10
+    assert len(list(redrawn.glob("*.png"))) == 11
     assert not cache.exists()
 
 

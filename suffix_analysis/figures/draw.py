@@ -302,11 +302,39 @@ def fig_side_effects(t: Tables):
     return _finish(fig, t, "Side effects: first-token KL and cross-entropy against the baseline")
 
 
+def fig_defence(t: Tables):
+    """11. Hijacking suppression: refused / complied / derailed with and without the defence,
+    for no suffix, the adversarial suffix and the random one; its cost on harmless prompts."""
+    df = t.table("defence", "defence")
+    if df is None:
+        return None
+    df = df.assign(defended=df["defended"].astype(str).str.lower().isin(("true", "1")))
+    harmful, harmless = df[df["set"] == "harmful"], df[df["set"] == "harmless"]
+    labels = list(harmful["suffix"] + harmful["defended"].map({False: "\nundefended", True: "\ndefended"}))
+    edges = ["k" if d else "none" for d in harmful["defended"]]  # defended bars outlined
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bottom = pd.Series(0.0, index=harmful.index)
+    judged = harmful["complied_rate"].notna().all()
+    for rate in RATES if judged else RATES[:1]:
+        vals = harmful[rate].astype(float).fillna(0.0)
+        ax.bar(labels, vals, bottom=bottom, color=RATE_COLORS[rate], edgecolor=edges,
+               label=rate.replace("_rate", ""))
+        bottom += vals
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("share of harmful completions")
+    ax.legend(loc="upper right", fontsize=8)
+    if len(harmless) == 2:
+        on, off = harmless[harmless["defended"]].iloc[0], harmless[~harmless["defended"]].iloc[0]
+        ax.set_title(f"harmless: false refusals {off['refused_rate']:.1%} -> {on['refused_rate']:.1%}, first-token "
+                     f"KL {on['kl']:.3f}, CE {off['ce']:.3f} -> {on['ce']:.3f}", fontsize=9)
+    return _finish(fig, t, "Hijacking suppression against the universal suffix")
+
+
 FIGURES = (
     ("01_refusal_rates", fig_rates), ("02_induced_refusal", fig_induced), ("03_direction_selection", fig_selection),
     ("04_cosine_layers", fig_cosine), ("05_top_heads", fig_top_heads), ("06_attention_hijacking", fig_hijack),
     ("07_suffix_tokens", fig_suffix_tokens), ("08_patching_knockout", fig_causal), ("09_attack", fig_attack),
-    ("10_side_effects", fig_side_effects),
+    ("10_side_effects", fig_side_effects), ("11_defence", fig_defence),
 )
 
 

@@ -57,6 +57,7 @@ STAGE_TABLES = {
     "transfer": ("transfer",),
     "attribution": ("cosine", "heads", "hijack", "hijack_dominance", "patching", "knockout", "top_heads.json",
                     "conditions.json"),
+    "defence": ("defence", "defence.json"),
 }
 # Files that name the model they were made from.
 MODEL_RECORDS = ("direction/direction.json", "attack/suffix.json", "attribution/run.json")

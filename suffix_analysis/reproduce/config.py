@@ -11,6 +11,7 @@ first: the dataclass defaults, the profile, the TOML file, the command line.
     [evaluation]   ablation / addition / orthogonalization       (EvaluationSettings)
     [attack]       the universal suffix and its control          (AttackSettings + attacks.gcg.GCGConfig)
     [attribution]  how the suffix suppresses the direction       (AttributionSettings + attribution.run.AttributionConfig)
+    [defence]      hijacking suppression against the suffix       (DefenceSettings + defences.suppression.SuppressionConfig)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..attacks.gcg import GCGConfig
 from ..attacks.setup import AttackInputs
 from ..attribution.run import AttributionConfig
 from ..config import PROFILES, read_toml, setting, toml_value  # gpu: the paper's sizes; cpu: 2 cores
+from ..defences.suppression import SuppressionConfig
 from ..directions.run import DirectionConfig
 from ..errors import UserError
 
@@ -74,6 +76,14 @@ class AttributionSettings:
     enabled: bool = setting(True, "run the attribution stage")
 
 
+@dataclass
+class DefenceSettings:
+    """Hijacking suppression, calibrated on clean train prompts, against the attack's suffixes
+    on the evaluation set (``defences/suppression.py``)."""
+
+    enabled: bool = setting(True, "run the defence stage")
+
+
 # TOML section -> the ReproduceConfig fields it fills (two where a section feeds two config classes).
 SECTIONS: dict[str, tuple[str, ...]] = {
     "run": ("run",),
@@ -81,6 +91,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluation": ("evaluation",),
     "attack": ("attack", "gcg"),
     "attribution": ("attribution", "attribution_config"),
+    "defence": ("defence", "suppression"),
 }
 
 # The 2-core CPU profile: each stage in minutes (measured in benchmarks/ and docs/reproduce.md).
@@ -108,6 +119,8 @@ class ReproduceConfig:
     gcg: GCGConfig = field(default_factory=GCGConfig)
     attribution: AttributionSettings = field(default_factory=AttributionSettings)
     attribution_config: AttributionConfig = field(default_factory=AttributionConfig)
+    defence: DefenceSettings = field(default_factory=DefenceSettings)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     profile: str = "gpu"
 
     def validate(self) -> None:
@@ -120,6 +133,7 @@ class ReproduceConfig:
         self.direction.validate()
         self.gcg.validate()
         self.attribution_config.validate()
+        self.suppression.validate()
 
     def sections(self) -> dict[str, dict]:
         """Every setting by TOML section, as plain values (what ``config.toml`` holds)."""

@@ -38,6 +38,7 @@ PAPER = {
     "top8_projection": "about 5.0 -> 0.5 with the suffix (random: about 3.5)",
     "top8_attention": "instruction:suffix about 5:1 -> 0.5:3.5",
     "knockout_restored": "knockout of suffix -> template attention flips almost every attack back",
+    "defence": "suppression at least halves attack success at a small utility cost (Ben-Tov et al.)",
 }
 PACKAGES = ("suffix-analysis", "torch", "transformers", "transformer-lens", "pandas", "seaborn", "matplotlib")
 
@@ -92,6 +93,16 @@ def write_report(out: Path, summary: dict, times: dict, config: ReproduceConfig)
                          f"{PAPER['top8_attention']} |")
         lines.append(f"| knockout restores refusal (generated answers) | {_f(att.get('knockout_restored'))} | "
                      f"{PAPER['knockout_restored']} |")
+    if "defence_refused_adversarial_suffix_defended" in summary:
+        for kind in ("adversarial", "random"):
+            lines.append(f"| {kind} suffix, refused / complied: undefended -> hijacking suppression | "
+                         f"{_f(summary[f'defence_refused_{kind}_suffix'])} / "
+                         f"{_f(summary[f'defence_complied_{kind}_suffix'])} -> "
+                         f"{_f(summary[f'defence_refused_{kind}_suffix_defended'])} / "
+                         f"{_f(summary[f'defence_complied_{kind}_suffix_defended'])} | |")
+        lines.append(f"| hijacking suppression on harmless: false refusals, first-token KL | "
+                     f"{_f(summary['defence_false_refusal_undefended'])} -> {_f(summary['defence_false_refusal'])}, "
+                     f"{_f(summary['defence_kl_harmless'])} | {PAPER['defence']} |")
     if summary.get("suffix"):
         lines += ["", f"Adversarial suffix: `{summary['suffix']}`", f"Random control: `{summary.get('random_suffix')}`"]
     lines += ["", "Read the completions behind every rate (`transfer/completions_*.json`): a suffix that stops "

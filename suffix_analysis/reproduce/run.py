@@ -43,6 +43,8 @@ def _skipped(name: str, ctx: Context) -> str | None:
         return f"{ctx.model} is not the organism preset"
     if name == "attribution" and not ctx.config.attribution.enabled:
         return "[attribution] enabled = false"
+    if name == "defence" and not ctx.config.defence.enabled:
+        return "[defence] enabled = false"
     return None
 
 

@@ -9,6 +9,7 @@ Every stage returns its headline numbers (they go into ``RUN/<stage>/stage.json`
     attack       a universal GCG suffix and the random control    attack/suffix.json, losses.csv, random.json
     transfer     both suffixes on the held-out evaluation set     transfer/transfer.csv, completions_*.json
     attribution  how the suffix suppresses the direction          attribution/ (its own tables)
+    defence      hijacking suppression against both suffixes      defence/defence.csv, defence.json, completions_*.json
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,11 +32,14 @@ from ..attacks.setup import attack_instructions, attack_targets, build_attack
 from ..attacks.targets import default_target
 from ..attribution.run import run_attribution
 from ..datasets import load_file, load_instructions
+from ..defences.suppression import build_defence, suppressing
 from ..directions.run import load_direction, run_direction, sample_prompts
 from ..errors import UserError
+from ..evaluation.loss import completion_ce
 from ..evaluation.refusal import evaluate_refusal, make_judges
 from ..evaluation.report import evaluate_direction
 from ..interventions.orthogonalize import export_orthogonalized
+from ..metrics import first_token_kl
 from ..models.loading import ChatModel, load_model
 from ..models.placement import Placement
 from ..runs import digest, read_json
@@ -275,6 +280,53 @@ def stage_attribution(ctx: Context, folder: Path) -> dict:
     return {"attribution": summary}
 
 
+def stage_defence(ctx: Context, folder: Path) -> dict:
+    """Hijacking suppression (calibrated on clean train prompts) against no suffix, the
+    adversarial suffix and the random one on the harmful evaluation set, and its cost on the
+    harmless one (false refusals, first-token KL, CE of the undefended answers)."""
+    cfg = ctx.config
+    cm = ctx.model_()
+    _, info = ctx.direction()
+    sets = ctx.eval_sets()
+    judge, compliance = ctx.judges()
+    defence = build_defence(cm, cfg.suppression, info["layer"], ctx.data_dir, batch_size=cfg.run.batch_size)
+    write_json_atomic(folder / "defence.json", defence.to_dict())
+    kw = dict(judge=judge, max_new_tokens=cfg.run.max_new_tokens, batch_size=cfg.run.batch_size,
+              progress=ctx.progress)
+    suffixes = {"none": "", **_suffixes(ctx)}
+    rows, clean = [], None
+    for defended in (False, True):
+        state = "defended" if defended else "undefended"
+        with suppressing(cm, defence) if defended else nullcontext():
+            for kind, suffix in suffixes.items():
+                n = len(sets["harmful"])
+                rep = evaluate_refusal(cm, sets["harmful"], suffixes=[suffix] * n if suffix else None,
+                                       compliance=compliance, **kw)
+                rows.append({"set": "harmful", "suffix": kind, "defended": defended, "n": n,
+                             "refused_rate": rep.refusal_rate, "complied_rate": rep.complied_rate,
+                             "derailed_rate": rep.derailed_rate, "refusal_score": rep.refusal_score})
+                write_json_atomic(folder / f"completions_{kind}_{state}.json", rep.rows())
+            rep = evaluate_refusal(cm, sets["harmless"], **kw)
+            clean = clean or rep
+            rows.append({"set": "harmless", "suffix": "none", "defended": defended, "n": len(sets["harmless"]),
+                         "refused_rate": rep.refusal_rate, "refusal_score": rep.refusal_score,
+                         "kl": first_token_kl(clean.first_logits, rep.first_logits).mean().item(),
+                         "ce": completion_ce(cm, sets["harmless"], clean.completions)})
+            write_json_atomic(folder / f"completions_harmless_{state}.json", rep.rows())
+    write_table(folder, "defence", pd.DataFrame(rows))
+    by = {(r["set"], r["suffix"], r["defended"]): r for r in rows}
+    out = {}
+    for kind in suffixes:
+        for defended in (False, True):
+            r, tag = by[("harmful", kind, defended)], f"{kind}_suffix{'_defended' if defended else ''}"
+            out[f"defence_refused_{tag}"] = r["refused_rate"]
+            out[f"defence_complied_{tag}"] = r["complied_rate"]
+    out["defence_false_refusal"] = by[("harmless", "none", True)]["refused_rate"]
+    out["defence_false_refusal_undefended"] = by[("harmless", "none", False)]["refused_rate"]
+    out["defence_kl_harmless"] = by[("harmless", "none", True)]["kl"]
+    return out
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -289,7 +341,7 @@ class Stage:
         mine = {s: sections[s] for s in self.settings}
         if "attack" in mine:  # how fast a step runs does not change what it finds (how many steps does)
             mine["attack"] = {k: v for k, v in mine["attack"].items() if k not in SPEED_ONLY or k == "num_steps"}
-        uses_eval = self.name in ("evaluation", "transfer", "attribution")
+        uses_eval = self.name in ("evaluation", "transfer", "attribution", "defence")
         return {"model": ctx.model, "settings": mine, "after": {a: ctx.keys.get(a) for a in self.after},
                 "eval": ctx.eval_sets()["hash"] if uses_eval else None}
 
@@ -329,6 +381,7 @@ STAGES = (
     Stage("attack", stage_attack, ("direction",), ("attack",)),
     Stage("transfer", stage_transfer, ("attack",), ("run",)),
     Stage("attribution", stage_attribution, ("direction", "attack"), ("run", "attribution")),
+    Stage("defence", stage_defence, ("direction", "attack"), ("run", "defence")),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
