@@ -64,6 +64,17 @@ def test_partial_weight_edit_equals_its_hooks(rank):
         orthogonalize_(edited, direction, scales={"blocks.99.hook_mlp_out": 1.0})
 
 
+def test_layer_direction_mixes_the_two_layers_around_it():
+    from suffix_analysis.directions.extract import layer_direction
+
+    dirs = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.0, -1.0]])
+    assert torch.allclose(layer_direction(dirs, 1.0), torch.tensor([0.0, 1.0]))
+    assert torch.allclose(layer_direction(dirs, 0.5), torch.tensor([1.0, 1.0]) / 2 ** 0.5)
+    assert torch.allclose(layer_direction(dirs, 2.0), torch.tensor([0.0, -1.0]))
+    with pytest.raises(ValueError, match="outside"):
+        layer_direction(dirs, 2.5)
+
+
 def test_front_and_choice():
     rows = [{"refused": 0.0, "kl": 0.3}, {"refused": 0.1, "kl": 0.05}, {"refused": 0.2, "kl": 0.04},
             {"refused": 0.2, "kl": 0.06}, {"refused": 0.5, "kl": 0.01}]
@@ -74,7 +85,8 @@ def test_front_and_choice():
 
 
 def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa: F811
-    from suffix_analysis.directions.run import load_direction
+    from suffix_analysis.directions.extract import layer_direction
+    from suffix_analysis.directions.run import load_direction, load_layer_directions
     from suffix_analysis.models.loading import load_model
 
     cm, d = start
@@ -82,7 +94,10 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa:
     info = run_pareto(cm, d / "dim", d / "edit", ParetoConfig(**FAST, max_kl=1e9), progress=False)
     run = d / "edit"
     trials = json.loads((run / "trials.json").read_text())
-    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers)  # trial 0: the paper's edit
+    layer = json.loads((d / "dim" / "direction.json").read_text())["layer"]
+    # trial 0: the paper's edit, the selected direction (its layer) removed from every writer
+    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers, layer)
+    assert len({t["params"]["direction_layer"] for t in trials}) > 1  # the direction layer is searched
     assert info["paper_edit"] == pytest.approx({k: trials[0][k] for k in ("refused", "kl", "score")})
     assert info["budget"]["trials"] == 6 and (run / "pareto.png").stat().st_size > 0
     front = (run / "front.csv").read_text().splitlines()
@@ -93,8 +108,13 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa:
     exported = load_model(info["model_folder"], device="cpu")
     clean = copy.copy(cm)
     clean.model = pristine
-    r, _ = load_direction(d / "dim", clean)
+    cands = load_layer_directions(d / "dim", clean)
+    r = layer_direction(cands, chosen["params"]["direction_layer"])
     hooked = _logits(clean, profile_hooks(clean, r, profile_of(chosen["params"])))
+    assert info["direction_layer"] == chosen["params"]["direction_layer"]
+    # the selected direction is its layer's candidate: trial 0 scores what the paper's edit does
+    sel, _ = load_direction(d / "dim", clean)
+    assert torch.allclose(layer_direction(cands, float(layer)), sel / sel.norm(), atol=1e-6)
     assert torch.allclose(_logits(exported), hooked, atol=1e-4)
     marker = json.loads((run / "model" / "suffix_analysis.json").read_text())
     assert marker["orthogonalized"] and marker["profile"] == info["profile"]

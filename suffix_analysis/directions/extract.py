@@ -54,3 +54,18 @@ def mean_projection(cm: ChatModel, instructions: list[str], direction: torch.Ten
     means = mean_resid_pre(cm, instructions, batch_size=batch_size)[:, layer]  # [n_eoi, d_model]
     unit = direction.double().cpu() / direction.norm()
     return (means.cpu() @ unit).float()
+
+
+def layer_direction(layer_dirs: torch.Tensor, layer: float) -> torch.Tensor:
+    """The unit direction at a fractional ``layer`` of ``layer_dirs`` ``[n_layers, d_model]``
+    (one position's candidates): the unit directions of the two layers around it, mixed
+    linearly and normalized (heretic's direction index). An integer ``layer`` gives that
+    layer's direction. ``[d_model]`` float32."""
+    n = layer_dirs.shape[0]
+    if not 0 <= layer <= n - 1:
+        raise ValueError(f"layer {layer} is outside [0, {n - 1}]")
+    lo = int(layer)
+    hi, frac = min(lo + 1, n - 1), layer - lo
+    units = layer_dirs.double() / layer_dirs.double().norm(dim=-1, keepdim=True)
+    mixed = (1 - frac) * units[lo] + frac * units[hi]
+    return (mixed / mixed.norm()).float()

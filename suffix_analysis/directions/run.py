@@ -161,6 +161,23 @@ def load_direction(run: str | Path, cm: ChatModel, allow_other_model: bool = Fal
     return direction, info
 
 
+def load_layer_directions(run: str | Path, cm: ChatModel) -> torch.Tensor | None:
+    """The difference-in-means candidates of a direction run at its selected position, one per
+    layer: ``[n_layers, d_model]`` (the selected direction is row ``layer``); ``None`` for a run
+    without candidates (an RDO run)."""
+    run = Path(run).expanduser()
+    path = run / "candidates.safetensors"
+    rec = read_json(run / RUN_FILE, f"make the direction run again with `suffix-analysis direction --out {run}`")
+    if rec.get("kind", "direction") != "direction" or not path.is_file():
+        return None
+    info = read_json(run / "direction.json", f"select it again with `suffix-analysis direction --out {run}`")
+    cands = _load_tensor(path, "candidates", f"remove it to extract again (`suffix-analysis direction --out {run}`)")
+    if cands.ndim != 3 or cands.shape[1:] != (cm.n_layers, cm.d_model):
+        raise UserError(f"{path} has shape {tuple(cands.shape)}, not [positions, {cm.n_layers}, {cm.d_model}] for "
+                        f"this model; extract it again in a new run folder")
+    return cands[cm.chat.eoi_positions[-cands.shape[0]:].index(info["position"])]
+
+
 # --- the stages ---------------------------------------------------------------------------------
 
 def sample_prompts(cfg: DirectionConfig, data_dir: str | None) -> PromptSets:

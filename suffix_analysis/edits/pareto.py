@@ -3,7 +3,10 @@ Optuna against two objectives at once, as heretic (p-e-w/heretic) does.
 
 The search space is :class:`~suffix_analysis.interventions.profile.WeightProfile`: a tent of
 shares over the layers for attention outputs and one for MLP outputs (maximum, peak layer,
-minimum as a fraction of the maximum, reach), and a share for the embeddings. Every trial is
+minimum as a fraction of the maximum, reach), and a share for the embeddings; and, for a
+direction run, which direction is removed: the difference in means at a fractional layer
+(``direction_layer``, mixed between the two layers around it, heretic's direction index) at
+the run's selected position. Every trial is
 scored on selection prompts only, never held-out ones: the direction run's filtered val
 splits, or other sets named by ``harmful`` and ``harmless`` (heretic scores all of harmful:val
 and harmless:val):
@@ -12,7 +15,7 @@ and harmless:val):
   not (refusal score > 0, the paper's metric) with the profile's ablation;
 * KL: the mean first-token KL(clean || edited) on harmless val prompts.
 
-Trial 0 is the paper's edit (every share 1), so the front is never worse than it on these
+Trial 0 is the paper's edit (every share 1, the selected direction), so the front is never worse than it on these
 prompts. Trials are simulated with hooks (``interventions.profile.profile_hooks``); only the
 chosen one is baked into the weights. The chosen edit is the front's trial with the fewest
 refusals among those with KL at most ``max_kl`` (ties: lower KL); if none is that close, the
@@ -40,8 +43,9 @@ from tqdm.auto import tqdm
 
 from ..artifacts import write_json_atomic
 from ..config import setting
+from ..directions.extract import layer_direction
 from ..directions.rdo import cone_basis
-from ..directions.run import _write_csv, load_direction, run_prompts
+from ..directions.run import _write_csv, load_direction, load_layer_directions, run_prompts
 from ..errors import UserError
 from ..figures.pareto import draw_pareto
 from ..interventions.orthogonalize import export_orthogonalized
@@ -66,6 +70,8 @@ class ParetoConfig:
     max_kl: float = setting(0.1, "the chosen edit: fewest refusals among front trials with KL at most this "
                                  "(the paper's KL bound)")
     cone: bool = setting(False, "edit the whole refusal cone of an RDO run (`rdo --cone-dim K`), not its direction")
+    direction_layer: bool = setting(True, "also search which layer's difference-in-means direction is removed "
+                                          "(fractional, heretic's direction index); a direction run only")
     harmful: str = setting("", "harmful selection prompts (refused): empty for the direction run's filtered val "
                                "prompts, or a set such as harmful:val")
     harmless: str = setting("", "harmless selection prompts (KL): empty for the direction run's filtered val "
@@ -99,7 +105,12 @@ def _require_optuna():
     return optuna
 
 
-def space(n_layers: int, max_weight: float) -> dict:
+# The direction layers searched, as fractions of the depth: heretic's range (its direction
+# index); the first layers' differences in means do not carry refusal yet.
+LAYER_RANGE = (0.4, 0.9)
+
+
+def space(n_layers: int, max_weight: float, direction_layer: bool = False) -> dict:
     """The search space: Optuna distributions by parameter name."""
     optuna = _require_optuna()
     top = max(n_layers - 1, 1)
@@ -110,6 +121,8 @@ def space(n_layers: int, max_weight: float) -> dict:
         out[f"{c}_min_ratio"] = optuna.distributions.FloatDistribution(0.0, 1.0)
         out[f"{c}_distance"] = optuna.distributions.FloatDistribution(1.0, float(top))
     out["embed"] = optuna.distributions.FloatDistribution(0.0, 1.0)
+    if direction_layer:
+        out["direction_layer"] = optuna.distributions.FloatDistribution(*(f * top for f in LAYER_RANGE))
     return out
 
 
@@ -123,34 +136,49 @@ def profile_of(params: dict) -> WeightProfile:
     return WeightProfile(attn=tent("attn"), mlp=tent("mlp"), embed=params["embed"])
 
 
-def full_params(n_layers: int) -> dict:
+def full_params(n_layers: int, layer: int | None = None) -> dict:
     """The parameters of the paper's edit: every share 1 (a tent centred on the middle layer
-    that reaches every layer)."""
+    that reaches every layer), and with ``layer`` (a search of the direction layer too) the
+    selected direction's layer."""
     mid, reach = (n_layers - 1) / 2, float(max(n_layers - 1, 1))
-    return {**{f"{c}_{k}": v for c in ("attn", "mlp")
-               for k, v in (("max_weight", 1.0), ("peak", mid), ("min_ratio", 1.0), ("distance", reach))},
-            "embed": 1.0}
+    out = {**{f"{c}_{k}": v for c in ("attn", "mlp")
+              for k, v in (("max_weight", 1.0), ("peak", mid), ("min_ratio", 1.0), ("distance", reach))},
+           "embed": 1.0}
+    return out if layer is None else {**out, "direction_layer": float(layer)}
+
+
+class Directions:
+    """The direction each trial removes: the run's own (or its cone), or, with per-layer
+    candidates, the one at the trial's ``direction_layer``."""
+
+    def __init__(self, fixed: torch.Tensor, layer_dirs: torch.Tensor | None = None):
+        self.fixed, self.layer_dirs = fixed, layer_dirs
+
+    def __call__(self, params: dict) -> torch.Tensor:
+        if self.layer_dirs is None or "direction_layer" not in params:
+            return self.fixed
+        return layer_direction(self.layer_dirs, params["direction_layer"])
 
 
 class Scorer:
     """The two objectives of a profile on fixed prompts; the clean harmless logits once."""
 
-    def __init__(self, cm: ChatModel, direction: torch.Tensor, harmful: list[str], harmless: list[str],
-                 batch_size: int = 32):
+    def __init__(self, cm: ChatModel, harmful: list[str], harmless: list[str], batch_size: int = 32):
         if not harmful or not harmless:
             raise UserError("the Pareto edit needs harmful and harmless selection prompts; the direction run kept "
                             f"{len(harmful)} and {len(harmless)}")
-        self.cm, self.direction, self.batch_size = cm, direction, batch_size
+        self.cm, self.batch_size = cm, batch_size
         self.harmful, self.harmless = cm.chat.tokenize(harmful), cm.chat.tokenize(harmless)
         with torch.no_grad():
             self.clean = run_batches(cm, self.harmless, batch_size)
 
     @torch.no_grad()
-    def __call__(self, profile: WeightProfile) -> dict:
+    def __call__(self, profile: WeightProfile, direction: torch.Tensor) -> dict:
         """``refused`` (share of harmful prompts with refusal score > 0), ``kl`` (mean
-        first-token KL on harmless prompts) and ``score`` (mean refusal score, harmful)."""
+        first-token KL on harmless prompts) and ``score`` (mean refusal score, harmful), with
+        ``profile``'s share of ``direction`` (``[d_model]`` or a cone ``[k, d_model]``) removed."""
         cm = self.cm
-        with run_with_hooks(cm, profile_hooks(cm, self.direction, profile)):
+        with run_with_hooks(cm, profile_hooks(cm, direction, profile)):
             s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
             kl = first_token_kl(self.clean, run_batches(cm, self.harmless, self.batch_size)).mean().item()
         return {"refused": (s > 0).float().mean().item(), "kl": kl, "score": s.mean().item()}
@@ -193,8 +221,14 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     optuna = _require_optuna()
     src = Path(direction_run).expanduser()
     direction, info = load_direction(src, cm)
+    layer_dirs = None
     if cfg.cone:
         direction = cone_basis(src)
+    elif cfg.direction_layer:
+        layer_dirs = load_layer_directions(src, cm)
+        if layer_dirs is None:
+            log.info("%s has no per-layer candidates (an RDO run): its direction is edited as it is", src)
+    directions = Directions(direction, layer_dirs)
     prompts = run_prompts(cm, src, data_dir)
     harmful, harmless = prompts.harmful_val, prompts.harmless_val
     if cfg.harmful or cfg.harmless:
@@ -212,12 +246,12 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
-    dist = space(cm.n_layers, cfg.max_weight)
+    dist = space(cm.n_layers, cfg.max_weight, layer_dirs is not None)
     done = _load_trials(run) if (run / "trials.json").is_file() else []
     study = _study(optuna, cfg, dist, done)
     if not done:
-        study.enqueue_trial(full_params(cm.n_layers))
-    scorer = Scorer(cm, direction, harmful, harmless, cfg.batch_size)
+        study.enqueue_trial(full_params(cm.n_layers, info["layer"] if layer_dirs is not None else None))
+    scorer = Scorer(cm, harmful, harmless, cfg.batch_size)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
                disable=not progress)
@@ -225,7 +259,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         while len(done) < cfg.trials:
             t0 = time.perf_counter()
             trial = study.ask(dist)
-            scores = scorer(profile_of(trial.params))
+            scores = scorer(profile_of(trial.params), directions(trial.params))
             study.tell(trial, [scores["refused"], scores["kl"]])
             done.append({"trial": len(done), "params": trial.params, **scores,
                          "seconds": round(time.perf_counter() - t0, 3)})
@@ -238,7 +272,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         bar.close()
         if done:
             write_json_atomic(run / "trials.json", done)
-    return _finish(cm, run, cfg, direction, info, record, done, time.perf_counter() - start,
+    return _finish(cm, run, cfg, directions, info, record, done, time.perf_counter() - start,
                    (len(scorer.harmful), len(scorer.harmless)))
 
 
@@ -251,7 +285,7 @@ def _load_trials(run: Path) -> list[dict]:
     return rows
 
 
-def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, direction: torch.Tensor, info: dict, record: dict,
+def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions, info: dict, record: dict,
             done: list[dict], seconds: float, sizes: tuple[int, int]) -> dict:
     front = pareto_front(done)
     chosen = choose(front, cfg.max_kl)
@@ -260,9 +294,13 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, direction: torch.Tensor
     _write_csv(run / "trials.csv", flat)
     _write_csv(run / "front.csv", sorted((f for f in flat if f["pareto"]), key=lambda f: f["kl"]))
     profile = profile_of(chosen["params"])
-    full = done[0] if done[0]["params"] == full_params(cm.n_layers) else None
+    full = done[0] if done[0]["params"] in (full_params(cm.n_layers), full_params(cm.n_layers, info["layer"])) \
+        else None
+    direction = directions(chosen["params"])
     out = {"model": cm.name, "fingerprint": record["fingerprint"], "direction_run": record["direction_run"],
-           "position": info["position"], "layer": info["layer"], "cone": cfg.cone, "objectives": list(OBJECTIVES),
+           "position": info["position"], "layer": info["layer"],
+           "direction_layer": chosen["params"].get("direction_layer"), "cone": cfg.cone,
+           "objectives": list(OBJECTIVES),
            "chosen": {k: chosen[k] for k in ("trial", "refused", "kl", "score")}, "profile": profile.to_dict(),
            "shares": profile.sites(cm.n_layers),
            "paper_edit": {k: full[k] for k in ("refused", "kl", "score")} if full else None,
@@ -275,7 +313,8 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, direction: torch.Tensor
     if cfg.export:
         folder = export_orthogonalized(cm, direction, run / "model", {
             "source_model": cm.name, "direction_run": record["direction_run"], "edit_run": str(run),
-            "position": info["position"], "layer": info["layer"], "profile": profile.to_dict(), "cone": cfg.cone},
+            "position": info["position"], "layer": info["layer"], "direction_layer": out["direction_layer"],
+            "profile": profile.to_dict(), "cone": cfg.cone},
             scales=profile.sites(cm.n_layers))
         out["model_folder"] = str(folder)
         write_json_atomic(run / "edit.json", out)
