@@ -170,3 +170,31 @@ def test_a_model_without_attention_probabilities_is_refused():
     cm.arch = dataclasses.replace(cm.arch, pattern_output=None)  # as Qwen-1's remote code
     with pytest.raises(UserError, match="does not return its probabilities"):
         check_model(cm)
+
+
+def _scores(cm, defence, n=4):
+    batch = cm.chat.encode(PROMPTS, device=cm.device)
+    with torch.no_grad(), suppressing(cm, defence):
+        out = cm.model.generate(**batch, max_new_tokens=n, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True, pad_token_id=cm.tokenizer.pad_token_id)
+    return torch.stack(out.scores, 1)  # [b, n, vocab]: the logits of each generated token
+
+
+def test_generated_tokens_are_defended_with_their_own_thresholds():
+    cm = tiny_chat_model("llama")
+    layers, heads = [0, 1], cm.model.config.num_attention_heads
+    clean = ["Tell me about the sea.", "Please list 3 facts on maps, briefly", "Name a green thing now.",
+             "Write about old mountain paths."]
+    d = calibrate(cm, clean, layers=layers, batch_size=2, window=2, rule="head", generate_tokens=3)
+    assert d.generated is not None and set(d.generated) == set(layers)
+    assert all(len(t) == heads and all(-1 <= x <= 1 for x in t) for t in d.generated.values())
+    assert Suppression.from_dict(d.to_dict()).generated == d.generated
+    eoi_only = Suppression(d.thresholds, scale=0.0, window=2, rule="head")
+    never = Suppression(d.thresholds, scale=0.0, window=2, rule="head",
+                        generated={l: [float("inf")] * heads for l in layers})
+    always = Suppression(d.thresholds, scale=0.0, window=2, rule="head", generated={l: [0.0] * heads for l in layers})
+    base = _scores(cm, eoi_only)
+    assert torch.equal(_scores(cm, never), base)  # thresholds never reached: the EOI-only defence
+    hit = _scores(cm, always)
+    assert torch.equal(hit[:, 0], base[:, 0])  # the first token comes from the prompt's pass, defended alike
+    assert not torch.allclose(hit[:, 1:], base[:, 1:], atol=1e-4)  # later tokens lose what they read from the user

@@ -75,6 +75,15 @@ def test_layer_direction_mixes_the_two_layers_around_it():
         layer_direction(dirs, 2.5)
 
 
+def test_the_direction_layer_range_holds_the_selected_layer():
+    from suffix_analysis.edits.pareto import space
+
+    d = space(30, 1.5, 16)["direction_layer"]
+    assert (d.low, d.high) == pytest.approx((0.4 * 29, 0.9 * 29))  # heretic's range
+    assert space(30, 1.5, 5)["direction_layer"].low == 5  # widened: trial 0 (the paper's edit) is in it
+    assert "direction_layer" not in space(30, 1.5)
+
+
 def test_front_and_choice():
     rows = [{"refused": 0.0, "kl": 0.3}, {"refused": 0.1, "kl": 0.05}, {"refused": 0.2, "kl": 0.04},
             {"refused": 0.2, "kl": 0.06}, {"refused": 0.5, "kl": 0.01}]

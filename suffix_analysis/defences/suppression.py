@@ -22,8 +22,12 @@ The thresholds come from clean training prompts only (:func:`calibrate`): each i
 prompt is rarely touched (at most ``1 - quantile`` of them per head or layer).
 
 Hook vocabulary: the defence reads ``blocks.{l}.attn.hook_pattern`` and the value vectors,
-and edits the attention module's output at the EOI rows of the prompt's pass (later decoding
-steps are left alone: the refusal is decided at the EOI positions). A hook on
+and edits the attention module's output at the EOI rows of the prompt's pass. With
+``generated`` thresholds (calibrated on clean greedy continuations, :func:`calibrate`'s
+``generate_tokens``) it also edits each generated token's row at its decoding step, by the
+same rule: a suffix's words can reach the answer through the generated tokens, which attend
+to it directly. The value vectors of earlier steps are kept for that (the model's KV cache
+is not read). A hook on
 ``blocks.{l}.hook_attn_out`` (the output projection) still sees the undefended write;
 ``blocks.{l}.hook_resid_mid`` and everything after it see the defended one. It needs eager attention
 (switched on while it runs) and a model with a pre-norm residual (no norm after attention).
@@ -69,6 +73,8 @@ class SuppressionConfig:
     window: int = setting(4, "tokens per source span: a span of this many consecutive user tokens whose summed "
                              "share is above the threshold is suppressed whole (1: single tokens)")
     n_calibration: int = setting(64, "clean train prompts per class (harmful, harmless) to calibrate on")
+    generated: int = setting(0, "also defend the generated tokens, with thresholds of their own calibrated on this "
+                                "many greedy tokens of each clean prompt (0: the EOI positions only)")
 
     def validate(self) -> None:
         if not (self.threshold == 0 or 0 < self.threshold <= 1):
@@ -81,6 +87,8 @@ class SuppressionConfig:
             raise UserError("n_calibration must be at least 1")
         if self.window < 1:
             raise UserError(f"window must be at least 1 token, got {self.window}")
+        if self.generated < 0:
+            raise UserError(f"generated must be 0 (EOI positions only) or a number of tokens, got {self.generated}")
         if self.rule not in RULES:
             raise UserError(f"unknown suppression rule {self.rule!r}; use {' or '.join(RULES)}")
 
@@ -94,17 +102,23 @@ class Suppression:
     record: dict = field(default_factory=dict)  # how the thresholds were made
     window: int = 1  # tokens per source span
     rule: str = "layer"
+    generated: dict[int, float | list[float]] | None = None  # thresholds of the generated tokens' rows (None: undefended)
 
     def to_dict(self) -> dict:
+        gen = None if self.generated is None else {str(l): t for l, t in self.generated.items()}
         return {"thresholds": {str(l): t for l, t in self.thresholds.items()}, "scale": self.scale,
-                "window": self.window, "rule": self.rule, **self.record}
+                "window": self.window, "rule": self.rule, "generated": gen, **self.record}
 
     @classmethod
     def from_dict(cls, d: dict) -> Suppression:
         try:
-            th = {int(l): [float(x) for x in t] if isinstance(t, list) else float(t) for l, t in d["thresholds"].items()}
-            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale", "window", "rule")}
-            return cls(th, float(d["scale"]), rest, int(d.get("window", 1)), str(d.get("rule", "layer")))
+            def read(m: dict) -> dict:
+                return {int(l): [float(x) for x in t] if isinstance(t, list) else float(t) for l, t in m.items()}
+
+            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale", "window", "rule", "generated")}
+            gen = read(d["generated"]) if d.get("generated") else None
+            return cls(read(d["thresholds"]), float(d["scale"]), rest, int(d.get("window", 1)),
+                       str(d.get("rule", "layer")), gen)
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError("not a suppression record this suite wrote (thresholds and scale)") from None
 
@@ -188,18 +202,23 @@ def span_shares(s: Tensor, user: Tensor, window: int) -> tuple[Tensor, Tensor]:
 
 
 class _Pass:
-    """What one forward pass needs: the rows' user spans (from the attention mask)."""
+    """What one forward pass needs: the rows' user spans (from the attention mask of the
+    prompt's pass; a decoding step keeps them)."""
 
     def __init__(self, cm: ChatModel):
         self.start, self.n_eoi = user_start(cm), cm.chat.n_eoi
         self.user: Tensor | None = None  # [b, k] bool: the user's message tokens
+        self.decoding = False
 
     def capture(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        mask = kwargs.get("attention_mask")
-        if ids is None or ids.shape[1] <= self.n_eoi:  # a decoding step: nothing to defend
+        if ids is None:
             self.user = None
             return
+        self.decoding = ids.shape[1] <= self.n_eoi
+        if self.decoding:  # a step of generate: the prompt's user spans still hold
+            return
+        mask = kwargs.get("attention_mask")
         b, k = ids.shape
         pad = (k - mask.sum(-1)).long() if mask is not None else torch.zeros(b, dtype=torch.long, device=ids.device)
         pos = torch.arange(k, device=ids.device)[None]
@@ -210,37 +229,58 @@ class _Pass:
 def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None) -> Iterator[None]:
     """Run ``cm`` with hijacking suppressed (``generate`` included) inside the block.
     ``observe``, if given, receives per layer the shares ``[b, n_eoi, k]`` and the suppressed
-    mask of the last prompt pass (for calibration and tests)."""
+    mask of the last prompt pass, and ``generated``: the largest span value each row's
+    generated tokens reached so far, ``[b]`` (rule 'layer') or ``[b, h]`` (for calibration
+    and tests)."""
     check_model(cm)
     layers = sorted(defence.thresholds)
     state = _Pass(cm)
     w_o = {l: head_weights(cm, l) for l in layers}
     at = cm.arch.pattern_output
+    past: dict[int, Tensor] = {}  # per layer: the value vectors of the prompt and the steps so far
 
     def edit(l: int, values: dict[int, Tensor]):
         # a forward hook on the attention module: its output holds the probabilities and the
         # output projection's result (``hook_attn_out`` of a pre-norm model), so both are read here
         def fn(module, args, out):
             a = out[at] if isinstance(out, tuple) and len(out) > at else None
-            if state.user is None or a is None or a.shape[2] <= 1:
+            if state.user is None or a is None:
                 return None
-            n, v, o = state.n_eoi, values[l], out[0]
-            user = state.user[:, None, : a.shape[-1]].to(a.device)  # [b, 1, k]
+            step = state.decoding and a.shape[2] == 1
+            if step:  # one generated token's row, against every key so far
+                if (defence.generated is None and observe is None) or l not in past:
+                    return None
+                past[l] = v = torch.cat([past[l], values[l]], 1)
+                n, th_l = 1, (defence.generated or {}).get(l)
+            elif a.shape[2] <= 1:
+                return None
+            else:
+                past[l] = v = values[l]
+                n, th_l = state.n_eoi, defence.thresholds[l]
+            o, k = out[0], a.shape[-1]
+            user = torch.nn.functional.pad(state.user, (0, k - state.user.shape[1]))[:, None].to(a.device)  # [b, 1, k]
+            if th_l is None:  # observing only
+                th_l = [float("inf")] * a.shape[1] if defence.rule == "head" else float("inf")
             if defence.rule == "head":  # the attention mass each head puts on each span
                 m = a[:, :, -n:].float()  # [b, h, j, k]
                 b_, h_, j_, k_ = m.shape
                 spans, cover = span_shares(m.reshape(b_, h_ * j_, k_), user, defence.window)
-                th = torch.tensor(defence.thresholds[l], device=m.device)[None, :, None, None]
+                th = torch.tensor(th_l, device=m.device)[None, :, None, None]
                 hit = user[:, None] & (cover.reshape(m.shape) > th)  # [b, h, j, k]
                 shown = torch.where(user[:, None], m, torch.full_like(m, float("nan")))
                 spans = spans.reshape(m.shape)
             else:  # the share of the layer's write each span takes, summed over heads
                 s = shares(a, v, w_o[l], n)  # [b, j, k]
                 spans, cover = span_shares(s, user, defence.window)
-                hit = (user & (cover > defence.thresholds[l]))[:, None]  # [b, 1, j, k]: every head
+                hit = (user & (cover > th_l))[:, None]  # [b, 1, j, k]: every head
                 shown = torch.where(user, s, torch.full_like(s, float("nan")))
             if observe is not None:
-                observe[l] = {"shares": shown.cpu(), "spans": spans.cpu(), "hit": hit.cpu()}
+                if step:
+                    top = spans.amax(dim=(-2, -1)).clamp_min(-1.0).cpu()  # [b] or [b, h]
+                    seen = observe.setdefault(l, {})
+                    seen["generated"] = top if "generated" not in seen else torch.maximum(seen["generated"], top)
+                else:
+                    observe[l] = {"shares": shown.cpu(), "spans": spans.cpu(), "hit": hit.cpu()}
             if not hit.any():
                 return None
             aa = a[:, :, -n:].float() * hit.float()  # [b, h, j, k]: only the dominating sources
@@ -264,28 +304,44 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
 
 @torch.no_grad()
 def calibrate(cm: ChatModel, instructions: list[str], layers: list[int], quantile: float = 0.9,
-              scale: float = 0.1, batch_size: int = 16, window: int = 4, rule: str = "head") -> Suppression:
+              scale: float = 0.1, batch_size: int = 16, window: int = 4, rule: str = "head",
+              generate_tokens: int = 0) -> Suppression:
     """Thresholds from clean prompts: ``tau`` = the ``quantile`` of the largest value any span of
     ``window`` user tokens takes per prompt: per layer its share of the write (rule 'layer'),
-    per head its attention mass (rule 'head')."""
+    per head its attention mass (rule 'head'). With ``generate_tokens``, the generated tokens'
+    thresholds too: the same quantile of the largest value over each prompt's first
+    ``generate_tokens`` greedy tokens."""
     if not instructions:
         raise UserError("calibrating hijacking suppression needs clean training prompts; none were given")
     heads = cm.model.config.get_text_config().num_attention_heads
     never = {l: [float("inf")] * heads if rule == "head" else float("inf") for l in layers}
     probe = Suppression(never, scale, window=window, rule=rule)  # nothing is suppressed
     maxima: dict[int, list[Tensor]] = {l: [] for l in layers}
+    gen_maxima: dict[int, list[Tensor]] = {l: [] for l in layers}
     for s in range(0, len(instructions), batch_size):
         seen: dict = {}
         batch = cm.chat.encode(instructions[s:s + batch_size], device=cm.device)
         with suppressing(cm, probe, observe=seen):  # positions from each row's first token, as generate numbers them
-            cm.model(**batch, position_ids=position_ids(batch["attention_mask"]))
+            if generate_tokens:
+                cm.model.generate(**batch, max_new_tokens=generate_tokens, do_sample=False,
+                                  pad_token_id=cm.tokenizer.pad_token_id)
+            else:
+                cm.model(**batch, position_ids=position_ids(batch["attention_mask"]))
         for l in layers:
             maxima[l].append(seen[l]["spans"].amax(dim=(-2, -1)).clamp_min(-1.0))  # [b] or [b, h]
-    th = {}
-    for l in layers:
-        q = torch.quantile(torch.cat(maxima[l]).float(), quantile, dim=0)
-        th[l] = [float(x) for x in q] if rule == "head" else float(q)
-    return Suppression(th, scale, {"quantile": quantile, "n_calibration": len(instructions)}, window, rule)
+            if generate_tokens:
+                gen_maxima[l].append(seen[l]["generated"])
+
+    def quantiles(m: dict[int, list[Tensor]]) -> dict:
+        out = {}
+        for l in layers:
+            q = torch.quantile(torch.cat(m[l]).float(), quantile, dim=0)
+            out[l] = [float(x) for x in q] if rule == "head" else float(q)
+        return out
+
+    record = {"quantile": quantile, "n_calibration": len(instructions), "generate_tokens": generate_tokens}
+    return Suppression(quantiles(maxima), scale, record, window, rule,
+                       quantiles(gen_maxima) if generate_tokens else None)
 
 
 CALIBRATION_SETS = ("harmful:train", "harmless:train")
@@ -303,13 +359,18 @@ def build_defence(cm: ChatModel, cfg: SuppressionConfig, direction_layer: int, d
     if cfg.threshold:
         heads = cm.model.config.get_text_config().num_attention_heads
         th = {l: [cfg.threshold] * heads if cfg.rule == "head" else cfg.threshold for l in layers}
-        return Suppression(th, cfg.scale, {"threshold": cfg.threshold}, cfg.window, cfg.rule)
+        return Suppression(th, cfg.scale, {"threshold": cfg.threshold}, cfg.window, cfg.rule,
+                           th if cfg.generated else None)
     clean = [x.instruction for spec in CALIBRATION_SETS
              for x in load_instructions(spec, data_dir)[: cfg.n_calibration]]
-    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size, cfg.window, cfg.rule)
+    d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size, cfg.window, cfg.rule, cfg.generated)
     d.record["calibration"] = f"first {cfg.n_calibration} of {' and '.join(CALIBRATION_SETS)}"
     flat = [x for t in d.thresholds.values() for x in (t if isinstance(t, list) else [t])]
     log.info("hijacking suppression: per %s, layers %s, spans of %d, thresholds %.3f..%.3f (quantile %.2f of %d clean "
              "train prompts), scale %g", cfg.rule, cfg.layers, cfg.window, min(flat), max(flat), cfg.quantile,
              len(clean), cfg.scale)
+    if d.generated:
+        gen = [x for t in d.generated.values() for x in (t if isinstance(t, list) else [t])]
+        log.info("hijacking suppression of the generated tokens: thresholds %.3f..%.3f (the same quantile over %d "
+                 "greedy tokens of each)", min(gen), max(gen), cfg.generated)
     return d

@@ -110,8 +110,10 @@ def _require_optuna():
 LAYER_RANGE = (0.4, 0.9)
 
 
-def space(n_layers: int, max_weight: float, direction_layer: bool = False) -> dict:
-    """The search space: Optuna distributions by parameter name."""
+def space(n_layers: int, max_weight: float, direction_layer: int | None = None) -> dict:
+    """The search space: Optuna distributions by parameter name; with ``direction_layer`` (the
+    selected direction's layer) the direction's layer too, over :data:`LAYER_RANGE` widened to
+    hold the selected one (so trial 0, the paper's edit, is in the space)."""
     optuna = _require_optuna()
     top = max(n_layers - 1, 1)
     out = {}
@@ -121,8 +123,10 @@ def space(n_layers: int, max_weight: float, direction_layer: bool = False) -> di
         out[f"{c}_min_ratio"] = optuna.distributions.FloatDistribution(0.0, 1.0)
         out[f"{c}_distance"] = optuna.distributions.FloatDistribution(1.0, float(top))
     out["embed"] = optuna.distributions.FloatDistribution(0.0, 1.0)
-    if direction_layer:
-        out["direction_layer"] = optuna.distributions.FloatDistribution(*(f * top for f in LAYER_RANGE))
+    if direction_layer is not None:
+        lo, hi = (f * top for f in LAYER_RANGE)
+        out["direction_layer"] = optuna.distributions.FloatDistribution(min(lo, direction_layer),
+                                                                        max(hi, direction_layer))
     return out
 
 
@@ -246,7 +250,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
-    dist = space(cm.n_layers, cfg.max_weight, layer_dirs is not None)
+    dist = space(cm.n_layers, cfg.max_weight, info["layer"] if layer_dirs is not None else None)
     done = _load_trials(run) if (run / "trials.json").is_file() else []
     study = _study(optuna, cfg, dist, done)
     if not done:
