@@ -198,3 +198,28 @@ def test_generated_tokens_are_defended_with_their_own_thresholds():
     hit = _scores(cm, always)
     assert torch.equal(hit[:, 0], base[:, 0])  # the first token comes from the prompt's pass, defended alike
     assert not torch.allclose(hit[:, 1:], base[:, 1:], atol=1e-4)  # later tokens lose what they read from the user
+
+
+@pytest.mark.parametrize("rule", ["head", "layer"])
+def test_a_teacher_forced_continuation_is_defended_as_generation_is(rule):
+    """Scoring prompt + continuation in one pass with ``prompt_len`` gives the logits that
+    generating the continuation step by step gives, defence included (the attacker's view)."""
+    cm = tiny_chat_model("llama")
+    heads = cm.model.config.num_attention_heads
+    low = [0.02] * heads if rule == "head" else 0.02
+    d = Suppression({0: low, 1: low}, scale=0.0, window=2, rule=rule, generated={0: low, 1: low})
+    batch = cm.chat.encode(PROMPTS, device=cm.device)
+    with torch.no_grad(), suppressing(cm, d):
+        out = cm.model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
+                                return_dict_in_generate=True, pad_token_id=cm.tokenizer.pad_token_id)
+    stepped = torch.stack(out.scores, 1)  # [b, 4, vocab]
+    n = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones(len(PROMPTS), 3, dtype=torch.long)], 1)
+    seen = {}
+    with torch.no_grad(), suppressing(cm, d, observe=seen, prompt_len=n):
+        forced = cm.model(input_ids=out.sequences[:, : n + 3], attention_mask=mask,
+                          position_ids=position_ids(mask)).logits[:, n - 1:]
+    assert seen[1]["hit"].any()  # the defence acted
+    assert torch.allclose(forced, stepped, atol=1e-4)
+    with pytest.raises(UserError, match="does not fit"), suppressing(cm, d, prompt_len=n + 10):
+        cm.model(**batch)

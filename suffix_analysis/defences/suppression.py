@@ -203,15 +203,19 @@ def span_shares(s: Tensor, user: Tensor, window: int) -> tuple[Tensor, Tensor]:
 
 class _Pass:
     """What one forward pass needs: the rows' user spans (from the attention mask of the
-    prompt's pass; a decoding step keeps them)."""
+    prompt's pass; a decoding step keeps them) and where the prompt ends (``prompt_len``: a
+    pass whose tokens go on after the prompt, a continuation scored with teacher forcing)."""
 
-    def __init__(self, cm: ChatModel):
-        self.start, self.n_eoi = user_start(cm), cm.chat.n_eoi
+    def __init__(self, cm: ChatModel, prompt_len: int | None = None):
+        self.start, self.n_eoi, self.prompt_len = user_start(cm), cm.chat.n_eoi, prompt_len
         self.user: Tensor | None = None  # [b, k] bool: the user's message tokens
+        self.end = 0  # the prompt's end in this pass: its EOI rows are end - n_eoi .. end
         self.decoding = False
 
     def capture(self, module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:  # embeddings given (an attack's gradient pass): the same positions
+            ids = kwargs.get("inputs_embeds")
         if ids is None:
             self.user = None
             return
@@ -219,25 +223,50 @@ class _Pass:
         if self.decoding:  # a step of generate: the prompt's user spans still hold
             return
         mask = kwargs.get("attention_mask")
-        b, k = ids.shape
+        b, k = ids.shape[:2]
+        self.end = k if self.prompt_len is None else self.prompt_len
+        if not self.n_eoi < self.end <= k:
+            raise UserError(f"prompt_len {self.prompt_len} does not fit a pass of {k} tokens")
         pad = (k - mask.sum(-1)).long() if mask is not None else torch.zeros(b, dtype=torch.long, device=ids.device)
         pos = torch.arange(k, device=ids.device)[None]
-        self.user = (pos >= (pad + self.start)[:, None]) & (pos < k - self.n_eoi)
+        self.user = (pos >= (pad + self.start)[:, None]) & (pos < self.end - self.n_eoi)
 
 
 @contextmanager
-def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None) -> Iterator[None]:
+def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None,
+                prompt_len: int | None = None) -> Iterator[None]:
     """Run ``cm`` with hijacking suppressed (``generate`` included) inside the block.
     ``observe``, if given, receives per layer the shares ``[b, n_eoi, k]`` and the suppressed
     mask of the last prompt pass, and ``generated``: the largest span value each row's
     generated tokens reached so far, ``[b]`` (rule 'layer') or ``[b, h]`` (for calibration
-    and tests)."""
+    and tests). ``prompt_len``: every pass holds a prompt of that many tokens (rows padded on
+    the left to it) followed by a continuation, as when an attacker scores a target with
+    teacher forcing; the continuation's rows are defended as generated tokens are."""
     check_model(cm)
     layers = sorted(defence.thresholds)
-    state = _Pass(cm)
+    state = _Pass(cm, prompt_len)
     w_o = {l: head_weights(cm, l) for l in layers}
     at = cm.arch.pattern_output
     past: dict[int, Tensor] = {}  # per layer: the value vectors of the prompt and the steps so far
+    heads = cm.model.config.get_text_config().num_attention_heads
+    never = [float("inf")] * heads if defence.rule == "head" else float("inf")
+
+    def judge(l: int, a: Tensor, v: Tensor, rows: slice, th_l, user: Tensor) -> tuple:
+        """Which sources to scale in ``rows`` of the pattern ``a`` ``[b, h, q, k]``: the hit mask
+        ``[b, h or 1, j, k]``, and the shares and span values behind it."""
+        if defence.rule == "head":  # the attention mass each head puts on each span
+            m = a[:, :, rows].float()  # [b, h, j, k]
+            b_, h_, j_, k_ = m.shape
+            spans, cover = span_shares(m.reshape(b_, h_ * j_, k_), user, defence.window)
+            th = torch.tensor(th_l, device=m.device)[None, :, None, None]
+            hit = user[:, None] & (cover.reshape(m.shape) > th)  # [b, h, j, k]
+            shown = torch.where(user[:, None], m, torch.full_like(m, float("nan")))
+            return hit, shown, spans.reshape(m.shape)
+        sub = a[:, :, rows]
+        s = shares(sub, v, w_o[l], sub.shape[2])  # [b, j, k]: the share of the layer's write each source takes
+        spans, cover = span_shares(s, user, defence.window)
+        hit = (user & (cover > th_l))[:, None]  # [b, 1, j, k]: every head
+        return hit, torch.where(user, s, torch.full_like(s, float("nan"))), spans
 
     def edit(l: int, values: dict[int, Tensor]):
         # a forward hook on the attention module: its output holds the probabilities and the
@@ -246,48 +275,39 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
             a = out[at] if isinstance(out, tuple) and len(out) > at else None
             if state.user is None or a is None:
                 return None
-            step = state.decoding and a.shape[2] == 1
-            if step:  # one generated token's row, against every key so far
-                if (defence.generated is None and observe is None) or l not in past:
+            q, k = a.shape[2], a.shape[-1]
+            gen = (defence.generated or {}).get(l, never if observe is not None else None)
+            if state.decoding and q == 1:  # one generated token's row, against every key so far
+                if gen is None or l not in past:
                     return None
                 past[l] = v = torch.cat([past[l], values[l]], 1)
-                n, th_l = 1, (defence.generated or {}).get(l)
-            elif a.shape[2] <= 1:
+                groups = [(slice(q - 1, q), gen, True)]
+            elif q <= 1:
                 return None
             else:
                 past[l] = v = values[l]
-                n, th_l = state.n_eoi, defence.thresholds[l]
-            o, k = out[0], a.shape[-1]
+                e = state.end
+                groups = [(slice(e - state.n_eoi, e), defence.thresholds[l], False)]
+                if e < q and gen is not None:  # a teacher-forced continuation
+                    groups.append((slice(e, q), gen, True))
             user = torch.nn.functional.pad(state.user, (0, k - state.user.shape[1]))[:, None].to(a.device)  # [b, 1, k]
-            if th_l is None:  # observing only
-                th_l = [float("inf")] * a.shape[1] if defence.rule == "head" else float("inf")
-            if defence.rule == "head":  # the attention mass each head puts on each span
-                m = a[:, :, -n:].float()  # [b, h, j, k]
-                b_, h_, j_, k_ = m.shape
-                spans, cover = span_shares(m.reshape(b_, h_ * j_, k_), user, defence.window)
-                th = torch.tensor(th_l, device=m.device)[None, :, None, None]
-                hit = user[:, None] & (cover.reshape(m.shape) > th)  # [b, h, j, k]
-                shown = torch.where(user[:, None], m, torch.full_like(m, float("nan")))
-                spans = spans.reshape(m.shape)
-            else:  # the share of the layer's write each span takes, summed over heads
-                s = shares(a, v, w_o[l], n)  # [b, j, k]
-                spans, cover = span_shares(s, user, defence.window)
-                hit = (user & (cover > th_l))[:, None]  # [b, 1, j, k]: every head
-                shown = torch.where(user, s, torch.full_like(s, float("nan")))
-            if observe is not None:
-                if step:
-                    top = spans.amax(dim=(-2, -1)).clamp_min(-1.0).cpu()  # [b] or [b, h]
-                    seen = observe.setdefault(l, {})
-                    seen["generated"] = top if "generated" not in seen else torch.maximum(seen["generated"], top)
-                else:
-                    observe[l] = {"shares": shown.cpu(), "spans": spans.cpu(), "hit": hit.cpu()}
-            if not hit.any():
-                return None
-            aa = a[:, :, -n:].float() * hit.float()  # [b, h, j, k]: only the dominating sources
-            removed = torch.einsum("bhjk,bkhd,hdm->bjm", aa, v.float(), w_o[l])
-            new = o.clone()
-            new[:, -n:] = (o[:, -n:].float() - (1 - defence.scale) * removed).to(o.dtype)
-            return (new, *out[1:])
+            o, new = out[0], None
+            for rows, th_l, generated in groups:
+                hit, shown, spans = judge(l, a, v, rows, th_l, user)
+                if observe is not None:
+                    if generated:
+                        top = spans.amax(dim=(-2, -1)).clamp_min(-1.0).detach().cpu()  # [b] or [b, h]
+                        seen = observe.setdefault(l, {})
+                        seen["generated"] = top if "generated" not in seen else torch.maximum(seen["generated"], top)
+                    else:
+                        observe[l] = {"shares": shown.detach().cpu(), "spans": spans.detach().cpu(), "hit": hit.cpu()}
+                if not hit.any():
+                    continue
+                aa = a[:, :, rows].float() * hit.float()  # [b, h, j, k]: only the dominating sources
+                removed = torch.einsum("bhjk,bkhd,hdm->bjm", aa, v.float(), w_o[l])
+                new = o.clone() if new is None else new
+                new[:, rows] = (o[:, rows].float() - (1 - defence.scale) * removed).to(o.dtype)
+            return None if new is None else (new, *out[1:])
         return fn
 
     with ExitStack() as stack:
