@@ -223,3 +223,25 @@ def test_a_teacher_forced_continuation_is_defended_as_generation_is(rule):
     assert torch.allclose(forced, stepped, atol=1e-4)
     with pytest.raises(UserError, match="does not fit"), suppressing(cm, d, prompt_len=n + 10):
         cm.model(**batch)
+
+
+def test_the_adaptive_attacker_lowers_its_loss_through_the_defence():
+    from suffix_analysis.attacks.defended import DefendedGCGConfig, _Layout, defended_loss, run_defended_gcg
+
+    cm = tiny_chat_model("llama")
+    heads = cm.model.config.num_attention_heads
+    low = [0.05] * heads
+    d = Suppression({0: low, 1: low}, scale=0.0, window=2, rule="head", generated={0: low, 1: low})
+    instructions, targets = PROMPTS, ["Sure, here it is", "Hello to you"]
+    grads = [p.requires_grad for p in cm.model.parameters()]
+    res = run_defended_gcg(cm, d, instructions, targets, "one two three four",
+                           DefendedGCGConfig(num_steps=3, search_width=16, topk=8), progress=False)
+    assert len(res.losses) == 3 and min(res.losses) < res.initial_loss
+    layouts = [_Layout(cm, i, t) for i, t in zip(instructions, targets)]
+    ids = torch.tensor([res.suffix_ids])
+    found = defended_loss(cm, d, layouts, ids)
+    assert found.item() == pytest.approx(min(res.losses), rel=1e-4)  # the kept suffix scores what the search saw
+    assert not torch.allclose(found, defended_loss(cm, None, layouts, ids))  # the defence is in the loss
+    assert [p.requires_grad for p in cm.model.parameters()] == grads  # restored as they were
+    with pytest.raises(UserError, match="one target each"):
+        run_defended_gcg(cm, d, instructions, targets[:1], "x", progress=False)
