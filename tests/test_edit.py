@@ -73,6 +73,10 @@ def test_layer_direction_mixes_the_two_layers_around_it():
     assert torch.allclose(layer_direction(dirs, 2.0), torch.tensor([0.0, -1.0]))
     with pytest.raises(ValueError, match="outside"):
         layer_direction(dirs, 2.5)
+    zero = torch.tensor([[0.0, 0.0], [0.0, 3.0]])  # an EOI token's embedding: no difference at layer 0
+    assert torch.allclose(layer_direction(zero, 0.5), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="is 0 at layer"):
+        layer_direction(zero, 0.0)
 
 
 def test_the_direction_layer_range_holds_the_selected_layer():
@@ -82,6 +86,28 @@ def test_the_direction_layer_range_holds_the_selected_layer():
     assert (d.low, d.high) == pytest.approx((0.4 * 29, 0.9 * 29))  # heretic's range
     assert space(30, 1.5, 5)["direction_layer"].low == 5  # widened: trial 0 (the paper's edit) is in it
     assert "direction_layer" not in space(30, 1.5)
+
+
+def test_per_layer_directions_weight_edit_equals_its_hooks():
+    """heretic's per-layer scope: each writer removes its own layer's direction; baked into the
+    weights it gives what its hooks give, and differs from one direction for all."""
+    from suffix_analysis.interventions.profile import per_layer_sites
+
+    cm = tiny_chat_model("llama")
+    torch.manual_seed(1)
+    dirs = torch.randn(cm.n_layers, cm.d_model)
+    sites = per_layer_sites(dirs)
+    assert torch.equal(sites["blocks.0.hook_attn_out"], dirs[1]) and torch.equal(sites["blocks.0.hook_resid_pre"], dirs[1])
+    assert torch.equal(sites[f"blocks.{cm.n_layers - 1}.hook_mlp_out"], dirs[-1])
+    profile = WeightProfile(attn=Tent(1.2, 0.5, 0.4, 1.5), mlp=Tent(0.8, 1.0, 0.2, 1.0), embed=0.3)
+    hooked = _logits(cm, profile_hooks(cm, sites, profile))
+    edited = copy.copy(cm)
+    edited.model = copy.deepcopy(cm.model)
+    orthogonalize_(edited, sites, scales=profile.sites(cm.n_layers))
+    assert torch.allclose(_logits(edited), hooked, atol=1e-4)
+    assert not torch.allclose(hooked, _logits(cm, profile_hooks(cm, dirs[1], profile)), atol=1e-3)
+    with pytest.raises(UserError, match="no residual writer"):
+        orthogonalize_(edited, {"blocks.99.hook_mlp_out": dirs[0]})
 
 
 def test_front_and_choice():
@@ -96,6 +122,7 @@ def test_front_and_choice():
 def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa: F811
     from suffix_analysis.directions.extract import layer_direction
     from suffix_analysis.directions.run import load_direction, load_layer_directions
+    from suffix_analysis.interventions.profile import per_layer_sites
     from suffix_analysis.models.loading import load_model
 
     cm, d = start
@@ -105,7 +132,7 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa:
     trials = json.loads((run / "trials.json").read_text())
     layer = json.loads((d / "dim" / "direction.json").read_text())["layer"]
     # trial 0: the paper's edit, the selected direction (its layer) removed from every writer
-    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers, layer)
+    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers, layer, per_layer=True)
     assert len({t["params"]["direction_layer"] for t in trials}) > 1  # the direction layer is searched
     assert info["paper_edit"] == pytest.approx({k: trials[0][k] for k in ("refused", "kl", "score")})
     assert info["budget"]["trials"] == 6 and (run / "pareto.png").stat().st_size > 0
@@ -118,7 +145,8 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa:
     clean = copy.copy(cm)
     clean.model = pristine
     cands = load_layer_directions(d / "dim", clean)
-    r = layer_direction(cands, chosen["params"]["direction_layer"])
+    per_layer = chosen["params"]["direction_scope"] == "per layer"
+    r = per_layer_sites(cands) if per_layer else layer_direction(cands, chosen["params"]["direction_layer"])
     hooked = _logits(clean, profile_hooks(clean, r, profile_of(chosen["params"])))
     assert info["direction_layer"] == chosen["params"]["direction_layer"]
     # the selected direction is its layer's candidate: trial 0 scores what the paper's edit does

@@ -66,6 +66,8 @@ def layer_direction(layer_dirs: torch.Tensor, layer: float) -> torch.Tensor:
         raise ValueError(f"layer {layer} is outside [0, {n - 1}]")
     lo = int(layer)
     hi, frac = min(lo + 1, n - 1), layer - lo
-    units = layer_dirs.double() / layer_dirs.double().norm(dim=-1, keepdim=True)
+    units = layer_dirs.double() / layer_dirs.double().norm(dim=-1, keepdim=True).clamp_min(1e-30)  # a zero row stays 0
     mixed = (1 - frac) * units[lo] + frac * units[hi]
+    if mixed.norm() == 0:
+        raise ValueError(f"the difference in means is 0 at layer {layer} (the same tokens in every prompt?)")
     return (mixed / mixed.norm()).float()

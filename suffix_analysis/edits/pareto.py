@@ -49,7 +49,7 @@ from ..directions.run import _write_csv, load_direction, load_layer_directions, 
 from ..errors import UserError
 from ..figures.pareto import draw_pareto
 from ..interventions.orthogonalize import export_orthogonalized
-from ..interventions.profile import Tent, WeightProfile, profile_hooks
+from ..interventions.profile import Tent, WeightProfile, per_layer_sites, profile_hooks
 from ..metrics import first_token_kl, refusal_score
 from ..models.forward import run_batches
 from ..models.hooks import run_with_hooks
@@ -72,6 +72,8 @@ class ParetoConfig:
     cone: bool = setting(False, "edit the whole refusal cone of an RDO run (`rdo --cone-dim K`), not its direction")
     direction_layer: bool = setting(True, "also search which layer's difference-in-means direction is removed "
                                           "(fractional, heretic's direction index); a direction run only")
+    per_layer: bool = setting(True, "with --direction-layer, also offer heretic's per-layer scope: each layer's "
+                                    "writers remove that layer's own difference in means")
     harmful: str = setting("", "harmful selection prompts (refused): empty for the direction run's filtered val "
                                "prompts, or a set such as harmful:val")
     harmless: str = setting("", "harmless selection prompts (KL): empty for the direction run's filtered val "
@@ -108,9 +110,11 @@ def _require_optuna():
 # The direction layers searched, as fractions of the depth: heretic's range (its direction
 # index); the first layers' differences in means do not carry refusal yet.
 LAYER_RANGE = (0.4, 0.9)
+# One direction for every writer (at direction_layer), or each layer's own (per_layer_sites).
+SCOPES = ("global", "per layer")
 
 
-def space(n_layers: int, max_weight: float, direction_layer: int | None = None) -> dict:
+def space(n_layers: int, max_weight: float, direction_layer: int | None = None, per_layer: bool = False) -> dict:
     """The search space: Optuna distributions by parameter name; with ``direction_layer`` (the
     selected direction's layer) the direction's layer too, over :data:`LAYER_RANGE` widened to
     hold the selected one (so trial 0, the paper's edit, is in the space)."""
@@ -127,6 +131,8 @@ def space(n_layers: int, max_weight: float, direction_layer: int | None = None) 
         lo, hi = (f * top for f in LAYER_RANGE)
         out["direction_layer"] = optuna.distributions.FloatDistribution(min(lo, direction_layer),
                                                                         max(hi, direction_layer))
+        if per_layer:  # sampled always, as heretic does: multivariate TPE takes no conditional parameters
+            out["direction_scope"] = optuna.distributions.CategoricalDistribution(SCOPES)
     return out
 
 
@@ -140,7 +146,7 @@ def profile_of(params: dict) -> WeightProfile:
     return WeightProfile(attn=tent("attn"), mlp=tent("mlp"), embed=params["embed"])
 
 
-def full_params(n_layers: int, layer: int | None = None) -> dict:
+def full_params(n_layers: int, layer: int | None = None, per_layer: bool = False) -> dict:
     """The parameters of the paper's edit: every share 1 (a tent centred on the middle layer
     that reaches every layer), and with ``layer`` (a search of the direction layer too) the
     selected direction's layer."""
@@ -148,19 +154,24 @@ def full_params(n_layers: int, layer: int | None = None) -> dict:
     out = {**{f"{c}_{k}": v for c in ("attn", "mlp")
               for k, v in (("max_weight", 1.0), ("peak", mid), ("min_ratio", 1.0), ("distance", reach))},
            "embed": 1.0}
-    return out if layer is None else {**out, "direction_layer": float(layer)}
+    if layer is None:
+        return out
+    return {**out, "direction_layer": float(layer), **({"direction_scope": "global"} if per_layer else {})}
 
 
 class Directions:
     """The direction each trial removes: the run's own (or its cone), or, with per-layer
-    candidates, the one at the trial's ``direction_layer``."""
+    candidates, the one at the trial's ``direction_layer``, or each layer's own (scope
+    'per layer': a map of hook site to direction)."""
 
     def __init__(self, fixed: torch.Tensor, layer_dirs: torch.Tensor | None = None):
         self.fixed, self.layer_dirs = fixed, layer_dirs
 
-    def __call__(self, params: dict) -> torch.Tensor:
+    def __call__(self, params: dict) -> torch.Tensor | dict[str, torch.Tensor]:
         if self.layer_dirs is None or "direction_layer" not in params:
             return self.fixed
+        if params.get("direction_scope") == "per layer":
+            return per_layer_sites(self.layer_dirs)
         return layer_direction(self.layer_dirs, params["direction_layer"])
 
 
@@ -250,11 +261,12 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
-    dist = space(cm.n_layers, cfg.max_weight, info["layer"] if layer_dirs is not None else None)
+    dist = space(cm.n_layers, cfg.max_weight, info["layer"] if layer_dirs is not None else None, cfg.per_layer)
     done = _load_trials(run) if (run / "trials.json").is_file() else []
     study = _study(optuna, cfg, dist, done)
     if not done:
-        study.enqueue_trial(full_params(cm.n_layers, info["layer"] if layer_dirs is not None else None))
+        study.enqueue_trial(full_params(cm.n_layers, info["layer"] if layer_dirs is not None else None,
+                                        cfg.per_layer))
     scorer = Scorer(cm, harmful, harmless, cfg.batch_size)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
@@ -298,12 +310,13 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions,
     _write_csv(run / "trials.csv", flat)
     _write_csv(run / "front.csv", sorted((f for f in flat if f["pareto"]), key=lambda f: f["kl"]))
     profile = profile_of(chosen["params"])
-    full = done[0] if done[0]["params"] in (full_params(cm.n_layers), full_params(cm.n_layers, info["layer"])) \
-        else None
+    full = done[0] if done[0]["params"] in (full_params(cm.n_layers), full_params(cm.n_layers, info["layer"]),
+                                            full_params(cm.n_layers, info["layer"], True)) else None
     direction = directions(chosen["params"])
     out = {"model": cm.name, "fingerprint": record["fingerprint"], "direction_run": record["direction_run"],
            "position": info["position"], "layer": info["layer"],
-           "direction_layer": chosen["params"].get("direction_layer"), "cone": cfg.cone,
+           "direction_layer": chosen["params"].get("direction_layer"),
+           "direction_scope": chosen["params"].get("direction_scope", "global"), "cone": cfg.cone,
            "objectives": list(OBJECTIVES),
            "chosen": {k: chosen[k] for k in ("trial", "refused", "kl", "score")}, "profile": profile.to_dict(),
            "shares": profile.sites(cm.n_layers),
@@ -318,6 +331,7 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions,
         folder = export_orthogonalized(cm, direction, run / "model", {
             "source_model": cm.name, "direction_run": record["direction_run"], "edit_run": str(run),
             "position": info["position"], "layer": info["layer"], "direction_layer": out["direction_layer"],
+            "direction_scope": out["direction_scope"],
             "profile": profile.to_dict(), "cone": cfg.cone},
             scales=profile.sites(cm.n_layers))
         out["model_folder"] = str(folder)

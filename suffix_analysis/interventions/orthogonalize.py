@@ -101,6 +101,21 @@ def _scale_of(cm: ChatModel, scales: dict[str, float] | None) -> dict[str, float
     return {name: float(scales.get(site, 0.0)) for name, (_, site) in sites.items()}
 
 
+def _units(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """Each writer's unit direction (or subspace) by parameter name: one for all, or, for a map
+    of hook site to direction (per-layer directions), its site's (``None``: a site not named)."""
+    if not isinstance(direction, dict):
+        u = _check(cm, direction)  # first: its one-line errors name the problem
+        return dict.fromkeys(writer_sites(cm), u)
+    sites = writer_sites(cm)
+    unknown = sorted(set(direction) - {site for _, site in sites.values()})
+    if unknown:
+        raise UserError(f"per-site directions name {unknown[0]}, which is no residual writer of this model; were they "
+                        "made for another model?")
+    units = {site: _check(cm, d) for site, d in direction.items()}
+    return {name: units.get(site) for name, (_, site) in sites.items()}
+
+
 def edited(w: torch.Tensor, kind: str, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """``w`` with nothing written along the unit ``u`` ``[d_model]`` (or into the span of the
     orthonormal rows ``u`` ``[k, d_model]``), computed in float32, in ``w``'s dtype; with
@@ -112,19 +127,22 @@ def edited(w: torch.Tensor, kind: str, u: torch.Tensor, scale: float = 1.0) -> t
 
 
 @torch.no_grad()
-def orthogonalize_(cm: ChatModel, direction: torch.Tensor, scales: dict[str, float] | None = None) -> list[str]:
+def orthogonalize_(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor],
+                   scales: dict[str, float] | None = None) -> list[str]:
     """Edit ``cm.model`` in place; returns the names of the edited parameters. ``scales``:
-    the share removed per hook site (a weight profile), default 1 everywhere."""
+    the share removed per hook site (a weight profile), default 1 everywhere. ``direction``:
+    one for every writer, or a direction per hook site (a site not named is left alone)."""
     if cm.dispatched:
         raise UserError("this model is placed with a device map or quantized; its weights are not all in memory to "
                         "edit: use export_orthogonalized (suffix-analysis orthogonalize), which edits the checkpoint")
-    u = _check(cm, direction)
+    units = _units(cm, direction)
     names, share = writers(cm), _scale_of(cm, scales)
     _untie_unembedding(cm)
     for name, kind in names.items():
-        w = cm.model.get_parameter(name)
-        w.copy_(edited(w, kind, u, share[name]))
-    return list(names)
+        if units[name] is not None:
+            w = cm.model.get_parameter(name)
+            w.copy_(edited(w, kind, units[name], share[name]))
+    return [n for n in names if units[n] is not None]
 
 
 def _is_orthogonalized(folder: Path) -> bool:
@@ -142,7 +160,8 @@ def _marker(cm: ChatModel, n_edited: int, provenance: dict) -> str:
     return json.dumps(marker, indent=1)
 
 
-def export_orthogonalized(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict,
+def export_orthogonalized(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], out: str | Path,
+                          provenance: dict,
                           scales: dict[str, float] | None = None) -> Path:
     """Orthogonalize ``cm`` and save an ordinary ``transformers`` folder at ``out``.
 
@@ -177,7 +196,8 @@ def _checkpoint_folder(cm: ChatModel) -> Path:
 
 
 @torch.no_grad()
-def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Path, provenance: dict,
+def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], out: str | Path,
+                           provenance: dict,
                            scales: dict[str, float] | None = None) -> Path:
     """Orthogonalize the checkpoint ``cm`` was loaded from into ``out``, shard by shard.
 
@@ -187,7 +207,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    u = _check(cm, direction)
+    units = _units(cm, direction)
     names, share = writers(cm), _scale_of(cm, scales)
     folder = _checkpoint_folder(cm)
     index_file = folder / "model.safetensors.index.json"
@@ -222,7 +242,8 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor, out: str | Pa
                             size = index.get("metadata", {}).get("total_size")
                             if isinstance(size, int):
                                 index["metadata"]["total_size"] = size + tensors[k].numel() * tensors[k].element_size()
-                    tensors[k] = edited(tensors[k], names[k], u, share[k])
+                    if units[k] is not None:
+                        tensors[k] = edited(tensors[k], names[k], units[k], share[k])
                     seen.add(k)
             save_file(tensors, str(tmp / shard.name), metadata=metadata)
             del tensors

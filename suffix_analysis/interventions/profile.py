@@ -75,23 +75,46 @@ class WeightProfile:
         return asdict(self)
 
 
-def profile_hooks(cm: ChatModel, direction: torch.Tensor, profile: WeightProfile) -> HookList:
-    """Hooks that remove ``profile``'s share of ``direction`` (``[d_model]``, or a subspace
-    ``[k, d_model]``) at each residual writer: what the weight edit with the same profile does,
-    without touching the weights. Writers with share 0 get no hook."""
+def _unit(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows ``[k, d_model]`` of a direction ``[d_model]`` or a subspace ``[k, d_model]``."""
     if direction.ndim == 2:
-        q = check_subspace(cm, direction).to(cm.device, cm.dtype)  # [k, d_model] orthonormal rows
-    else:
-        d = check_direction(cm, direction)
-        if d.norm() == 0:
-            raise UserError("the direction is the zero vector; there is nothing to ablate")
-        q = (d / d.norm())[None]
+        return check_subspace(cm, direction).to(cm.device, cm.dtype)
+    d = check_direction(cm, direction)
+    if d.norm() == 0:
+        raise UserError("the direction is the zero vector; there is nothing to ablate")
+    return (d / d.norm())[None]
 
-    def remove(share: float):
+
+def per_layer_sites(layer_dirs: torch.Tensor) -> dict[str, torch.Tensor]:
+    """heretic's "per layer" scope as a direction per hook site: each layer's writers remove
+    the difference in means at that layer's output (``blocks.{l+1}.hook_resid_pre``; the last
+    layer's own), the embeddings the one layer 0's writers remove (at an EOI position the
+    embeddings' own difference in means is 0: the same token in every prompt). ``layer_dirs``
+    ``[n_layers, d_model]``: one position's candidates."""
+    n = layer_dirs.shape[0]
+    out = {"blocks.0.hook_resid_pre": layer_dirs[min(1, n - 1)]}
+    for l in range(n):
+        out[f"blocks.{l}.hook_attn_out"] = out[f"blocks.{l}.hook_mlp_out"] = layer_dirs[min(l + 1, n - 1)]
+    return out
+
+
+def profile_hooks(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], profile: WeightProfile) -> HookList:
+    """Hooks that remove ``profile``'s share of ``direction`` (``[d_model]``, a subspace
+    ``[k, d_model]``, or a map of hook site to direction, :func:`per_layer_sites`) at each
+    residual writer: what the weight edit with the same profile does, without touching the
+    weights. Writers with share 0 (or no direction) get no hook."""
+    if isinstance(direction, dict):
+        units = {site: _unit(cm, d) for site, d in direction.items()}
+    else:
+        one = _unit(cm, direction)
+        units = dict.fromkeys(profile.sites(cm.n_layers), one)
+
+    def remove(share: float, q: torch.Tensor):
         def hook(x: torch.Tensor, hook) -> torch.Tensor:
             qq = q.to(x.device, x.dtype)
             return x - share * ((x @ qq.T) @ qq)
 
         return hook
 
-    return [(site, remove(s)) for site, s in profile.sites(cm.n_layers).items() if s != 0]
+    return [(site, remove(s, units[site])) for site, s in profile.sites(cm.n_layers).items()
+            if s != 0 and units.get(site) is not None]
