@@ -245,3 +245,23 @@ def test_the_adaptive_attacker_lowers_its_loss_through_the_defence():
     assert [p.requires_grad for p in cm.model.parameters()] == grads  # restored as they were
     with pytest.raises(UserError, match="one target each"):
         run_defended_gcg(cm, d, instructions, targets[:1], "x", progress=False)
+
+
+def test_completion_ce_under_the_defence():
+    """The defended CE scores each response in one teacher-forced pass: with thresholds never
+    reached it is the plain CE; with low ones it differs. A pass after a cached prefix (the
+    plain CE's) runs undefended rather than misplacing the user's message."""
+    from suffix_analysis.defences.suppression import completion_ce
+    from suffix_analysis.evaluation.loss import completion_ce as plain_ce
+
+    cm = tiny_chat_model("llama")
+    heads = cm.model.config.num_attention_heads
+    answers = ["The sea is wide and deep.", "Hi there, friend"]
+    never = Suppression({0: [float("inf")] * heads, 1: [float("inf")] * heads}, rule="head", window=2)
+    low = Suppression({0: [0.02] * heads, 1: [0.02] * heads}, scale=0.0, rule="head", window=2,
+                      generated={0: [0.02] * heads, 1: [0.02] * heads})
+    base = plain_ce(cm, PROMPTS, answers)
+    assert completion_ce(cm, never, PROMPTS, answers) == pytest.approx(base, rel=1e-4)
+    assert completion_ce(cm, low, PROMPTS, answers) != pytest.approx(base, rel=1e-3)
+    with suppressing(cm, low):
+        assert plain_ce(cm, PROMPTS, answers) == pytest.approx(base, rel=1e-5)

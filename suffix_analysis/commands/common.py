@@ -172,6 +172,12 @@ class Defended(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
 
+    def completion_ce(self, cm: ChatModel, instructions: list[str], completions: list[str]) -> float:
+        """CE of ``completions`` under the defence (called outside the block: it runs its own)."""
+        from ..defences.suppression import completion_ce
+
+        return completion_ce(cm, self.defence, instructions, completions)
+
 
 def intervention(cm: ChatModel, kind: str, run: str, allow_other_model: bool = False,
                  coeff: float = 1.0, suppression=None, data_dir: str | None = None,

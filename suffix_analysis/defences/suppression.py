@@ -219,11 +219,18 @@ class _Pass:
         if ids is None:
             self.user = None
             return
-        self.decoding = ids.shape[1] <= self.n_eoi
-        if self.decoding:  # a step of generate: the prompt's user spans still hold
-            return
         mask = kwargs.get("attention_mask")
         b, k = ids.shape[:2]
+        cached = mask is not None and mask.shape[-1] > k  # tokens before this pass sit in a cache
+        self.decoding = cached and k == 1
+        if self.decoding:  # a step of generate: the prompt's user spans still hold
+            return
+        # A pass after a shared prefix (CE, scoring), or of the prefix itself (no mask): where its
+        # prompt ends is unknown here, so it runs undefended; score a continuation in one pass
+        # with prompt_len instead.
+        if cached or (mask is None and self.prompt_len is None) or (self.prompt_len is None and k <= self.n_eoi):
+            self.user = None
+            return
         self.end = k if self.prompt_len is None else self.prompt_len
         if not self.n_eoi < self.end <= k:
             raise UserError(f"prompt_len {self.prompt_len} does not fit a pass of {k} tokens")
@@ -315,7 +322,8 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
         # a read-only pattern hook per layer makes run_with_hooks switch to eager attention
         stack.enter_context(run_with_hooks(cm, [(f"blocks.{l}.attn.hook_pattern", lambda a, hook: None)
                                                 for l in layers]))
-        handles = [cm.model.register_forward_pre_hook(state.capture, with_kwargs=True)]
+        # on the decoder, which every entry point calls (the causal LM, or its base_model directly)
+        handles = [cm.model.base_model.register_forward_pre_hook(state.capture, with_kwargs=True)]
         handles += [cm.layers[l].get_submodule(cm.arch.attn).register_forward_hook(edit(l, values)) for l in layers]
         for h in handles:
             stack.callback(h.remove)
@@ -394,3 +402,34 @@ def build_defence(cm: ChatModel, cfg: SuppressionConfig, direction_layer: int, d
         log.info("hijacking suppression of the generated tokens: thresholds %.3f..%.3f (the same quantile over %d "
                  "greedy tokens of each)", min(gen), max(gen), cfg.generated)
     return d
+
+
+@torch.no_grad()
+def completion_ce(cm: ChatModel, defence: Suppression, instructions: list[str], completions: list[str],
+                  batch_size: int = 16) -> float:
+    """Mean per-token CE of ``completions`` as responses to ``instructions`` under the defence
+    (``evaluation.loss.completion_ce`` with the defence on: each prompt and its response in one
+    teacher-forced pass, prompts padded on the left and responses on the right, so the
+    defence knows where each prompt ends)."""
+    tok = cm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    pairs = [(p, tok(c, add_special_tokens=False)["input_ids"]) for p, c in zip(cm.chat.tokenize(instructions),
+                                                                              completions)]
+    pairs = [(p, r) for p, r in pairs if r]
+    total, count = 0.0, 0
+    for s in range(0, len(pairs), batch_size):
+        chunk = pairs[s:s + batch_size]
+        n_p, n_r = max(len(p) for p, _ in chunk), max(len(r) for _, r in chunk)
+        ids = torch.full((len(chunk), n_p + n_r), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, (p, r) in enumerate(chunk):
+            ids[j, n_p - len(p): n_p + len(r)] = torch.tensor(p + r)
+            mask[j, n_p - len(p): n_p + len(r)] = 1
+        ids, mask = ids.to(cm.device), mask.to(cm.device)
+        with suppressing(cm, defence, prompt_len=n_p):
+            logits = cm.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        lp = torch.log_softmax(logits[:, n_p - 1: -1].float(), -1).gather(-1, ids[:, n_p:, None])[..., 0]
+        keep = mask[:, n_p:].bool()
+        total -= float(lp[keep].double().sum())
+        count += int(keep.sum())
+    return total / max(count, 1)

@@ -41,7 +41,8 @@ def evaluate_direction(
     Columns: refusal rate/score on ``harmful`` and on ``harmless`` (and, with a compliance
     judge, the complied and derailed rates of each; of harmful only without ``judge_harmless``),
     first-token KL on harmless against the baseline, CE of the baseline's own harmless
-    completions, CE on ``corpus``. ``reports``, if given, receives each condition's
+    completions, CE on ``corpus`` (not for a condition with its own ``completion_ce``, the
+    defence: plain text has no user message to defend). ``reports``, if given, receives each condition's
     :class:`~suffix_analysis.evaluation.refusal.RefusalReport` pair as ``{name: (harmful, harmless)}``.
     """
     kw = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress, judge=judge,
@@ -73,7 +74,9 @@ def evaluate_direction(
                 "kl_harmless": _kl(clean.first_logits, n.first_logits),
                 "ce_harmless_completions": completion_ce(model, harmless, clean.completions),
             }
-            if corpus:
+            if corpus and not hasattr(ctx, "completion_ce"):
                 row["ce_corpus"] = corpus_ce(model, corpus)
+        if hasattr(ctx, "completion_ce"):  # a condition that scores CE its own way (the defence: outside its block)
+            row["ce_harmless_completions"] = ctx.completion_ce(model, harmless, clean.completions)
         rows.append(row)
     return rows

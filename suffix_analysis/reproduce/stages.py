@@ -33,6 +33,7 @@ from ..attacks.targets import default_target
 from ..attribution.run import run_attribution
 from ..datasets import load_file, load_instructions
 from ..defences.suppression import build_defence, suppressing
+from ..defences.suppression import completion_ce as defended_ce
 from ..directions.run import load_direction, run_direction, sample_prompts
 from ..errors import UserError
 from ..evaluation.loss import completion_ce
@@ -310,9 +311,11 @@ def stage_defence(ctx: Context, folder: Path) -> dict:
             clean = clean or rep
             rows.append({"set": "harmless", "suffix": "none", "defended": defended, "n": len(sets["harmless"]),
                          "refused_rate": rep.refusal_rate, "refusal_score": rep.refusal_score,
-                         "kl": first_token_kl(clean.first_logits, rep.first_logits).mean().item(),
-                         "ce": completion_ce(cm, sets["harmless"], clean.completions)})
+                         "kl": first_token_kl(clean.first_logits, rep.first_logits).mean().item()})
             write_json_atomic(folder / f"completions_harmless_{state}.json", rep.rows())
+        # CE of the undefended answers, each condition's own way (the defence's runs its own block)
+        rows[-1]["ce"] = (defended_ce(cm, defence, sets["harmless"], clean.completions, cfg.run.batch_size)
+                          if defended else completion_ce(cm, sets["harmless"], clean.completions))
     write_table(folder, "defence", pd.DataFrame(rows))
     by = {(r["set"], r["suffix"], r["defended"]): r for r in rows}
     out = {}
