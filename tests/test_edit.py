@@ -28,6 +28,17 @@ def _logits(cm, hooks=()):
         return cm.model(input_ids=IDS).logits
 
 
+def _hooked_and_baked(cm, direction, profile):
+    """The profile's hooks' logits, and a copy of ``cm`` with it baked into the weights; checks
+    that the two give the same logits."""
+    hooked = _logits(cm, profile_hooks(cm, direction, profile))
+    edited = copy.copy(cm)
+    edited.model = copy.deepcopy(cm.model)
+    orthogonalize_(edited, direction, scales=profile.sites(cm.n_layers))
+    assert torch.allclose(_logits(edited), hooked, atol=1e-4)
+    return hooked, edited
+
+
 def test_tent_shares():
     t = Tent(max_weight=1.2, peak=3.0, min_weight=0.2, distance=2.0)
     assert t.weights(7) == pytest.approx([0.0, 0.2, 0.7, 1.2, 0.7, 0.2, 0.0])
@@ -52,11 +63,7 @@ def test_partial_weight_edit_equals_its_hooks(rank):
     torch.manual_seed(0)
     direction = torch.randn(cm.d_model) if rank == 1 else torch.randn(rank, cm.d_model)
     profile = WeightProfile(attn=Tent(1.4, 0.3, 0.2, 1.5), mlp=Tent(0.6, 1.0, 0.0, 1.0), embed=0.5)
-    hooked = _logits(cm, profile_hooks(cm, direction, profile))
-    edited = copy.copy(cm)
-    edited.model = copy.deepcopy(cm.model)
-    orthogonalize_(edited, direction, scales=profile.sites(cm.n_layers))
-    assert torch.allclose(_logits(edited), hooked, atol=1e-4)
+    hooked, edited = _hooked_and_baked(cm, direction, profile)
     assert not torch.allclose(hooked, _logits(cm), atol=1e-3)
     if rank == 1:
         assert not torch.allclose(hooked, _logits(cm, ablation_hooks(cm, direction)), atol=1e-3)
@@ -100,11 +107,7 @@ def test_per_layer_directions_weight_edit_equals_its_hooks():
     assert torch.equal(sites["blocks.0.hook_attn_out"], dirs[1]) and torch.equal(sites["blocks.0.hook_resid_pre"], dirs[1])
     assert torch.equal(sites[f"blocks.{cm.n_layers - 1}.hook_mlp_out"], dirs[-1])
     profile = WeightProfile(attn=Tent(1.2, 0.5, 0.4, 1.5), mlp=Tent(0.8, 1.0, 0.2, 1.0), embed=0.3)
-    hooked = _logits(cm, profile_hooks(cm, sites, profile))
-    edited = copy.copy(cm)
-    edited.model = copy.deepcopy(cm.model)
-    orthogonalize_(edited, sites, scales=profile.sites(cm.n_layers))
-    assert torch.allclose(_logits(edited), hooked, atol=1e-4)
+    hooked, edited = _hooked_and_baked(cm, sites, profile)
     assert not torch.allclose(hooked, _logits(cm, profile_hooks(cm, dirs[1], profile)), atol=1e-3)
     with pytest.raises(UserError, match="no residual writer"):
         orthogonalize_(edited, {"blocks.99.hook_mlp_out": dirs[0]})
