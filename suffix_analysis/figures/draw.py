@@ -310,9 +310,11 @@ def fig_defence(t: Tables):
         return None
     df = df.assign(defended=df["defended"].astype(str).str.lower().isin(("true", "1")))
     harmful, harmless = df[df["set"] == "harmful"], df[df["set"] == "harmless"]
+    order = {k: i for i, k in enumerate(("none", "random", "adversarial"))}  # each suffix's pair side by side
+    harmful = harmful.assign(o=harmful["suffix"].map(order).fillna(len(order))).sort_values(["o", "defended"])
     labels = list(harmful["suffix"] + harmful["defended"].map({False: "\nundefended", True: "\ndefended"}))
     edges = ["k" if d else "none" for d in harmful["defended"]]  # defended bars outlined
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     bottom = pd.Series(0.0, index=harmful.index)
     judged = harmful["complied_rate"].notna().all()
     for rate in RATES if judged else RATES[:1]:
@@ -322,7 +324,7 @@ def fig_defence(t: Tables):
         bottom += vals
     ax.set_ylim(0, 1)
     ax.set_ylabel("share of harmful completions")
-    ax.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if len(harmless) == 2:
         on, off = harmless[harmless["defended"]].iloc[0], harmless[~harmless["defended"]].iloc[0]
         ax.set_title(f"harmless: false refusals {off['refused_rate']:.1%} -> {on['refused_rate']:.1%}, first-token "
