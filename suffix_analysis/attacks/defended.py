@@ -29,7 +29,8 @@ from ..defences.suppression import Suppression, suppressing
 from ..errors import UserError
 from ..metrics import token_ce
 from ..models.loading import ChatModel
-from ..models.suffixes import allowed_token_mask
+from ..models.suffixes import allowed_token_mask, suffix_text, survives_retokenization
+from .tokens import sample_candidates
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,6 @@ def run_defended_gcg(cm: ChatModel, defence: Suppression, instructions: list[str
     tok = cm.tokenizer
     layouts = [_Layout(cm, i, t) for i, t in zip(instructions, targets)]
     suffix = torch.tensor(tok(" " + init_suffix.strip(), add_special_tokens=False)["input_ids"])
-    n = suffix.shape[0]
     vocab = cm.model.get_input_embeddings().weight.shape[0]
     allowed = allowed_token_mask(tok, vocab).to(cm.device)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -145,20 +145,13 @@ def run_defended_gcg(cm: ChatModel, defence: Suppression, instructions: list[str
         p.requires_grad_(False)
     t0 = time.perf_counter()
     best_ids, best = suffix.clone(), float(defended_loss(cm, defence, layouts, suffix[None], cfg.batch_size)[0])
-    result = DefendedGCGResult(tok.decode(suffix), suffix.tolist(), initial_loss=best)
+    result = DefendedGCGResult(suffix_text(cm, suffix.tolist()), suffix.tolist(), initial_loss=best)
     try:
         for _ in tqdm(range(cfg.num_steps), desc="GCG against the defence", unit="step", disable=not progress):
             grad = _gradient(cm, defence, layouts, suffix).float()
             grad[:, ~allowed] = float("inf")
-            top = (-grad).topk(cfg.topk, dim=-1).indices.cpu()  # [n, topk]
-            pos = torch.randint(0, n, (cfg.search_width,), generator=gen)
-            pick = top[pos, torch.randint(0, cfg.topk, (cfg.search_width,), generator=gen)]
-            cands = suffix.expand(cfg.search_width, -1).clone()
-            cands[torch.arange(cfg.search_width), pos] = pick
-            # keep candidates that survive a decode and re-encode (what the model will be given)
-            text = tok.batch_decode(cands)
-            again = [tok(" " + t.strip(), add_special_tokens=False)["input_ids"] for t in text]
-            keep = torch.tensor([a == c.tolist() for a, c in zip(again, cands)])
+            cands = sample_candidates(suffix, grad, cfg.search_width, cfg.topk, 1, gen)  # one swap each
+            keep = survives_retokenization(cm, instructions, cands)  # what the model will be given
             if keep.any():
                 cands = cands[keep]
             losses = defended_loss(cm, defence, layouts, cands, cfg.batch_size)
@@ -170,7 +163,7 @@ def run_defended_gcg(cm: ChatModel, defence: Suppression, instructions: list[str
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
-    result.suffix, result.suffix_ids = tok.decode(best_ids).strip(), best_ids.tolist()
+    result.suffix, result.suffix_ids = suffix_text(cm, best_ids.tolist()), best_ids.tolist()
     result.seconds = round(time.perf_counter() - t0, 1)
     log.info("adaptive GCG: loss %.3f -> %.3f through the defence in %d steps (%.0f s): %r", result.initial_loss,
              best, cfg.num_steps, result.seconds, result.suffix)

@@ -188,10 +188,11 @@ class Scorer:
             self.clean = run_batches(cm, self.harmless, batch_size)
 
     @torch.no_grad()
-    def __call__(self, profile: WeightProfile, direction: torch.Tensor) -> dict:
+    def __call__(self, profile: WeightProfile, direction: torch.Tensor | dict[str, torch.Tensor]) -> dict:
         """``refused`` (share of harmful prompts with refusal score > 0), ``kl`` (mean
         first-token KL on harmless prompts) and ``score`` (mean refusal score, harmful), with
-        ``profile``'s share of ``direction`` (``[d_model]`` or a cone ``[k, d_model]``) removed."""
+        ``profile``'s share of ``direction`` (``[d_model]``, a cone ``[k, d_model]``, or one per
+        hook site) removed."""
         cm = self.cm
         with run_with_hooks(cm, profile_hooks(cm, direction, profile)):
             s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
@@ -261,12 +262,13 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
-    dist = space(cm.n_layers, cfg.max_weight, info["layer"] if layer_dirs is not None else None, cfg.per_layer)
+    search_layer = info["layer"] if layer_dirs is not None else None  # the direction's layer is searched too
+    dist = space(cm.n_layers, cfg.max_weight, search_layer, cfg.per_layer)
+    paper = full_params(cm.n_layers, search_layer, cfg.per_layer)
     done = _load_trials(run) if (run / "trials.json").is_file() else []
     study = _study(optuna, cfg, dist, done)
     if not done:
-        study.enqueue_trial(full_params(cm.n_layers, info["layer"] if layer_dirs is not None else None,
-                                        cfg.per_layer))
+        study.enqueue_trial(paper)
     scorer = Scorer(cm, harmful, harmless, cfg.batch_size)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
@@ -289,7 +291,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         if done:
             write_json_atomic(run / "trials.json", done)
     return _finish(cm, run, cfg, directions, info, record, done, time.perf_counter() - start,
-                   (len(scorer.harmful), len(scorer.harmless)))
+                   (len(scorer.harmful), len(scorer.harmless)), paper)
 
 
 def _load_trials(run: Path) -> list[dict]:
@@ -302,7 +304,7 @@ def _load_trials(run: Path) -> list[dict]:
 
 
 def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions, info: dict, record: dict,
-            done: list[dict], seconds: float, sizes: tuple[int, int]) -> dict:
+            done: list[dict], seconds: float, sizes: tuple[int, int], paper: dict) -> dict:
     front = pareto_front(done)
     chosen = choose(front, cfg.max_kl)
     flat = [{"trial": r["trial"], "refused": r["refused"], "kl": r["kl"], "score": r["score"],
@@ -310,8 +312,7 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions,
     _write_csv(run / "trials.csv", flat)
     _write_csv(run / "front.csv", sorted((f for f in flat if f["pareto"]), key=lambda f: f["kl"]))
     profile = profile_of(chosen["params"])
-    full = done[0] if done[0]["params"] in (full_params(cm.n_layers), full_params(cm.n_layers, info["layer"]),
-                                            full_params(cm.n_layers, info["layer"], True)) else None
+    full = done[0] if done[0]["params"] == paper else None
     direction = directions(chosen["params"])
     out = {"model": cm.name, "fingerprint": record["fingerprint"], "direction_run": record["direction_run"],
            "position": info["position"], "layer": info["layer"],

@@ -54,6 +54,7 @@ def evaluate_direction(
     conditions += [(name, cm, ctx) for name, ctx in extra or ()]
     rows, clean = [], None
     for name, model, ctx in conditions:
+        own_ce = getattr(ctx, "completion_ce", None)  # a condition that scores CE its own way (the defence)
         with ctx:
             h = evaluate_refusal(model, harmful, **kw)
             n = evaluate_refusal(model, harmless, **{**kw, "compliance": compliance if judge_harmless else None})
@@ -72,11 +73,12 @@ def evaluate_direction(
                 **({"harmless_complied_rate": n.complied_rate, "harmless_derailed_rate": n.derailed_rate}
                    if compliance is not None and judge_harmless else {}),
                 "kl_harmless": _kl(clean.first_logits, n.first_logits),
-                "ce_harmless_completions": completion_ce(model, harmless, clean.completions),
             }
-            if corpus and not hasattr(ctx, "completion_ce"):
-                row["ce_corpus"] = corpus_ce(model, corpus)
-        if hasattr(ctx, "completion_ce"):  # a condition that scores CE its own way (the defence: outside its block)
-            row["ce_harmless_completions"] = ctx.completion_ce(model, harmless, clean.completions)
+            if own_ce is None:
+                row["ce_harmless_completions"] = completion_ce(model, harmless, clean.completions)
+                if corpus:
+                    row["ce_corpus"] = corpus_ce(model, corpus)
+        if own_ce is not None:  # outside the block: it runs its own
+            row["ce_harmless_completions"] = own_ce(model, harmless, clean.completions)
         rows.append(row)
     return rows

@@ -64,19 +64,26 @@ def _condition_rows(t: Tables) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def _stacked_rates(ax, labels: list[str], df: pd.DataFrame, **bar) -> bool:
+    """Refused / complied / derailed of each row of ``df`` as one stacked bar (refused alone
+    without compliance verdicts); whether the rows were judged for compliance."""
+    bottom = pd.Series(0.0, index=df.index)
+    judged = bool(df["complied_rate"].notna().all())
+    for rate in RATES if judged else RATES[:1]:
+        vals = df[rate].astype(float).fillna(0.0)
+        ax.bar(labels, vals, bottom=bottom, color=RATE_COLORS[rate], label=rate.replace("_rate", ""), **bar)
+        bottom += vals
+    ax.set_ylim(0, 1)
+    return judged
+
+
 def fig_rates(t: Tables):
     """1. Refused / complied / derailed and refusal score on harmful instructions (paper Fig. 1)."""
     df = _condition_rows(t)
     if df is None:
         return None
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
-    bottom = pd.Series(0.0, index=df.index)
-    judged = df["complied_rate"].notna().all()
-    for rate in RATES if judged else RATES[:1]:
-        vals = df[rate].astype(float).fillna(0.0)
-        ax.bar(df["condition"], vals, bottom=bottom, color=RATE_COLORS[rate], label=rate.replace("_rate", ""))
-        bottom += vals
-    ax.set_ylim(0, 1)
+    judged = _stacked_rates(ax, list(df["condition"]), df)
     ax.set_ylabel("share of completions")
     ax.legend(loc="upper right", fontsize=8)
     ax.tick_params(axis="x", rotation=20)
@@ -315,14 +322,7 @@ def fig_defence(t: Tables):
     labels = list(harmful["suffix"] + harmful["defended"].map({False: "\nundefended", True: "\ndefended"}))
     edges = ["k" if d else "none" for d in harmful["defended"]]  # defended bars outlined
     fig, ax = plt.subplots(figsize=(9, 4))
-    bottom = pd.Series(0.0, index=harmful.index)
-    judged = harmful["complied_rate"].notna().all()
-    for rate in RATES if judged else RATES[:1]:
-        vals = harmful[rate].astype(float).fillna(0.0)
-        ax.bar(labels, vals, bottom=bottom, color=RATE_COLORS[rate], edgecolor=edges,
-               label=rate.replace("_rate", ""))
-        bottom += vals
-    ax.set_ylim(0, 1)
+    _stacked_rates(ax, labels, harmful, edgecolor=edges)
     ax.set_ylabel("share of harmful completions")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     if len(harmless) == 2:

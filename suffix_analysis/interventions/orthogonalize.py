@@ -262,5 +262,5 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor | dict[str, to
         if getattr(cm.model, "generation_config", None) is not None:
             cm.model.generation_config.save_pretrained(tmp)
         cm.tokenizer.save_pretrained(tmp)
-        (tmp / MARKER_FILE).write_text(_marker(cm, len(names), provenance))
+        (tmp / MARKER_FILE).write_text(_marker(cm, sum(u is not None for u in units.values()), provenance))
     return Path(out).expanduser().resolve()
