@@ -121,8 +121,9 @@ TINY_KW = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_a
                num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
 
 
-def tiny_chat_model(model_type: str, seed: int = 0, tie: bool = True):
-    """A ChatModel around a tiny random model of ``model_type`` with a ChatML tokenizer."""
+def tiny_chat_model(model_type: str, seed: int = 0, tie: bool = True, **config):
+    """A ChatModel around a tiny random model of ``model_type`` with a ChatML tokenizer
+    (``config``: more config fields, e.g. ``mlp_bias=True``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from suffix_analysis.models.chat import ChatFormat, refusal_token_ids
@@ -131,7 +132,7 @@ def tiny_chat_model(model_type: str, seed: int = 0, tie: bool = True):
 
     tok = make_tokenizer("chatml")
     tok.padding_side = "left"
-    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=tie, **TINY_KW)
+    cfg = AutoConfig.for_model(model_type, vocab_size=len(tok), tie_word_embeddings=tie, **{**TINY_KW, **config})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():  # random biases and norm weights, so that every edited tensor matters

@@ -15,7 +15,7 @@ from test_rdo import start  # noqa: F401  (fixture: a tiny model and its directi
 from suffix_analysis.edits.pareto import ParetoConfig, choose, full_params, pareto_front, profile_of, run_pareto
 from suffix_analysis.errors import UserError
 from suffix_analysis.interventions.directional import ablation_hooks
-from suffix_analysis.interventions.orthogonalize import orthogonalize_
+from suffix_analysis.interventions.orthogonalize import orthogonalize_, writer_sites, writers
 from suffix_analysis.interventions.profile import Tent, WeightProfile, profile_hooks
 from suffix_analysis.models.hooks import run_with_hooks
 
@@ -28,13 +28,13 @@ def _logits(cm, hooks=()):
         return cm.model(input_ids=IDS).logits
 
 
-def _hooked_and_baked(cm, direction, profile):
+def _hooked_and_baked(cm, direction, profile, preserve_norms=False):
     """The profile's hooks' logits, and a copy of ``cm`` with it baked into the weights; checks
     that the two give the same logits."""
-    hooked = _logits(cm, profile_hooks(cm, direction, profile))
+    hooked = _logits(cm, profile_hooks(cm, direction, profile, preserve_norms))
     edited = copy.copy(cm)
     edited.model = copy.deepcopy(cm.model)
-    orthogonalize_(edited, direction, scales=profile.sites(cm.n_layers))
+    orthogonalize_(edited, direction, scales=profile.sites(cm.n_layers), preserve_norms=preserve_norms)
     assert torch.allclose(_logits(edited), hooked, atol=1e-4)
     return hooked, edited
 
@@ -69,6 +69,27 @@ def test_partial_weight_edit_equals_its_hooks(rank):
         assert not torch.allclose(hooked, _logits(cm, ablation_hooks(cm, direction)), atol=1e-3)
     with pytest.raises(UserError, match="no residual writer of this model"):
         orthogonalize_(edited, direction, scales={"blocks.99.hook_mlp_out": 1.0})
+
+
+@pytest.mark.parametrize("rank,bias", [(1, False), (2, False), (1, True)])
+def test_norm_preserving_edit_equals_its_hooks_and_keeps_row_norms(rank, bias):
+    """heretic's row normalization, exact: the linear writers keep their row norms, the hooks
+    give what the baked weights give (with biases too, where the family has them), and it is
+    another edit than the plain one."""
+    cm = tiny_chat_model("llama", attention_bias=bias, mlp_bias=bias)  # biases on both output projections
+    assert any(name.endswith("o_proj.bias") for name in writers(cm)) == bias
+    torch.manual_seed(2)
+    direction = torch.randn(cm.d_model) if rank == 1 else torch.randn(rank, cm.d_model)
+    profile = WeightProfile(attn=Tent(1.3, 0.4, 0.3, 1.5), mlp=Tent(0.7, 1.0, 0.1, 1.0), embed=0.5)
+    hooked, edited = _hooked_and_baked(cm, direction, profile, preserve_norms=True)
+    plain, _ = _hooked_and_baked(cm, direction, profile)
+    assert not torch.allclose(hooked, plain, atol=1e-3)
+    shares = profile.sites(cm.n_layers)
+    for name, (kind, site) in writer_sites(cm).items():
+        before, after = cm.model.get_parameter(name), edited.model.get_parameter(name)
+        if kind == "out":
+            assert torch.allclose(after.norm(dim=1), before.norm(dim=1), rtol=1e-4)
+            assert torch.allclose(after, before) == (shares[site] == 0)
 
 
 def test_layer_direction_mixes_the_two_layers_around_it():
@@ -135,7 +156,8 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa:
     trials = json.loads((run / "trials.json").read_text())
     layer = json.loads((d / "dim" / "direction.json").read_text())["layer"]
     # trial 0: the paper's edit, the selected direction (its layer) removed from every writer
-    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers, layer, per_layer=True)
+    assert len(trials) == 6 and trials[0]["params"] == full_params(cm.n_layers, layer, True, preserve_norms=False)
+    assert trials[1]["params"] == {**trials[0]["params"], "preserve_norms": True}  # the same shares, norms kept
     assert len({t["params"]["direction_layer"] for t in trials}) > 1  # the direction layer is searched
     assert info["paper_edit"] == pytest.approx({k: trials[0][k] for k in ("refused", "kl", "score")})
     assert info["budget"]["trials"] == 6 and (run / "pareto.png").stat().st_size > 0
@@ -150,8 +172,9 @@ def test_pareto_search_writes_its_folder_and_exports_the_choice(start):  # noqa:
     cands = load_layer_directions(d / "dim", clean)
     per_layer = chosen["params"]["direction_scope"] == "per layer"
     r = per_layer_sites(cands) if per_layer else layer_direction(cands, chosen["params"]["direction_layer"])
-    hooked = _logits(clean, profile_hooks(clean, r, profile_of(chosen["params"])))
+    hooked = _logits(clean, profile_hooks(clean, r, profile_of(chosen["params"]), chosen["params"]["preserve_norms"]))
     assert info["direction_layer"] == chosen["params"]["direction_layer"]
+    assert info["preserve_norms"] == chosen["params"]["preserve_norms"]
     # the selected direction is its layer's candidate: trial 0 scores what the paper's edit does
     sel, _ = load_direction(d / "dim", clean)
     assert torch.allclose(layer_direction(cands, float(layer)), sel / sel.norm(), atol=1e-6)

@@ -6,7 +6,9 @@ shares over the layers for attention outputs and one for MLP outputs (maximum, p
 minimum as a fraction of the maximum, reach), and a share for the embeddings; and, for a
 direction run, which direction is removed: the difference in means at a fractional layer
 (``direction_layer``, mixed between the two layers around it, heretic's direction index) at
-the run's selected position. Every trial is
+the run's selected position; and whether the edit keeps the linear writers' row norms
+(``preserve_norms``, heretic's default row normalization, made exact:
+``interventions.orthogonalize.row_rescale``). Every trial is
 scored on selection prompts only, never held-out ones: the direction run's filtered val
 splits, or other sets named by ``harmful`` and ``harmless`` (heretic scores all of harmful:val
 and harmless:val):
@@ -15,9 +17,9 @@ and harmless:val):
   not (refusal score > 0, the paper's metric) with the profile's ablation;
 * KL: the mean first-token KL(clean || edited) on harmless val prompts.
 
-Trial 0 is the paper's edit (every share 1, the selected direction), so the front is never worse than it on these
-prompts. Trials are simulated with hooks (``interventions.profile.profile_hooks``); only the
-chosen one is baked into the weights. The chosen edit is the front's trial with the fewest
+Trial 0 is the paper's edit (every share 1, the selected direction, no norms kept), so the
+front is never worse than it on these prompts. Trials are simulated with hooks
+(``interventions.profile.profile_hooks``); only the chosen one is baked into the weights. The chosen edit is the front's trial with the fewest
 refusals among those with KL at most ``max_kl`` (ties: lower KL); if none is that close, the
 lowest KL. The run folder::
 
@@ -74,6 +76,9 @@ class ParetoConfig:
                                           "(fractional, heretic's direction index); a direction run only")
     per_layer: bool = setting(True, "with --direction-layer, also offer heretic's per-layer scope: each layer's "
                                     "writers remove that layer's own difference in means")
+    preserve_norms: bool = setting(True, "also offer the norm-preserving edit (heretic's row normalization 'full', "
+                                         "exact): the linear writers keep their row norms; trial 1 is the paper's "
+                                         "shares so edited")
     harmful: str = setting("", "harmful selection prompts (refused): empty for the direction run's filtered val "
                                "prompts, or a set such as harmful:val")
     harmless: str = setting("", "harmless selection prompts (KL): empty for the direction run's filtered val "
@@ -114,10 +119,12 @@ LAYER_RANGE = (0.4, 0.9)
 SCOPES = ("global", "per layer")
 
 
-def space(n_layers: int, max_weight: float, direction_layer: int | None = None, per_layer: bool = False) -> dict:
+def space(n_layers: int, max_weight: float, direction_layer: int | None = None, per_layer: bool = False,
+          preserve_norms: bool = False) -> dict:
     """The search space: Optuna distributions by parameter name; with ``direction_layer`` (the
     selected direction's layer) the direction's layer too, over :data:`LAYER_RANGE` widened to
-    hold the selected one (so trial 0, the paper's edit, is in the space)."""
+    hold the selected one (so trial 0, the paper's edit, is in the space); with
+    ``preserve_norms`` the choice of the norm-preserving edit."""
     optuna = _require_optuna()
     top = max(n_layers - 1, 1)
     out = {}
@@ -133,6 +140,8 @@ def space(n_layers: int, max_weight: float, direction_layer: int | None = None, 
                                                                         max(hi, direction_layer))
         if per_layer:  # sampled always, as heretic does: multivariate TPE takes no conditional parameters
             out["direction_scope"] = optuna.distributions.CategoricalDistribution(SCOPES)
+    if preserve_norms:
+        out["preserve_norms"] = optuna.distributions.CategoricalDistribution((False, True))
     return out
 
 
@@ -146,17 +155,19 @@ def profile_of(params: dict) -> WeightProfile:
     return WeightProfile(attn=tent("attn"), mlp=tent("mlp"), embed=params["embed"])
 
 
-def full_params(n_layers: int, layer: int | None = None, per_layer: bool = False) -> dict:
+def full_params(n_layers: int, layer: int | None = None, per_layer: bool = False,
+                preserve_norms: bool | None = None) -> dict:
     """The parameters of the paper's edit: every share 1 (a tent centred on the middle layer
     that reaches every layer), and with ``layer`` (a search of the direction layer too) the
-    selected direction's layer."""
+    selected direction's layer; ``preserve_norms`` (a search of it): that choice (the paper's
+    edit is ``False``)."""
     mid, reach = (n_layers - 1) / 2, float(max(n_layers - 1, 1))
     out = {**{f"{c}_{k}": v for c in ("attn", "mlp")
               for k, v in (("max_weight", 1.0), ("peak", mid), ("min_ratio", 1.0), ("distance", reach))},
            "embed": 1.0}
-    if layer is None:
-        return out
-    return {**out, "direction_layer": float(layer), **({"direction_scope": "global"} if per_layer else {})}
+    if layer is not None:
+        out = {**out, "direction_layer": float(layer), **({"direction_scope": "global"} if per_layer else {})}
+    return out if preserve_norms is None else {**out, "preserve_norms": preserve_norms}
 
 
 class Directions:
@@ -188,13 +199,14 @@ class Scorer:
             self.clean = run_batches(cm, self.harmless, batch_size)
 
     @torch.no_grad()
-    def __call__(self, profile: WeightProfile, direction: torch.Tensor | dict[str, torch.Tensor]) -> dict:
+    def __call__(self, profile: WeightProfile, direction: torch.Tensor | dict[str, torch.Tensor],
+                 preserve_norms: bool = False) -> dict:
         """``refused`` (share of harmful prompts with refusal score > 0), ``kl`` (mean
         first-token KL on harmless prompts) and ``score`` (mean refusal score, harmful), with
         ``profile``'s share of ``direction`` (``[d_model]``, a cone ``[k, d_model]``, or one per
-        hook site) removed."""
+        hook site) removed, by the norm-preserving edit with ``preserve_norms``."""
         cm = self.cm
-        with run_with_hooks(cm, profile_hooks(cm, direction, profile)):
+        with run_with_hooks(cm, profile_hooks(cm, direction, profile, preserve_norms)):
             s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
             kl = first_token_kl(self.clean, run_batches(cm, self.harmless, self.batch_size)).mean().item()
         return {"refused": (s > 0).float().mean().item(), "kl": kl, "score": s.mean().item()}
@@ -263,12 +275,15 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
     search_layer = info["layer"] if layer_dirs is not None else None  # the direction's layer is searched too
-    dist = space(cm.n_layers, cfg.max_weight, search_layer, cfg.per_layer)
-    paper = full_params(cm.n_layers, search_layer, cfg.per_layer)
+    dist = space(cm.n_layers, cfg.max_weight, search_layer, cfg.per_layer, cfg.preserve_norms)
+    norms = False if cfg.preserve_norms else None
+    paper = full_params(cm.n_layers, search_layer, cfg.per_layer, norms)
     done = _load_trials(run) if (run / "trials.json").is_file() else []
     study = _study(optuna, cfg, dist, done)
     if not done:
         study.enqueue_trial(paper)
+        if cfg.preserve_norms:
+            study.enqueue_trial({**paper, "preserve_norms": True})
     scorer = Scorer(cm, harmful, harmless, cfg.batch_size)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
@@ -277,7 +292,8 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         while len(done) < cfg.trials:
             t0 = time.perf_counter()
             trial = study.ask(dist)
-            scores = scorer(profile_of(trial.params), directions(trial.params))
+            scores = scorer(profile_of(trial.params), directions(trial.params),
+                            trial.params.get("preserve_norms", False))
             study.tell(trial, [scores["refused"], scores["kl"]])
             done.append({"trial": len(done), "params": trial.params, **scores,
                          "seconds": round(time.perf_counter() - t0, 3)})
@@ -317,7 +333,8 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions,
     out = {"model": cm.name, "fingerprint": record["fingerprint"], "direction_run": record["direction_run"],
            "position": info["position"], "layer": info["layer"],
            "direction_layer": chosen["params"].get("direction_layer"),
-           "direction_scope": chosen["params"].get("direction_scope", "global"), "cone": cfg.cone,
+           "direction_scope": chosen["params"].get("direction_scope", "global"),
+           "preserve_norms": chosen["params"].get("preserve_norms", False), "cone": cfg.cone,
            "objectives": list(OBJECTIVES),
            "chosen": {k: chosen[k] for k in ("trial", "refused", "kl", "score")}, "profile": profile.to_dict(),
            "shares": profile.sites(cm.n_layers),
@@ -332,9 +349,9 @@ def _finish(cm: ChatModel, run: Path, cfg: ParetoConfig, directions: Directions,
         folder = export_orthogonalized(cm, direction, run / "model", {
             "source_model": cm.name, "direction_run": record["direction_run"], "edit_run": str(run),
             "position": info["position"], "layer": info["layer"], "direction_layer": out["direction_layer"],
-            "direction_scope": out["direction_scope"],
+            "direction_scope": out["direction_scope"], "preserve_norms": out["preserve_norms"],
             "profile": profile.to_dict(), "cone": cfg.cone},
-            scales=profile.sites(cm.n_layers))
+            scales=profile.sites(cm.n_layers), preserve_norms=out["preserve_norms"])
         out["model_folder"] = str(folder)
         write_json_atomic(run / "edit.json", out)
     log.info("Pareto edit: trial %d of %d, %.1f%% of harmful val refused at KL %.4f (the paper's edit: %s)",

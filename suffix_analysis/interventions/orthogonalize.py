@@ -15,6 +15,14 @@ A partial edit (``scales``, e.g. a per-layer weight profile, ``interventions/pro
 removes only the share ``s`` of what a writer puts along ``r^``: ``W - s r^ r^T W``. Each
 parameter's share is looked up by the hook site it writes to (:func:`writer_sites`), so the
 weight edit and the hooks that simulate it (``profile.profile_hooks``) read the same map.
+
+A norm-preserving edit (``preserve_norms``, heretic's row normalization "full", after grimjim's
+norm-preserving biprojected abliteration; exact here, where heretic approximates it with a
+low-rank adapter) edits each linear writer's rows as directions and keeps their lengths: with
+``N`` the row norms of ``W`` ``[d_model, d_in]``, ``W^ = N^-1 W`` is edited to
+``W^ - s Q^T Q W^``, whose rows are rescaled to their old norms ``N``. What is removed is then
+no longer exactly ``s`` of the direction, but the writer's output keeps its size per
+residual dimension. Embeddings and biases are edited as before.
 """
 
 from __future__ import annotations
@@ -116,22 +124,46 @@ def _units(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor]) -> 
     return {name: units.get(site) for name, (_, site) in sites.items()}
 
 
-def edited(w: torch.Tensor, kind: str, u: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def row_rescale(w: torch.Tensor, q: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The norm-preserving edit of a linear writer ``w`` ``[d_model, d_in]`` against the
+    orthonormal rows ``q`` ``[k, d_model]``, as two row factors ``[d_model]`` float32: the row
+    norms ``N`` of ``w`` and those ``M`` of its edited unit rows. The edited weight is
+    ``diag(N / M) (W^ - s Q^T Q W^)`` with ``W^ = diag(1 / N) W``, so a writer's edited output
+    is ``(N / M) * (y / N - s Q^T Q (y / N))`` for its original output ``y`` (what the hooks of
+    ``profile.profile_hooks`` compute)."""
+    wf = w.float()
+    n = wf.norm(dim=1).clamp_min(1e-30)
+    unit = wf / n[:, None]
+    m = (unit - scale * (q.T @ (q @ unit))).norm(dim=1).clamp_min(1e-30)
+    return n, m
+
+
+def edited(w: torch.Tensor, kind: str, u: torch.Tensor, scale: float = 1.0,
+           preserve_norms: bool = False) -> torch.Tensor:
     """``w`` with nothing written along the unit ``u`` ``[d_model]`` (or into the span of the
     orthonormal rows ``u`` ``[k, d_model]``), computed in float32, in ``w``'s dtype; with
-    ``scale`` s, only the share s of what it writes there is removed."""
-    wf, u = w.float(), u.to(w.device)
+    ``scale`` s, only the share s of what it writes there is removed. ``preserve_norms``: a
+    linear writer (``kind`` "out") keeps its row norms (:func:`row_rescale`)."""
+    wf, u = w.float(), u.to(w.device).float()
     q = u[None] if u.ndim == 1 else u  # [k, d_model]
-    new = wf - scale * ((wf @ q.T) @ q) if kind == "rows" else wf - scale * (q.T @ (q @ wf))
+    if kind == "rows":
+        new = wf - scale * ((wf @ q.T) @ q)
+    elif preserve_norms:
+        n, m = row_rescale(wf, q, scale)
+        unit = wf / n[:, None]
+        new = (unit - scale * (q.T @ (q @ unit))) * (n / m)[:, None]
+    else:
+        new = wf - scale * (q.T @ (q @ wf))
     return new.to(w.dtype)
 
 
 @torch.no_grad()
 def orthogonalize_(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor],
-                   scales: dict[str, float] | None = None) -> list[str]:
+                   scales: dict[str, float] | None = None, preserve_norms: bool = False) -> list[str]:
     """Edit ``cm.model`` in place; returns the names of the edited parameters. ``scales``:
     the share removed per hook site (a weight profile), default 1 everywhere. ``direction``:
-    one for every writer, or a direction per hook site (a site not named is left alone)."""
+    one for every writer, or a direction per hook site (a site not named is left alone).
+    ``preserve_norms``: the linear writers keep their row norms (see the module's text)."""
     if cm.dispatched:
         raise UserError("this model is placed with a device map or quantized; its weights are not all in memory to "
                         "edit: use export_orthogonalized (suffix-analysis orthogonalize), which edits the checkpoint")
@@ -141,7 +173,7 @@ def orthogonalize_(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tens
     for name, kind in names.items():
         if units[name] is not None:
             w = cm.model.get_parameter(name)
-            w.copy_(edited(w, kind, units[name], share[name]))
+            w.copy_(edited(w, kind, units[name], share[name], preserve_norms))
     return [n for n in names if units[n] is not None]
 
 
@@ -162,7 +194,7 @@ def _marker(cm: ChatModel, n_edited: int, provenance: dict) -> str:
 
 def export_orthogonalized(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], out: str | Path,
                           provenance: dict,
-                          scales: dict[str, float] | None = None) -> Path:
+                          scales: dict[str, float] | None = None, preserve_norms: bool = False) -> Path:
     """Orthogonalize ``cm`` and save an ordinary ``transformers`` folder at ``out``.
 
     A model in memory on one device is edited in place and saved. A dispatched model
@@ -172,8 +204,8 @@ def export_orthogonalized(cm: ChatModel, direction: torch.Tensor | dict[str, tor
     Written to a temporary sibling and renamed, so ``out`` is complete or absent.
     """
     if cm.dispatched:
-        return export_from_checkpoint(cm, direction, out, provenance, scales)
-    names = orthogonalize_(cm, direction, scales)
+        return export_from_checkpoint(cm, direction, out, provenance, scales, preserve_norms)
+    names = orthogonalize_(cm, direction, scales, preserve_norms)
     with atomic_folder(out, _is_orthogonalized, "an orthogonalized model folder") as tmp:
         cm.model.save_pretrained(tmp)
         cm.tokenizer.save_pretrained(tmp)
@@ -198,7 +230,7 @@ def _checkpoint_folder(cm: ChatModel) -> Path:
 @torch.no_grad()
 def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], out: str | Path,
                            provenance: dict,
-                           scales: dict[str, float] | None = None) -> Path:
+                           scales: dict[str, float] | None = None, preserve_norms: bool = False) -> Path:
     """Orthogonalize the checkpoint ``cm`` was loaded from into ``out``, shard by shard.
 
     Peak memory is one shard. The result equals :func:`orthogonalize_` on the whole model
@@ -243,7 +275,7 @@ def export_from_checkpoint(cm: ChatModel, direction: torch.Tensor | dict[str, to
                             if isinstance(size, int):
                                 index["metadata"]["total_size"] = size + tensors[k].numel() * tensors[k].element_size()
                     if units[k] is not None:
-                        tensors[k] = edited(tensors[k], names[k], units[k], share[k])
+                        tensors[k] = edited(tensors[k], names[k], units[k], share[k], preserve_norms)
                     seen.add(k)
             save_file(tensors, str(tmp / shard.name), metadata=metadata)
             del tensors

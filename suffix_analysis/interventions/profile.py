@@ -26,6 +26,7 @@ from ..errors import UserError
 from ..models.hooks import HookList
 from ..models.loading import ChatModel
 from .directional import check_direction, check_subspace
+from .orthogonalize import row_rescale, writer_sites
 
 
 @dataclass(frozen=True)
@@ -98,16 +99,32 @@ def per_layer_sites(layer_dirs: torch.Tensor) -> dict[str, torch.Tensor]:
     return out
 
 
-def profile_hooks(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], profile: WeightProfile) -> HookList:
+def _linear_writers(cm: ChatModel) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """``{hook site: (weight [d_model, d_in], bias [d_model] or None)}`` of each layer's linear
+    writers (attention and MLP outputs)."""
+    params = writer_sites(cm)
+    out = {}
+    for name, (kind, site) in params.items():
+        if kind == "out":
+            bias = name.removesuffix(".weight") + ".bias"
+            out[site] = (cm.model.get_parameter(name), cm.model.get_parameter(bias) if bias in params else None)
+    return out
+
+
+def profile_hooks(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tensor], profile: WeightProfile,
+                  preserve_norms: bool = False) -> HookList:
     """Hooks that remove ``profile``'s share of ``direction`` (``[d_model]``, a subspace
     ``[k, d_model]``, or a map of hook site to direction, :func:`per_layer_sites`) at each
     residual writer: what the weight edit with the same profile does, without touching the
-    weights. Writers with share 0 (or no direction) get no hook."""
+    weights. Writers with share 0 (or no direction) get no hook. ``preserve_norms``: the
+    norm-preserving edit of the linear writers (``orthogonalize.row_rescale``); its hook
+    rescales each residual dimension of the writer's output, so it needs the writer's weights."""
     if isinstance(direction, dict):
         units = {site: _unit(cm, d) for site, d in direction.items()}
     else:
         one = _unit(cm, direction)
         units = dict.fromkeys(profile.sites(cm.n_layers), one)
+    linear = _linear_writers(cm) if preserve_norms else {}
 
     def remove(share: float, q: torch.Tensor):
         def hook(x: torch.Tensor, hook) -> torch.Tensor:
@@ -116,5 +133,22 @@ def profile_hooks(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tenso
 
         return hook
 
-    return [(site, remove(s, units[site])) for site, s in profile.sites(cm.n_layers).items()
-            if s != 0 and units.get(site) is not None]
+    def rescale(share: float, q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        q32 = q.float().to(weight.device)
+        n, m = row_rescale(weight.detach(), q32, share)
+        edited_bias = None if bias is None else bias.detach().float() - share * ((bias.detach().float() @ q32.T) @ q32)
+
+        def hook(x: torch.Tensor, hook) -> torch.Tensor:
+            qq, nn, ratio = q32.to(x.device, x.dtype), n.to(x.device, x.dtype), (n / m).to(x.device, x.dtype)
+            z = (x if bias is None else x - bias.to(x.dtype)) / nn  # the output of the unit rows
+            out = (z - share * ((z @ qq.T) @ qq)) * ratio
+            return out if edited_bias is None else out + edited_bias.to(x.device, x.dtype)
+
+        return hook
+
+    hooks = []
+    for site, s in profile.sites(cm.n_layers).items():
+        if s == 0 or units.get(site) is None:
+            continue
+        hooks.append((site, rescale(s, units[site], *linear[site]) if site in linear else remove(s, units[site])))
+    return hooks
