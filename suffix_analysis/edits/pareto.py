@@ -19,7 +19,8 @@ and harmless:val):
 
 Trial 0 is the paper's edit (every share 1, the selected direction, no norms kept), so the
 front is never worse than it on these prompts. Trials are simulated with hooks
-(``interventions.profile.profile_hooks``); only the chosen one is baked into the weights. The chosen edit is the front's trial with the fewest
+(``interventions.profile.profile_hooks``); only the chosen one is baked into the weights.
+The chosen edit is the front's trial with the fewest
 refusals among those with KL at most ``max_kl`` (ties: lower KL); if none is that close, the
 lowest KL. The run folder::
 
