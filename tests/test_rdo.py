@@ -82,6 +82,53 @@ def test_rdo_bad_input(start, tmp_path):
         run_rdo(cm, d / "dim", d / "rdo", RDOConfig(**{**FAST, "steps": 6}), progress=False)
 
 
+def test_representational_independence_measure():
+    """A direction is far from independent of itself; two directions in disjoint coordinates of
+    a model whose layers do nothing are fully independent, and one measure is the other's
+    mirror."""
+    from suffix_analysis.directions.rdo import independence
+
+    cm = tiny_chat_model("llama")
+    prompts = ["Do A.", "Do B now."]
+    r = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(0))
+    self_ = independence(cm, r, r, prompts)
+    assert self_["cosine"] == pytest.approx(1.0) and self_["r_when_d_ablated_max"] > 0.01
+    assert len(self_["r_when_d_ablated"]) == cm.n_layers
+    still = tiny_chat_model("llama")
+    with torch.no_grad():  # every layer writes nothing: the residual stream is the embedding
+        for layer in still.model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    a, b = torch.zeros(cm.d_model), torch.zeros(cm.d_model)
+    a[0], b[1] = 1.0, 1.0
+    with torch.no_grad():  # and no token's embedding has anything along a or b
+        still.model.model.embed_tokens.weight[:, :2] = 0.0
+    both = independence(still, a, b, prompts)
+    assert both["r_when_d_ablated_max"] == pytest.approx(0.0, abs=1e-6)
+    assert both["d_when_r_ablated_max"] == pytest.approx(0.0, abs=1e-6)
+    other = r + torch.randn(cm.d_model, generator=torch.Generator().manual_seed(1))
+    mixed, swapped = independence(cm, r, other, prompts), independence(cm, other, r, prompts)
+    assert swapped["r_when_d_ablated"] == pytest.approx(mixed["d_when_r_ablated"], abs=1e-5)
+    assert mixed["cosine"] == pytest.approx(swapped["cosine"]) and mixed["cosine"] < 0.99
+
+
+def test_rdo_learns_a_representationally_independent_direction(start):
+    """With --independent-of the independence term is trained, the run starts orthogonal to
+    that direction, and direction.json reports the measure against it."""
+    cm, d = start
+    cfg = RDOConfig(**{**FAST, "independent_of": str(d / "dim"), "independence_weight": 10.0})
+    info = run_rdo(cm, d / "dim", d / "repind", cfg, progress=False)
+    losses = json.loads((d / "repind" / "checkpoint.json").read_text())["losses"]
+    assert "independence" in losses[0]
+    assert abs(info["cosine_to_start"]) < 0.5  # a random start orthogonal to the difference in means
+    ind = info["independence_of"]
+    assert ind["run"] == str(d / "dim") and set(ind) >= {"cosine", "r_when_d_ablated_max", "d_when_r_ablated_max"}
+    assert "independence_of_start" in info
+    with pytest.raises(UserError, match="--cone-dim 1"):
+        run_rdo(cm, d / "dim", d / "x", RDOConfig(**{**FAST, "independent_of": str(d / "dim"), "cone_dim": 2}),
+                progress=False)
+
+
 def test_a_cone_is_learned_checked_and_resumed(start):
     from safetensors.torch import load_file
 

@@ -10,7 +10,11 @@ A unit vector ``r`` (at the direction run's layer for addition) is trained so th
   difference-in-means direction's), harmless train prompts continue with the refusals the
   model gives with that direction added;
 * retain: with ``r`` removed, harmless prompts keep the model's own next-token distributions
-  (KL(clean || ablated) over the last prompt token and the model's own answer).
+  (KL(clean || ablated) over the last prompt token and the model's own answer);
+* independence (with ``independent_of``, the paper's representational independence, RepInd):
+  ablating ``r`` leaves every layer's cosine with another direction ``d`` as it was, and
+  ablating ``d`` leaves the cosine with ``r`` as it was (:func:`independence_loss`); such an
+  ``r`` starts orthogonal to ``d`` (a seeded random start), not at the difference in means.
 
 The targets come from the difference-in-means direction, generated greedily once. Adam on
 ``r``, renormalized after each step. With ``cone_dim`` k > 1 a refusal cone is learned
@@ -48,6 +52,7 @@ from ..artifacts import write_json_atomic
 from ..config import setting
 from ..errors import UserError
 from ..interventions.directional import (
+    WRITERS,
     ablate_direction,
     ablation_hooks,
     add_direction,
@@ -57,7 +62,7 @@ from ..interventions.directional import (
 from ..metrics import first_token_kl, refusal_score
 from ..models.chat import pad_left, pad_token_id, position_ids
 from ..models.forward import run_batches
-from ..models.hooks import run_with_hooks
+from ..models.hooks import hook_names, run_with_hooks
 from ..models.loading import ChatModel, fingerprint_mismatch
 from ..runs import RUN_FILE, digest, open_run, read_json, update_run
 from ..tables import atomic_path
@@ -86,6 +91,9 @@ class RDOConfig:
     # vector starts at the difference-in-means direction), so that every vector of it mediates refusal.
     cone_dim: int = setting(1, "dimensions of the refusal cone to learn (1: a single direction; at most 5)")
     cone_samples: int = setting(8, "cone: random unit vectors of the cone checked on held-out prompts after training")
+    independent_of: str = setting("", "a direction run (or RDO run) whose direction the learned one must be "
+                                      "representationally independent of (the paper's RepInd term); empty: none")
+    independence_weight: float = setting(1.0, "weight of the independence term (with --independent-of)")
     seed: int = setting(0, "seed of the prompt batches, the cone's initial basis and its samples")
     checkpoint_every: int = setting(10, "steps between checkpoints (0: only at the end)")
 
@@ -102,6 +110,10 @@ class RDOConfig:
             raise UserError(f"cone_dim must be between 1 and 5, got {self.cone_dim}")
         if self.cone_samples < 0:
             raise UserError("cone_samples must be at least 0")
+        if self.independent_of and self.cone_dim != 1:
+            raise UserError("--independent-of learns one direction; use it with --cone-dim 1")
+        if self.independence_weight < 0:
+            raise UserError("independence_weight must be at least 0")
 
 
 # Settings that change how long a run is, not what it learns up to a step.
@@ -163,6 +175,78 @@ def cone_vector(basis: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     w = torch.randn(basis.shape[0], generator=gen).abs().to(basis)
     r = w @ basis
     return r / r.norm()
+
+
+def _resid(cm: ChatModel, kwargs: dict, hooks) -> torch.Tensor:
+    """``blocks.{l}.hook_resid_pre`` of every layer after ``hooks`` acted: ``[n_layers, batch,
+    pos, d_model]`` (the decoder alone: no logits)."""
+    acts = []
+
+    def keep(x: torch.Tensor, hook) -> torch.Tensor:
+        acts.append(x)
+        return x
+
+    with run_with_hooks(cm, list(hooks) + [(n, keep) for n in hook_names(cm, ["hook_resid_pre"])]):
+        cm.model.base_model(**kwargs)
+    return torch.stack(acts)
+
+
+def _cos(acts: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Cosine of each activation ``[..., d_model]`` with a unit vector ``[d_model]``."""
+    return (acts @ unit.to(acts.dtype)) / acts.norm(dim=-1).clamp_min(1e-6)
+
+
+def independence_terms(cm: ChatModel, r: torch.Tensor, d: torch.Tensor, kwargs: dict,
+                       mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representational independence of two unit directions ``r`` and ``d`` ``[d_model]`` on a
+    batch (Wollschläger et al., 2025): the change of every layer's cosine with ``r`` when ``d``
+    is ablated, and of the cosine with ``d`` when ``r`` is ablated, at the ``mask``
+    ``[batch, pos]`` positions: two ``[n_layers, n]`` tensors (0 when the two are independent).
+    Differentiable in ``r``."""
+    with torch.no_grad():
+        clean = _resid(cm, kwargs, [])[:, mask]
+        without_d = _resid(cm, kwargs, ablation_hooks(cm, d))[:, mask]
+    without_r = _resid(cm, kwargs, _ablate_unit(cm, r))[:, mask]
+    return _cos(without_d, r) - _cos(clean, r), _cos(without_r, d) - _cos(clean, d)
+
+
+def _ablate_unit(cm: ChatModel, unit: torch.Tensor):
+    """Ablation hooks of a unit vector that keep its gradient (``ablation_hooks`` checks and
+    copies its direction)."""
+    def ablate(x: torch.Tensor, hook) -> torch.Tensor:
+        u = unit.to(x.device, x.dtype)
+        return x - (x @ u).unsqueeze(-1) * u
+
+    return [(name, ablate) for name in hook_names(cm, WRITERS)]
+
+
+def independence_loss(cm: ChatModel, r: torch.Tensor, d: torch.Tensor, kwargs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The RepInd term: the mean squared change of both cosines (:func:`independence_terms`)."""
+    a, b = independence_terms(cm, r, d, kwargs, mask)
+    return (a ** 2).mean() + (b ** 2).mean()
+
+
+@torch.no_grad()
+def independence(cm: ChatModel, r: torch.Tensor, d: torch.Tensor, instructions: list[str],
+                 batch_size: int = 16) -> dict:
+    """How representationally independent two directions are on ``instructions`` (every
+    prompt token): per layer, the mean absolute change of the cosine with ``r`` when ``d`` is
+    ablated and with ``d`` when ``r`` is ablated; the largest of each over the layers, and the
+    two directions' own cosine."""
+    r, d = r.float().cpu() / r.norm(), d.float().cpu() / d.norm()
+    sums, n = None, 0
+    rows = cm.chat.tokenize(instructions)
+    for s in range(0, len(rows), batch_size):
+        enc = pad_left(rows[s:s + batch_size], pad_token_id(cm.tokenizer), cm.device)
+        kw = {**enc, "position_ids": position_ids(enc["attention_mask"])}
+        a, b = independence_terms(cm, r.to(cm.device), d.to(cm.device), kw, enc["attention_mask"].bool())
+        part = torch.stack([a.abs().sum(1), b.abs().sum(1)]).double().cpu()  # [2, n_layers]
+        sums, n = part if sums is None else sums + part, n + a.shape[1]
+    per_layer = (sums / n).float()
+    return {"cosine": float(r @ d), "r_when_d_ablated_max": per_layer[0].max().item(),
+            "d_when_r_ablated_max": per_layer[1].max().item(),
+            "r_when_d_ablated": [round(x, 5) for x in per_layer[0].tolist()],
+            "d_when_r_ablated": [round(x, 5) for x in per_layer[1].tolist()]}
 
 
 @torch.no_grad()
@@ -257,9 +341,14 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
     prompts = run_prompts(cm, src, data_dir)
     harmful, harmless = prompts.harmful_train[: cfg.n_prompts], prompts.harmless_train[: cfg.n_prompts]
     run = Path(out).expanduser()
+    other = None
+    if cfg.independent_of:
+        other, _ = load_direction(Path(cfg.independent_of).expanduser(), cm)
+        other = (other.float() / other.norm()).to(cm.device)
     record = {"model": cm.name, "fingerprint": cm.fingerprint(), "d_model": cm.d_model, "direction_run": str(src),
               "start": {"position": info["position"], "layer": layer, "data": info["data"]},
-              "data": digest([harmful, harmless]), "config": asdict(cfg)}
+              "data": digest([harmful, harmless]), "config": asdict(cfg),
+              **({"independent_of": digest(other.cpu().tolist())} if other is not None else {})}
     record = open_run(run, KIND, record, free=_FREE, same_model=lambda old: fingerprint_mismatch(
         old.get("fingerprint"), cm, f"run folder {run} (model '{old.get('model')}')"))
     update_run(run, record)
@@ -267,7 +356,11 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
 
     norm = dim.norm().item()
     init = torch.randn(cfg.cone_dim, cm.d_model, generator=torch.Generator().manual_seed(cfg.seed + 1))
-    init[0] = dim.float() / norm
+    if other is None:
+        init[0] = dim.float() / norm
+    else:  # RepInd: a random start orthogonal to the direction it must be independent of
+        o = other.cpu()
+        init[0] = init[0] - (init[0] @ o) * o
     v = orthonormal(init).to(cm.device).requires_grad_(True)  # [cone_dim, d_model]
     opt = torch.optim.Adam([v], lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -291,6 +384,9 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
                 kw, pred = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
                 with run_with_hooks(cm, ablation_hooks(cm, unit)):
                     terms["ablation"] = _target_ce(cm, kw, pred)
+            if other is not None and cfg.independence_weight:
+                kw, _ = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
+                terms["independence"] = independence_loss(cm, unit, other, kw, kw["attention_mask"].bool())
             if cfg.addition_weight:
                 kw, pred = _batch(cm, [targets.harmless[i] for i in ni], [targets.refusals[i] for i in ni])
                 with run_with_hooks(cm, addition_hooks(cm, unit * norm, layer)):
@@ -302,7 +398,8 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
                 with run_with_hooks(cm, ablation_hooks(cm, unit)):
                     ablated = _log_probs(cm, kw, pred)
                 terms["retain"] = (clean.exp() * (clean - ablated)).sum(-1).mean()
-            weights = {"ablation": cfg.ablation_weight, "addition": cfg.addition_weight, "retain": cfg.retain_weight}
+            weights = {"ablation": cfg.ablation_weight, "addition": cfg.addition_weight, "retain": cfg.retain_weight,
+                       "independence": cfg.independence_weight}
             loss = sum(weights[k] * t for k, t in terms.items())
             opt.zero_grad()
             loss.backward()
@@ -321,13 +418,17 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
         for p in trainable:
             p.requires_grad_(True)
     _save_checkpoint(run, v, opt, step, losses, gen)
-    return _finish(cm, run, cfg, orthonormal(v.detach()).cpu(), norm, dim, info, record, losses, prompts, data_dir)
+    return _finish(cm, run, cfg, orthonormal(v.detach()).cpu(), norm, dim, info, record, losses, prompts, data_dir,
+                   other)
 
 
 def _finish(cm: ChatModel, run: Path, cfg: RDOConfig, basis: torch.Tensor, norm: float, dim: torch.Tensor,
-            info: dict, record: dict, losses: list[dict], prompts, data_dir: str | None) -> dict:
+            info: dict, record: dict, losses: list[dict], prompts, data_dir: str | None,
+            other: torch.Tensor | None = None) -> dict:
     """The learned direction (a cone's: the mean of its basis) at the starting direction's
-    norm, its val scores beside the starting direction's, and a cone's checks (``cone.json``)."""
+    norm, its val scores beside the starting direction's, its representational independence
+    of the difference in means (and of ``other``, the direction it was trained independent
+    of) on the harmful val prompts, and a cone's checks (``cone.json``)."""
     _write_csv(run / "losses.csv", losses)
     mean = basis.sum(0)
     direction = (mean / mean.norm()).float() * norm
@@ -337,7 +438,11 @@ def _finish(cm: ChatModel, run: Path, cfg: RDOConfig, basis: torch.Tensor, norm:
     cos = torch.nn.functional.cosine_similarity(direction, dim.float().cpu(), dim=0).item()
     out = {"position": info["position"], "layer": layer, **scores, "norm": norm, "model": cm.name,
            "fingerprint": record["fingerprint"], "data": info["data"], "steps": len(losses), "method": "rdo",
-           "cone_dim": cfg.cone_dim, "cosine_to_start": cos, "start": {"run": str(record["direction_run"]), **start}}
+           "cone_dim": cfg.cone_dim, "cosine_to_start": cos, "start": {"run": str(record["direction_run"]), **start},
+           "independence_of_start": independence(cm, direction, dim, prompts.harmful_val)}
+    if other is not None:
+        out["independence_of"] = {"run": cfg.independent_of, **independence(cm, direction, other.cpu(),
+                                                                             prompts.harmful_val)}
     if cfg.cone_dim > 1:
         with atomic_path(run / "cone.safetensors") as tmp:
             save_file({"basis": basis.contiguous()}, str(tmp), metadata={"layer": str(layer), "norm": str(norm),
