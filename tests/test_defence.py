@@ -201,13 +201,35 @@ def test_generated_tokens_are_defended_with_their_own_thresholds():
 
 
 @pytest.mark.parametrize("rule", ["head", "layer"])
-def test_a_teacher_forced_continuation_is_defended_as_generation_is(rule):
+def test_spans_flagged_at_the_eoi_rows_persist_into_the_answer(rule):
+    """``persist``: the sources hit at the EOI rows stay scaled in the generated tokens' rows;
+    with nothing hit there, it is the EOI-only defence."""
+    cm = tiny_chat_model("llama")
+    heads = cm.model.config.num_attention_heads
+
+    def th(x):
+        return {l: [x] * heads if rule == "head" else x for l in (0, 1)}
+
+    eoi_only = _scores(cm, Suppression(th(0.02), scale=0.0, window=2, rule=rule))
+    held = _scores(cm, Suppression(th(0.02), scale=0.0, window=2, rule=rule, persist=True))
+    assert torch.equal(held[:, 0], eoi_only[:, 0])  # the first token: the prompt's pass, defended alike
+    assert not torch.allclose(held[:, 1:], eoi_only[:, 1:], atol=1e-4)  # later rows lose the flagged spans too
+    nothing = th(float("inf"))
+    assert torch.equal(_scores(cm, Suppression(nothing, scale=0.0, window=2, rule=rule, persist=True)),
+                       _scores(cm, Suppression(nothing, scale=0.0, window=2, rule=rule)))
+    assert Suppression.from_dict(Suppression(th(0.5), persist=True, rule=rule).to_dict()).persist
+
+
+@pytest.mark.parametrize("rule,persist", [("head", False), ("layer", False), ("head", True), ("layer", True)])
+def test_a_teacher_forced_continuation_is_defended_as_generation_is(rule, persist):
     """Scoring prompt + continuation in one pass with ``prompt_len`` gives the logits that
-    generating the continuation step by step gives, defence included (the attacker's view)."""
+    generating the continuation step by step gives, defence included (the attacker's view):
+    with thresholds of the generated rows, or with the EOI rows' spans persisting."""
     cm = tiny_chat_model("llama")
     heads = cm.model.config.num_attention_heads
     low = [0.02] * heads if rule == "head" else 0.02
-    d = Suppression({0: low, 1: low}, scale=0.0, window=2, rule=rule, generated={0: low, 1: low})
+    d = Suppression({0: low, 1: low}, scale=0.0, window=2, rule=rule,
+                    generated=None if persist else {0: low, 1: low}, persist=persist)
     batch = cm.chat.encode(PROMPTS, device=cm.device)
     with torch.no_grad(), suppressing(cm, d):
         out = cm.model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,

@@ -75,6 +75,8 @@ class SuppressionConfig:
     n_calibration: int = setting(64, "clean train prompts per class (harmful, harmless) to calibrate on")
     generated: int = setting(0, "also defend the generated tokens, with thresholds of their own calibrated on this "
                                 "many greedy tokens of each clean prompt (0: the EOI positions only)")
+    persist: bool = setting(False, "keep scaling the spans flagged at the EOI positions (in the same heads) in every "
+                                   "generated token's row too: a hijacking span stays suppressed for the whole answer")
 
     def validate(self) -> None:
         if not (self.threshold == 0 or 0 < self.threshold <= 1):
@@ -103,11 +105,12 @@ class Suppression:
     window: int = 1  # tokens per source span
     rule: str = "layer"
     generated: dict[int, float | list[float]] | None = None  # thresholds of the generated tokens' rows (None: undefended)
+    persist: bool = False  # the sources flagged at the EOI rows stay scaled in the generated tokens' rows
 
     def to_dict(self) -> dict:
         gen = None if self.generated is None else {str(l): t for l, t in self.generated.items()}
         return {"thresholds": {str(l): t for l, t in self.thresholds.items()}, "scale": self.scale,
-                "window": self.window, "rule": self.rule, "generated": gen, **self.record}
+                "window": self.window, "rule": self.rule, "generated": gen, "persist": self.persist, **self.record}
 
     @classmethod
     def from_dict(cls, d: dict) -> Suppression:
@@ -115,10 +118,11 @@ class Suppression:
             def read(m: dict) -> dict:
                 return {int(l): [float(x) for x in t] if isinstance(t, list) else float(t) for l, t in m.items()}
 
-            rest = {k: v for k, v in d.items() if k not in ("thresholds", "scale", "window", "rule", "generated")}
+            rest = {k: v for k, v in d.items()
+                    if k not in ("thresholds", "scale", "window", "rule", "generated", "persist")}
             gen = read(d["generated"]) if d.get("generated") else None
             return cls(read(d["thresholds"]), float(d["scale"]), rest, int(d.get("window", 1)),
-                       str(d.get("rule", "layer")), gen)
+                       str(d.get("rule", "layer")), gen, bool(d.get("persist", False)))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError("not a suppression record this suite wrote (thresholds and scale)") from None
 
@@ -255,6 +259,7 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
     w_o = {l: head_weights(cm, l) for l in layers}
     at = cm.arch.pattern_output
     past: dict[int, Tensor] = {}  # per layer: the value vectors of the prompt and the steps so far
+    flagged: dict[int, Tensor] = {}  # per layer: the sources hit at the EOI rows, [b, h or 1, k] (persist)
     heads = cm.model.config.get_text_config().num_attention_heads
     never = [float("inf")] * heads if defence.rule == "head" else float("inf")
 
@@ -285,7 +290,7 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
             q, k = a.shape[2], a.shape[-1]
             gen = (defence.generated or {}).get(l, never if observe is not None else None)
             if state.decoding and q == 1:  # one generated token's row, against every key so far
-                if gen is None or l not in past:
+                if (gen is None and not defence.persist) or l not in past:
                     return None
                 past[l] = v = torch.cat([past[l], values[l]], 1)
                 groups = [(slice(q - 1, q), gen, True)]
@@ -293,15 +298,23 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
                 return None
             else:
                 past[l] = v = values[l]
+                flagged.pop(l, None)
                 e = state.end
                 groups = [(slice(e - state.n_eoi, e), defence.thresholds[l], False)]
-                if e < q and gen is not None:  # a teacher-forced continuation
+                if e < q and (gen is not None or defence.persist):  # a teacher-forced continuation
                     groups.append((slice(e, q), gen, True))
             user = torch.nn.functional.pad(state.user, (0, k - state.user.shape[1]))[:, None].to(a.device)  # [b, 1, k]
             o, new = out[0], None
             for rows, th_l, generated in groups:
-                hit, shown, spans = judge(l, a, v, rows, th_l, user)
-                if observe is not None:
+                if th_l is None:  # persist alone: only the spans flagged at the EOI rows
+                    hit = torch.zeros(1, 1, 1, k, dtype=torch.bool, device=a.device)
+                else:
+                    hit, shown, spans = judge(l, a, v, rows, th_l, user)
+                if generated and defence.persist and l in flagged:
+                    hit = hit | torch.nn.functional.pad(flagged[l], (0, k - flagged[l].shape[-1]))[:, :, None]
+                elif not generated:
+                    flagged[l] = hit.any(2)  # [b, h or 1, k]
+                if observe is not None and th_l is not None:
                     if generated:
                         top = spans.amax(dim=(-2, -1)).clamp_min(-1.0).detach().cpu()  # [b] or [b, h]
                         seen = observe.setdefault(l, {})
@@ -388,11 +401,12 @@ def build_defence(cm: ChatModel, cfg: SuppressionConfig, direction_layer: int, d
         heads = cm.model.config.get_text_config().num_attention_heads
         th = {l: [cfg.threshold] * heads if cfg.rule == "head" else cfg.threshold for l in layers}
         return Suppression(th, cfg.scale, {"threshold": cfg.threshold}, cfg.window, cfg.rule,
-                           th if cfg.generated else None)
+                           th if cfg.generated else None, cfg.persist)
     clean = [x.instruction for spec in CALIBRATION_SETS
              for x in load_instructions(spec, data_dir)[: cfg.n_calibration]]
     d = calibrate(cm, clean, layers, cfg.quantile, cfg.scale, batch_size, cfg.window, cfg.rule, cfg.generated)
     d.record["calibration"] = f"first {cfg.n_calibration} of {' and '.join(CALIBRATION_SETS)}"
+    d.persist = cfg.persist
     flat = [x for t in d.thresholds.values() for x in (t if isinstance(t, list) else [t])]
     log.info("hijacking suppression: per %s, layers %s, spans of %d, thresholds %.3f..%.3f (quantile %.2f of %d clean "
              "train prompts), scale %g", cfg.rule, cfg.layers, cfg.window, min(flat), max(flat), cfg.quantile,
