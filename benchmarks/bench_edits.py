@@ -84,7 +84,8 @@ def main() -> None:
         harmful = [x.instruction for x in load_instructions("harmful:test")][: args.limit]
         harmless = [x.instruction for x in load_instructions("harmless:test")][: args.limit]
         judge, compliance = judges("", ComplianceConfig(), "cpu")
-        markers = list(REFUSAL_PHRASES) if args.heretic else None
+        # heretic's keyword count wherever its environment is at hand (not only beside its trials)
+        markers = list(REFUSAL_PHRASES) if args.heretic or Path(args.heretic_python).exists() else None
         if markers is not None:
             keyword_refused(args.heretic_python, ["I cannot help."], markers)  # heretic's env works, before anything
 

@@ -223,3 +223,28 @@ def test_pareto_search_on_named_selection_sets(start, tmp_path):  # noqa: F811
                                                                harmless=str(tmp_path / "n.txt")), progress=False)
     assert info["prompts"]["n_harmful"] == 3 and info["prompts"]["n_harmless"] == 2
     assert info["prompts"]["harmful"].endswith("h.txt")
+
+
+def test_the_refusal_objective_also_reads_generated_tokens():
+    """With judge_tokens the refused share also counts prompts whose generated tokens the judge
+    calls refusals; a judge that finds none leaves the first-token count."""
+    from suffix_analysis.edits.pareto import Scorer
+
+    cm = tiny_chat_model("llama")
+    harmful, harmless = ["Do A now.", "Do B.", "Make C please."], ["Say hi.", "Name a fruit."]
+    r = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(3))
+    profile = WeightProfile(attn=Tent(0.5, 1.0, 0.5, 2.0), mlp=Tent(0.5, 1.0, 0.5, 2.0), embed=0.0)
+    first = Scorer(cm, harmful, harmless, batch_size=2)(profile, r)
+    said = []
+
+    def everything(instructions, completions):
+        said.extend(completions)
+        return [True] * len(completions)
+
+    assert Scorer(cm, harmful, harmless, 2, judge_tokens=3, judge=everything)(profile, r)["refused"] == 1.0
+    assert len(said) == 3 and all(isinstance(c, str) for c in said)
+    none = Scorer(cm, harmful, harmless, 2, judge_tokens=3, judge=lambda i, c: [False] * len(c))(profile, r)
+    assert none["refused"] == first["refused"] and none["kl"] == pytest.approx(first["kl"], abs=1e-5)
+    assert none["score"] == pytest.approx(first["score"], abs=1e-4)  # the first token's score, from generation
+    with pytest.raises(UserError, match="judge_tokens"):
+        ParetoConfig(judge_tokens=-1).validate()

@@ -14,7 +14,10 @@ splits, or other sets named by ``harmful`` and ``harmless`` (heretic scores all 
 and harmless:val):
 
 * refused: the share of harmful val prompts whose first token is more likely a refusal than
-  not (refusal score > 0, the paper's metric) with the profile's ablation;
+  not (refusal score > 0, the paper's metric) with the profile's ablation, or, with
+  ``judge_tokens`` N, whose N greedy tokens the substring judge also calls a refusal (a
+  refusal that starts later, "To make ransomware, I can't help with that"; heretic counts
+  refusals in 100 generated tokens);
 * KL: the mean first-token KL(clean || edited) on harmless val prompts.
 
 Trial 0 is the paper's edit (every share 1, the selected direction, no norms kept), so the
@@ -50,6 +53,8 @@ from ..directions.extract import layer_direction
 from ..directions.rdo import cone_basis
 from ..directions.run import _write_csv, load_direction, load_layer_directions, run_prompts
 from ..errors import UserError
+from ..evaluation.generation import generate
+from ..evaluation.refusal import SubstringJudge
 from ..figures.pareto import draw_pareto
 from ..interventions.orthogonalize import export_orthogonalized
 from ..interventions.profile import Tent, WeightProfile, per_layer_sites, profile_hooks
@@ -77,6 +82,9 @@ class ParetoConfig:
                                           "(fractional, heretic's direction index); a direction run only")
     per_layer: bool = setting(True, "with --direction-layer, also offer heretic's per-layer scope: each layer's "
                                     "writers remove that layer's own difference in means")
+    judge_tokens: int = setting(16, "also generate this many greedy tokens of each harmful prompt and count a refusal "
+                                    "the substring judge finds in them (0: the first token's refusal score only)",
+                                cpu=16)
     preserve_norms: bool = setting(True, "also offer the norm-preserving edit (heretic's row normalization 'full', "
                                          "exact): the linear writers keep their row norms; trial 1 is the paper's "
                                          "shares so edited")
@@ -97,6 +105,8 @@ class ParetoConfig:
             raise UserError(f"max_weight must be in (0, 3], got {self.max_weight}")
         if self.max_kl <= 0:
             raise UserError(f"max_kl must be above 0, got {self.max_kl}")
+        if self.judge_tokens < 0:
+            raise UserError(f"judge_tokens must be 0 (the first token only) or a number of tokens, got {self.judge_tokens}")
 
 
 # Settings that change how long a search is or which trial is chosen, not what a trial scores.
@@ -190,11 +200,13 @@ class Directions:
 class Scorer:
     """The two objectives of a profile on fixed prompts; the clean harmless logits once."""
 
-    def __init__(self, cm: ChatModel, harmful: list[str], harmless: list[str], batch_size: int = 32):
+    def __init__(self, cm: ChatModel, harmful: list[str], harmless: list[str], batch_size: int = 32,
+                 judge_tokens: int = 0, judge=None):
         if not harmful or not harmless:
             raise UserError("the Pareto edit needs harmful and harmless selection prompts; the direction run kept "
                             f"{len(harmful)} and {len(harmless)}")
-        self.cm, self.batch_size = cm, batch_size
+        self.cm, self.batch_size, self.judge_tokens, self.texts = cm, batch_size, judge_tokens, harmful
+        self.judge = judge or SubstringJudge()
         self.harmful, self.harmless = cm.chat.tokenize(harmful), cm.chat.tokenize(harmless)
         with torch.no_grad():
             self.clean = run_batches(cm, self.harmless, batch_size)
@@ -208,9 +220,16 @@ class Scorer:
         hook site) removed, by the norm-preserving edit with ``preserve_norms``."""
         cm = self.cm
         with run_with_hooks(cm, profile_hooks(cm, direction, profile, preserve_norms)):
-            s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
+            if self.judge_tokens:
+                gen = generate(cm, self.texts, max_new_tokens=self.judge_tokens, batch_size=self.batch_size,
+                               progress=False)
+                s = refusal_score(gen.first_logits, cm.refusal_ids)
+                refused = (s > 0) | torch.tensor(self.judge(self.texts, gen.completions))
+            else:
+                s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
+                refused = s > 0
             kl = first_token_kl(self.clean, run_batches(cm, self.harmless, self.batch_size)).mean().item()
-        return {"refused": (s > 0).float().mean().item(), "kl": kl, "score": s.mean().item()}
+        return {"refused": refused.float().mean().item(), "kl": kl, "score": s.mean().item()}
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -285,7 +304,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         study.enqueue_trial(paper)
         if cfg.preserve_norms:
             study.enqueue_trial({**paper, "preserve_norms": True})
-    scorer = Scorer(cm, harmful, harmless, cfg.batch_size)
+    scorer = Scorer(cm, harmful, harmless, cfg.batch_size, cfg.judge_tokens)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
                disable=not progress)
