@@ -216,6 +216,7 @@ def cmd_orthogonalize(args) -> int:
 
     o = run_orthogonalize(OrthogonalizeCommand(direction=args.direction, out=args.out, model=_model_options(args),
                                                allow_other_model=args.allow_other_model, cone=args.cone,
+                                               preserve_norms=args.preserve_norms,
                                                progress=_progress(args)))
     print(f"orthogonalized model saved to {o.out} (loads with transformers.AutoModelForCausalLM)")
     return 0

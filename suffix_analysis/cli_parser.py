@@ -228,6 +228,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _direction_args(p, required=True)
     p.add_argument("--cone", action="store_true", help="orthogonalize the whole refusal cone of an RDO run "
                                                         "(`rdo --cone-dim K`), not its direction")
+    p.add_argument("--preserve-norms", action="store_true",
+                   help="the norm-preserving edit: each attention and MLP output matrix keeps its row norms "
+                        "(heretic's row normalization, computed exactly)")
     _output_args(p, "folder for the edited model", out_required=True, json_flag=False, quiet=False)
 
     p = sub.add_parser("evaluate", help="refusal and side effects under ablation, addition, orthogonalization")

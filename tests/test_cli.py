@@ -149,6 +149,10 @@ def test_direction_pipeline_commands_on_tiny_model(capsys, tmp_path, tiny_folder
                          "--out", "ocone")
     assert code == 0, err
     assert json.loads((tmp_path / "ocone" / "suffix_analysis.json").read_text())["cone_dim"] == 2
+    code, out, err = run(capsys, "orthogonalize", "--model", str(tiny_folder), "--direction", "run", "--preserve-norms",
+                         "--out", "onorm")
+    assert code == 0, err
+    assert json.loads((tmp_path / "onorm" / "suffix_analysis.json").read_text())["preserve_norms"] is True
     code, _, err = run(capsys, *rdo, "--out", "rdo2", "--lr", "0")
     assert code == 2
     one_line_error(err, "lr must be above 0")

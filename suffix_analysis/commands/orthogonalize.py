@@ -18,6 +18,7 @@ class OrthogonalizeCommand:
     model: ModelOptions = field(default_factory=ModelOptions)
     allow_other_model: bool = False
     cone: bool = False  # the whole cone of an RDO run (cone.safetensors), not its direction
+    preserve_norms: bool = False  # each attention and MLP output matrix keeps its row norms (heretic's, exact)
     progress: bool = True
 
 
@@ -39,4 +40,7 @@ def run_orthogonalize(cmd: OrthogonalizeCommand) -> OrthogonalizeOutcome:
     if cmd.cone:
         direction = cone_basis(Path(cmd.direction).expanduser())
         record["cone_dim"] = direction.shape[0]
-    return OrthogonalizeOutcome(export_orthogonalized(cm, direction, cmd.out, record), record)
+    if cmd.preserve_norms:
+        record["preserve_norms"] = True
+    return OrthogonalizeOutcome(export_orthogonalized(cm, direction, cmd.out, record,
+                                                      preserve_norms=cmd.preserve_norms), record)
