@@ -93,7 +93,9 @@ class RDOConfig:
     cone_samples: int = setting(8, "cone: random unit vectors of the cone checked on held-out prompts after training")
     independent_of: str = setting("", "a direction run (or RDO run) whose direction the learned one must be "
                                       "representationally independent of (the paper's RepInd term); empty: none")
-    independence_weight: float = setting(1.0, "weight of the independence term (with --independent-of)")
+    # Squared cosine changes are small (about 1e-4 to 1e-3 per position), so the term needs a
+    # large weight to count beside the cross-entropies.
+    independence_weight: float = setting(1000.0, "weight of the independence term (with --independent-of)")
     seed: int = setting(0, "seed of the prompt batches, the cone's initial basis and its samples")
     checkpoint_every: int = setting(10, "steps between checkpoints (0: only at the end)")
 
