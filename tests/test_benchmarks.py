@@ -71,3 +71,14 @@ def test_gpu_benchmark_model_and_reachable_target(tmp_path):
     # token ids beyond the tokenizer's are never drawn into a suffix
     assert all(i < len(cm.tokenizer) for i in r.suffix_ids)
     assert len(r.losses) == 2 or r.success
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shares", "0"], "every share in (0, 3]"),
+    (["--layers", "x"], "comma-separated numbers"),
+    (["--limit", "0"], "--limit must be at least 1"),
+])
+def test_norms_benchmark_bad_input_is_one_line(args, message):
+    r = _run("bench_norms.py", "--direction", "nowhere", *args)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and message in lines[0] and lines[0].startswith("bench_norms: ")
