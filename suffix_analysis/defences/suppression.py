@@ -297,8 +297,7 @@ def suppressing(cm: ChatModel, defence: Suppression, observe: dict | None = None
             elif q <= 1:
                 return None
             else:
-                past[l] = v = values[l]
-                flagged.pop(l, None)
+                past[l] = v = values[l]  # flagged[l] is set anew by the EOI rows below
                 e = state.end
                 groups = [(slice(e - state.n_eoi, e), defence.thresholds[l], False)]
                 if e < q and (gen is not None or defence.persist):  # a teacher-forced continuation

@@ -52,7 +52,6 @@ from ..artifacts import write_json_atomic
 from ..config import setting
 from ..errors import UserError
 from ..interventions.directional import (
-    WRITERS,
     ablate_direction,
     ablation_hooks,
     add_direction,
@@ -208,18 +207,8 @@ def independence_terms(cm: ChatModel, r: torch.Tensor, d: torch.Tensor, kwargs: 
     with torch.no_grad():
         clean = _resid(cm, kwargs, [])[:, mask]
         without_d = _resid(cm, kwargs, ablation_hooks(cm, d))[:, mask]
-    without_r = _resid(cm, kwargs, _ablate_unit(cm, r))[:, mask]
+    without_r = _resid(cm, kwargs, ablation_hooks(cm, r))[:, mask]  # differentiable in r
     return _cos(without_d, r) - _cos(clean, r), _cos(without_r, d) - _cos(clean, d)
-
-
-def _ablate_unit(cm: ChatModel, unit: torch.Tensor):
-    """Ablation hooks of a unit vector that keep its gradient (``ablation_hooks`` checks and
-    copies its direction)."""
-    def ablate(x: torch.Tensor, hook) -> torch.Tensor:
-        u = unit.to(x.device, x.dtype)
-        return x - (x @ u).unsqueeze(-1) * u
-
-    return [(name, ablate) for name in hook_names(cm, WRITERS)]
 
 
 def independence_loss(cm: ChatModel, r: torch.Tensor, d: torch.Tensor, kwargs: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -382,13 +371,12 @@ def run_rdo(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: RDOC
             terms = {}
             basis = orthonormal(v)
             unit = basis[0] if cfg.cone_dim == 1 else cone_vector(basis, gen)
+            hkw, hpred = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
             if cfg.ablation_weight:
-                kw, pred = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
                 with run_with_hooks(cm, ablation_hooks(cm, unit)):
-                    terms["ablation"] = _target_ce(cm, kw, pred)
+                    terms["ablation"] = _target_ce(cm, hkw, hpred)
             if other is not None and cfg.independence_weight:
-                kw, _ = _batch(cm, [targets.harmful[i] for i in hi], [targets.answers[i] for i in hi])
-                terms["independence"] = independence_loss(cm, unit, other, kw, kw["attention_mask"].bool())
+                terms["independence"] = independence_loss(cm, unit, other, hkw, hkw["attention_mask"].bool())
             if cfg.addition_weight:
                 kw, pred = _batch(cm, [targets.harmless[i] for i in ni], [targets.refusals[i] for i in ni])
                 with run_with_hooks(cm, addition_hooks(cm, unit * norm, layer)):

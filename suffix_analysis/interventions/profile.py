@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..models.hooks import HookList
 from ..models.loading import ChatModel
 from .directional import check_direction, check_subspace
-from .orthogonalize import row_rescale, writer_sites
+from .orthogonalize import edited, row_rescale, writer_sites
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,11 @@ def profile_hooks(cm: ChatModel, direction: torch.Tensor | dict[str, torch.Tenso
     def rescale(share: float, q: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         q32 = q.float().to(weight.device)
         n, m = row_rescale(weight.detach(), q32, share)
-        edited_bias = None if bias is None else bias.detach().float() - share * ((bias.detach().float() @ q32.T) @ q32)
+        ratio32 = n / m
+        edited_bias = None if bias is None else edited(bias.detach(), "rows", q32, share).float()
 
         def hook(x: torch.Tensor, hook) -> torch.Tensor:
-            qq, nn, ratio = q32.to(x.device, x.dtype), n.to(x.device, x.dtype), (n / m).to(x.device, x.dtype)
+            qq, nn, ratio = q32.to(x.device, x.dtype), n.to(x.device, x.dtype), ratio32.to(x.device, x.dtype)
             z = (x if bias is None else x - bias.to(x.dtype)) / nn  # the output of the unit rows
             out = (z - share * ((z @ qq.T) @ qq)) * ratio
             return out if edited_bias is None else out + edited_bias.to(x.device, x.dtype)
