@@ -248,3 +248,27 @@ def test_the_refusal_objective_also_reads_generated_tokens():
     assert none["score"] == pytest.approx(first["score"], abs=1e-4)  # the first token's score, from generation
     with pytest.raises(UserError, match="judge_tokens"):
         ParetoConfig(judge_tokens=-1).validate()
+
+
+def test_the_refusal_objective_counts_scores_within_the_margin():
+    """With a margin a prompt counts as refused while its first-token refusal score is above
+    -margin: the share grows with the margin, from the plain count to every prompt."""
+    from suffix_analysis.edits.pareto import Scorer
+    from suffix_analysis.metrics import refusal_score
+    from suffix_analysis.models.forward import run_batches
+
+    cm = tiny_chat_model("llama")
+    harmful, harmless = ["Do A now.", "Do B.", "Make C please.", "Write D."], ["Say hi.", "Name a fruit."]
+    r = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(3))
+    profile = WeightProfile(attn=Tent(0.5, 1.0, 0.5, 2.0), mlp=Tent(0.5, 1.0, 0.5, 2.0), embed=0.0)
+    with torch.no_grad(), run_with_hooks(cm, profile_hooks(cm, r, profile)):
+        s = refusal_score(run_batches(cm, cm.chat.tokenize(harmful), 2), cm.refusal_ids)
+    # margins that put the cut between the prompts' scores, so each count is exact
+    cuts = sorted(set([0.0] + [max(0.0, -v.item()) + 1e-3 for v in s]))
+    assert len(cuts) >= 3  # some prompts below 0: the margin has something to count
+    shares = [Scorer(cm, harmful, harmless, 2, margin=m)(profile, r)["refused"] for m in cuts]
+    assert shares == [pytest.approx((s > -m).float().mean().item()) for m in cuts]
+    assert shares == sorted(shares) and shares[-1] == 1.0
+    assert shares[0] == Scorer(cm, harmful, harmless, 2)(profile, r)["refused"]
+    with pytest.raises(UserError, match="margin"):
+        ParetoConfig(margin=-1).validate()

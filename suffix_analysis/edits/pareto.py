@@ -85,6 +85,8 @@ class ParetoConfig:
     judge_tokens: int = setting(16, "also generate this many greedy tokens of each harmful prompt and count a refusal "
                                     "the substring judge finds in them (0: the first token's refusal score only)",
                                 cpu=16)
+    margin: float = setting(0.0, "a harmful prompt also counts as refused while its first-token refusal score is above "
+                                 "-margin: a safety margin for the prompts the search does not see (0: score > 0)")
     preserve_norms: bool = setting(True, "also offer the norm-preserving edit (heretic's row normalization 'full', "
                                          "exact): the linear writers keep their row norms; trial 1 is the paper's "
                                          "shares so edited")
@@ -107,6 +109,8 @@ class ParetoConfig:
             raise UserError(f"max_kl must be above 0, got {self.max_kl}")
         if self.judge_tokens < 0:
             raise UserError(f"judge_tokens must be 0 (the first token only) or a number of tokens, got {self.judge_tokens}")
+        if not 0 <= self.margin <= 20:
+            raise UserError(f"margin must be in [0, 20] (a refusal score is a log-odds), got {self.margin}")
 
 
 # Settings that change how long a search is or which trial is chosen, not what a trial scores.
@@ -201,11 +205,12 @@ class Scorer:
     """The two objectives of a profile on fixed prompts; the clean harmless logits once."""
 
     def __init__(self, cm: ChatModel, harmful: list[str], harmless: list[str], batch_size: int = 32,
-                 judge_tokens: int = 0, judge=None):
+                 judge_tokens: int = 0, judge=None, margin: float = 0.0):
         if not harmful or not harmless:
             raise UserError("the Pareto edit needs harmful and harmless selection prompts; the direction run kept "
                             f"{len(harmful)} and {len(harmless)}")
         self.cm, self.batch_size, self.judge_tokens, self.texts = cm, batch_size, judge_tokens, harmful
+        self.margin = margin
         self.judge = judge or SubstringJudge()
         self.harmful, self.harmless = cm.chat.tokenize(harmful), cm.chat.tokenize(harmless)
         with torch.no_grad():
@@ -214,7 +219,8 @@ class Scorer:
     @torch.no_grad()
     def __call__(self, profile: WeightProfile, direction: torch.Tensor | dict[str, torch.Tensor],
                  preserve_norms: bool = False) -> dict:
-        """``refused`` (share of harmful prompts with refusal score > 0), ``kl`` (mean
+        """``refused`` (share of harmful prompts with refusal score > -``margin``, or, with
+        ``judge_tokens``, a refusal in their greedy tokens), ``kl`` (mean
         first-token KL on harmless prompts) and ``score`` (mean refusal score, harmful), with
         ``profile``'s share of ``direction`` (``[d_model]``, a cone ``[k, d_model]``, or one per
         hook site) removed, by the norm-preserving edit with ``preserve_norms``."""
@@ -224,10 +230,10 @@ class Scorer:
                 gen = generate(cm, self.texts, max_new_tokens=self.judge_tokens, batch_size=self.batch_size,
                                progress=False)
                 s = refusal_score(gen.first_logits, cm.refusal_ids)
-                refused = (s > 0) | torch.tensor(self.judge(self.texts, gen.completions))
+                refused = (s > -self.margin) | torch.tensor(self.judge(self.texts, gen.completions))
             else:
                 s = refusal_score(run_batches(cm, self.harmful, self.batch_size), cm.refusal_ids)
-                refused = s > 0
+                refused = s > -self.margin
             kl = first_token_kl(self.clean, run_batches(cm, self.harmless, self.batch_size)).mean().item()
         return {"refused": refused.float().mean().item(), "kl": kl, "score": s.mean().item()}
 
@@ -304,7 +310,7 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
         study.enqueue_trial(paper)
         if cfg.preserve_norms:
             study.enqueue_trial({**paper, "preserve_norms": True})
-    scorer = Scorer(cm, harmful, harmless, cfg.batch_size, cfg.judge_tokens)
+    scorer = Scorer(cm, harmful, harmless, cfg.batch_size, cfg.judge_tokens, margin=cfg.margin)
     start = time.perf_counter() - sum(r["seconds"] for r in done)
     bar = tqdm(total=cfg.trials, initial=min(len(done), cfg.trials), desc="Pareto edit", unit="trial",
                disable=not progress)
