@@ -223,6 +223,15 @@ def test_pareto_search_on_named_selection_sets(start, tmp_path):  # noqa: F811
                                                                harmless=str(tmp_path / "n.txt")), progress=False)
     assert info["prompts"]["n_harmful"] == 3 and info["prompts"]["n_harmless"] == 2
     assert info["prompts"]["harmful"].endswith("h.txt")
+    (tmp_path / "h2.txt").write_text("Do F.\nDo G.\n")
+    both = run_pareto(cm, d / "dim", d / "named2", ParetoConfig(**{**FAST, "trials": 2, "export": False},
+                                                                harmful=f"{tmp_path / 'h.txt'}, {tmp_path / 'h2.txt'}",
+                                                                harmless=str(tmp_path / "n.txt")), progress=False)
+    assert both["prompts"]["n_harmful"] == 5  # a comma list: the sets one after the other
+    with pytest.raises(UserError, match="not found"):
+        run_pareto(cm, d / "dim", d / "named3", ParetoConfig(**{**FAST, "trials": 2, "export": False},
+                                                             harmful=f"{tmp_path / 'h.txt'},nowhere.txt"),
+                   progress=False)
 
 
 def test_the_refusal_objective_also_reads_generated_tokens():

@@ -91,7 +91,7 @@ class ParetoConfig:
                                          "exact): the linear writers keep their row norms; trial 1 is the paper's "
                                          "shares so edited")
     harmful: str = setting("", "harmful selection prompts (refused): empty for the direction run's filtered val "
-                               "prompts, or a set such as harmful:val")
+                               "prompts, or sets such as harmful:val or harmful:train,harmful:val")
     harmless: str = setting("", "harmless selection prompts (KL): empty for the direction run's filtered val "
                                 "prompts, or a set such as harmless:val (heretic's choice: all of it)")
     batch_size: int = setting(32, "prompts per forward pass")
@@ -288,10 +288,14 @@ def run_pareto(cm: ChatModel, direction_run: str | Path, out: str | Path, cfg: P
     if cfg.harmful or cfg.harmless:
         from ..datasets import load_instructions
 
+        def union(specs: str) -> list[str]:  # "harmful:train,harmful:val": the sets one after the other
+            return [x.instruction for spec in specs.split(",") if spec.strip()
+                    for x in load_instructions(spec.strip(), data_dir)]
+
         if cfg.harmful:
-            harmful = [x.instruction for x in load_instructions(cfg.harmful, data_dir)]
+            harmful = union(cfg.harmful)
         if cfg.harmless:
-            harmless = [x.instruction for x in load_instructions(cfg.harmless, data_dir)]
+            harmless = union(cfg.harmless)
     run = Path(out).expanduser()
     record = {"model": cm.name, "fingerprint": cm.fingerprint(), "d_model": cm.d_model, "direction_run": str(src),
               "direction": {"position": info["position"], "layer": info["layer"], "data": info["data"],
