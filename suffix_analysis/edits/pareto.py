@@ -93,7 +93,7 @@ class ParetoConfig:
     harmful: str = setting("", "harmful selection prompts (refused): empty for the direction run's filtered val "
                                "prompts, or sets such as harmful:val or harmful:train,harmful:val")
     harmless: str = setting("", "harmless selection prompts (KL): empty for the direction run's filtered val "
-                                "prompts, or a set such as harmless:val (heretic's choice: all of it)")
+                                "prompts, or sets such as harmless:val (heretic's choice: all of it), comma-separated")
     batch_size: int = setting(32, "prompts per forward pass")
     seed: int = setting(0, "seed of the sampler")
     export: bool = setting(True, "export the chosen edit as a model folder (EDIT/model)")
